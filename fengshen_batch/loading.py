@@ -1,0 +1,254 @@
+"""Load one GPT2-family replica (model with its LM head, and tokenizer) onto one device.
+
+A model is named by one of:
+- a local Hugging Face directory (config.json, tokenizer files, weights);
+- an fsspec URL prefix (`s3://bucket/models/wenzhong/`, `gs://...`, `file://...`): downloaded once per node
+  into a local cache, atomically (temp dir, then rename) and under a file lock, so that several actors on
+  one node download it once;
+- a Hugging Face hub id (`IDEA-CCNL/Wenzhong-GPT2-3.5B`), where the hub is reachable.
+
+Weights: safetensors when present; pickled `.bin` only through `torch.load(weights_only=True)` (transformers'
+loader). `trust_remote_code` is never enabled unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Files a replica needs besides its weights; anything else under a model prefix is not downloaded.
+METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMPLETE = ".complete"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message names the source and what is wrong."""
+
+
+@dataclass
+class Replica:
+    """One model replica on one device, with what the engine needs to know about it."""
+
+    model: Any  # GPT2LMHeadModel (or a remote-code causal LM when explicitly trusted)
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    max_length: int  # context window: n_positions (1024 for the 3.5B models)
+    eos_id: int
+    source: str
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without special tokens added (lm-eval's `tok_encode` for GPT2)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FENGSHEN_CACHE", Path.home() / ".cache" / "fengshen_batch")) / "models"
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _pick_weight_files(names: list[str], source: str) -> list[str]:
+    """safetensors (with its shard index) if there are any, else the pickled shards; never both."""
+    safetensors = [n for n in names if n.endswith(".safetensors") or n == "model.safetensors.index.json"]
+    if any(n.endswith(".safetensors") for n in safetensors):
+        return safetensors
+    pickled = [n for n in names if re.fullmatch(r"pytorch_model.*\.bin(\.index\.json)?", n)]
+    if any(n.endswith(".bin") for n in pickled):
+        return pickled
+    raise ModelLoadError(f"no weights (*.safetensors or pytorch_model*.bin) under model prefix {source}")
+
+
+def fetch_to_cache(
+    url: str, cache_dir: str | Path | None = None, storage_options: dict | None = None
+) -> tuple[Path, bool]:
+    """Download a model prefix into the node-local cache once; return (local dir, whether this call downloaded).
+
+    Concurrent callers on one node (actors, processes) serialise on a file lock; the loser finds the finished
+    copy. A copy is visible only once complete: it is assembled in a temp dir and renamed into place.
+    """
+    import fsspec
+    from filelock import FileLock
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    url = url.rstrip("/")
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest = cache / f"{url.rsplit('/', 1)[-1]}-{key}"
+    if (dest / _COMPLETE).exists():
+        return dest, False
+
+    with FileLock(str(dest) + ".lock"):
+        if (dest / _COMPLETE).exists():
+            return dest, False
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            names = sorted(Path(p).name for p in fs.ls(root, detail=False))
+        except FileNotFoundError as e:
+            raise ModelLoadError(f"model prefix not found: {url}") from e
+        except Exception as e:  # auth, endpoint, network: name the source, not the credentials
+            raise ModelLoadError(f"cannot list model prefix {url}: {type(e).__name__}: {e}") from e
+        if "config.json" not in names:
+            raise ModelLoadError(
+                f"no config.json under model prefix {url}: not a Hugging Face model directory"
+            )
+        wanted = [n for n in names if n in METADATA_FILES] + _pick_weight_files(names, url)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dest.name}.tmp-"))
+        try:
+            log.info("downloading %d files of %s to %s", len(wanted), url, dest)
+            for name in wanted:
+                fs.get(f"{root}/{name}", str(tmp / name))
+            (tmp / _COMPLETE).write_text(url + "\n")
+            if dest.exists():  # an incomplete copy left by a killed process
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest, True
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why the hub cannot be reached, or None. One TCP connect: the hub client itself retries for long."""
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
+    except OSError as e:
+        return f"{url.hostname}: {e}"
+    return None
+
+
+def _fetch_from_hub(repo_id: str, cache_dir: Path | None) -> Path:
+    from huggingface_hub import constants, list_repo_files, snapshot_download
+
+    hint = (
+        "Where the hub is unreachable, copy the model to a local directory or a bucket prefix and pass that."
+    )
+    if not constants.HF_HUB_OFFLINE and (why := _hub_unreachable(constants.ENDPOINT)):
+        raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {repo_id!r} ({why}). {hint}")
+    try:
+        names = [n for n in list_repo_files(repo_id) if "/" not in n]
+        wanted = [n for n in names if n in METADATA_FILES] + _pick_weight_files(names, repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=wanted, cache_dir=cache_dir))
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). {hint}"
+        ) from e
+
+
+def localize(source: str, cache_dir: str | Path | None = None, storage_options: dict | None = None) -> Path:
+    """The local directory holding `source`, downloading it first if it is a URL prefix or hub id."""
+    if _is_url(source) and not source.startswith("file://"):
+        return fetch_to_cache(source, cache_dir, storage_options)[0]
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path is a file, not a model directory: {source}")
+    if _HUB_ID.match(source) and not source.startswith((".", "/")):
+        return _fetch_from_hub(source, Path(cache_dir) if cache_dir else None)
+    raise ModelLoadError(f"model not found: {source} is neither a directory, a URL prefix nor a hub id")
+
+
+def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) -> Any:
+    """Read config.json and refuse what is not a GPT2 causal LM; cheap, so jobs call it before Ray starts."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"no config.json in {source}: not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type != "gpt2" and not trust_remote_code:
+        raise ModelLoadError(
+            f"{source} is a {config.model_type!r} model; fengshen-batch runs GPT2-family models "
+            "(GPT2LMHeadModel, as Wenzhong/Yuyuan-GPT2-3.5B)"
+        )
+    return config
+
+
+def load_replica(
+    source: str,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+    storage_options: dict | None = None,
+) -> Replica:
+    """Load model + tokenizer from `source` onto `device`, in eval mode, gradients off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = localize(source, cache_dir, storage_options)
+    config = check_model_dir(path, source, trust_remote_code)
+
+    # GPT2LMHeadModel, not the GPT2Model of the model cards: we need the LM head (tied to wte). A checkpoint
+    # saved from GPT2Model loads into it too (transformers maps the base-model prefix).
+    cls = AutoModelForCausalLM if trust_remote_code else GPT2LMHeadModel
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        model = cls.from_pretrained(
+            path, config=config, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model from {source}: {type(e).__name__}: {e}") from e
+    model.to(dev).eval().requires_grad_(False)
+
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ModelLoadError(f"tokenizer of {source} has no EOS token; GPT2 models use <|endoftext|>")
+    if tokenizer.pad_token_id is None:
+        # GPT2 has no pad token. Padding uses EOS ids, but the engine always tracks real lengths (and passes
+        # attention masks), so a real <|endoftext|> in a text is never taken for padding.
+        tokenizer.pad_token = tokenizer.eos_token
+    max_length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    log.info("loaded %s on %s as %s (context %d)", source, dev, torch_dtype, max_length)
+    return Replica(model, tokenizer, dev, torch_dtype, int(max_length), int(eos_id), source)

@@ -1,0 +1,52 @@
+"""Per-row results of the engine. A row either succeeds or carries a `RowError`: the job never crashes on one."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one input row could not be processed; it goes to the job's errors output."""
+
+    kind: str  # machine-readable: null_text, empty_text, prompt_too_long, ...
+    message: str
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    nll_sum: float  # natural log, summed over every token of the text (float64)
+    token_count: int
+    byte_count: int  # UTF-8 bytes of the text
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.token_count)
+
+    @property
+    def bits_per_byte(self) -> float:
+        # Comparable across tokenizers and languages (Chinese costs several bytes a character).
+        return self.nll_sum / (self.byte_count * math.log(2))
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_index: int
+    generation: str  # text after the prompt, cut before the first stop string
+    prompt_tokens: int  # after any left truncation
+    generated_tokens: int  # tokens produced, up to and including EOS or the one completing a stop string
+    finish_reason: Literal["stop", "length"]
+    generation_nll_sum: float  # -log p of the produced tokens at temperature 1, unwarped
+
+
+def check_text(text: object) -> RowError | None:
+    """The row-level checks shared by scoring and generation."""
+    if text is None:
+        return RowError("null_text", "text is null")
+    if not isinstance(text, str):
+        return RowError("not_a_string", f"text is {type(text).__name__}, not a string")
+    if text == "":
+        return RowError("empty_text", "text is empty: nothing to score or continue")
+    return None

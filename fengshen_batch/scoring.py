@@ -1,0 +1,117 @@
+"""Perplexity of texts, with lm-evaluation-harness `loglikelihood_rolling` semantics.
+
+A text is tokenized without special tokens; its first token is conditioned on <|endoftext|>; a text longer
+than the context is cut into lm-eval's rolling windows so that every token is scored exactly once. Windows of
+all texts are scored together in token-budget batches and summed back per text in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .batching import run_packed
+from .loading import Replica
+from .params import ScoreParams
+from .results import RowError, ScoreResult, check_text
+
+# Rows of hidden states pushed through the LM head at once: 4096 x 50,304 vocab x 4 bytes = 0.8 GB of fp32
+# logits, instead of the whole batch's (64k tokens would be 13 GB).
+LOGIT_CHUNK_ROWS = 4096
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix_token: int, max_len: int, stride: int | None = None
+) -> list[tuple[list[int], int]]:
+    """lm-eval's `get_rolling_token_windows` + `make_disjoint_window`, as (seq, n_scored) pairs.
+
+    `seq[:-1]` is the model input (at most `max_len` tokens) and the last `n_scored` tokens of `seq` are the
+    targets predicted from its last `n_scored` positions. The first window predicts the first
+    min(max_len, n) tokens from <|endoftext|> + text; each later window predicts the next `stride` tokens
+    (default `max_len`, lm-eval's choice) with the full window of preceding tokens as context, the last
+    window taking whatever context it needs to fill `max_len`.
+    """
+    n = len(tokens)
+    if n == 0:
+        return []
+    pred_len = min(stride or max_len, max_len)
+    first = min(max_len, n)
+    windows = [([prefix_token, *tokens[:first]], first)]
+    predicted = first
+    while predicted < n:
+        scored = min(n - predicted, pred_len)
+        end = predicted + scored
+        windows.append((list(tokens[end - max_len - 1 : end]), scored))
+        predicted = end
+    return windows
+
+
+@torch.inference_mode()
+def window_logprobs(replica: Replica, windows: Sequence[tuple[list[int], int]]) -> list[float]:
+    """Sum of target log-probs (float64) for each window of one batch.
+
+    Rows are right-padded and run without an attention mask: under the causal mask a real position never
+    sees the padding after it, so no mask is needed (and SDPA can take its fastest kernel).
+    """
+    model, device = replica.model, replica.device
+    widths = [len(seq) - 1 for seq, _ in windows]
+    B, T = len(windows), max(widths)
+    input_ids = torch.full((B, T), replica.eos_id, dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, ((seq, n_scored), w) in enumerate(zip(windows, widths, strict=True)):
+        input_ids[b, :w] = torch.tensor(seq[:-1])
+        rows += [b] * n_scored
+        cols += range(w - n_scored, w)
+        targets += seq[-n_scored:]
+    hidden = model.transformer(input_ids=input_ids.to(device)).last_hidden_state  # (B, T, d)
+    # Only scored positions go through the LM head, in chunks, in float32.
+    h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, d)
+    tgt = torch.tensor(targets, device=device)  # (N,)
+    logprobs = torch.empty(len(targets), dtype=torch.float64, device=device)
+    for start in range(0, len(targets), LOGIT_CHUNK_ROWS):
+        sl = slice(start, start + LOGIT_CHUNK_ROWS)
+        logits = model.lm_head(h[sl]).float()  # (chunk, V)
+        logprobs[sl] = logits.log_softmax(-1).gather(1, tgt[sl, None]).squeeze(1).double()
+    sums = torch.zeros(B, dtype=torch.float64, device=device)
+    sums.index_add_(0, torch.tensor(rows, device=device), logprobs)
+    return sums.tolist()
+
+
+def score_texts(
+    replica: Replica,
+    texts: Sequence[object],
+    params: ScoreParams | None = None,
+    token_budget: int = 16384,
+) -> tuple[list[ScoreResult | RowError], int]:
+    """Score each text; return (one result or row error per text, in order; the token budget that fit)."""
+    params = params or ScoreParams()
+    results: list[ScoreResult | RowError | None] = [None] * len(texts)
+    windows: list[tuple[list[int], int]] = []
+    owner: list[int] = []  # text index of each window
+    token_counts: dict[int, int] = {}
+    for i, text in enumerate(texts):
+        err = check_text(text)
+        if err:
+            results[i] = err
+            continue
+        tokens = replica.encode(text)
+        if not tokens:
+            results[i] = RowError("empty_text", "text has no tokens")
+            continue
+        token_counts[i] = len(tokens)
+        for w in rolling_windows(tokens, replica.eos_id, replica.max_length, params.stride):
+            windows.append(w)
+            owner.append(i)
+
+    sums, budget = run_packed(
+        [len(seq) - 1 for seq, _ in windows],
+        token_budget,
+        lambda idx: window_logprobs(replica, [windows[j] for j in idx]),
+    )
+    nll: dict[int, float] = {}
+    for i, logprob in zip(owner, sums, strict=True):
+        nll[i] = nll.get(i, 0.0) - logprob
+    for i, count in token_counts.items():
+        results[i] = ScoreResult(nll[i], count, len(texts[i].encode("utf-8")))
+    return results, budget
