@@ -25,12 +25,12 @@ demo: setup
 	$(BIN)/fengshen-batch demo
 
 test: setup
-	$(BIN)/ruff check fengshen_batch tests benchmarks
+	$(BIN)/ruff check fengshen_batch tests
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check fengshen_batch tests benchmarks
-	$(BIN)/ruff format --check fengshen_batch tests benchmarks
+	$(BIN)/ruff check fengshen_batch tests
+	$(BIN)/ruff format --check fengshen_batch tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

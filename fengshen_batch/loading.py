@@ -14,6 +14,7 @@ loader). `trust_remote_code` is never enabled unless the caller asks.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -252,3 +253,28 @@ def load_replica(
     max_length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
     log.info("loaded %s on %s as %s (context %d)", source, dev, torch_dtype, max_length)
     return Replica(model, tokenizer, dev, torch_dtype, int(max_length), int(eos_id), source)
+
+
+def check_model_source(source: str, storage_options: dict | None = None) -> None:
+    """Fail early, before any replica loads, on a model that is missing or not GPT2 (reads config.json only)."""
+    if _is_url(source) and not source.startswith("file://"):
+        import fsspec
+
+        url = source.rstrip("/") + "/config.json"
+        try:
+            with fsspec.open(url, "rb", **(storage_options or {})) as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise ModelLoadError(f"model not found: no config.json under {source}") from None
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {url}: {type(e).__name__}: {e}") from None
+        if config.get("model_type") != "gpt2":
+            raise ModelLoadError(
+                f"{source} is a {config.get('model_type')!r} model; fengshen-batch runs GPT2-family models"
+            )
+        return
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        check_model_dir(path, source)
+    elif not _HUB_ID.match(source) or path.exists():
+        raise ModelLoadError(f"model not found: {source} is neither a directory, a URL prefix nor a hub id")

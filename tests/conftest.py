@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from fengshen_batch.loading import load_replica
-from fengshen_batch.tiny_model import build_tiny_gpt2
+# Ray on loopback only, set before anything imports ray (see fengshen_batch.pipeline.init_ray).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest  # noqa: E402
+
+from fengshen_batch.loading import load_replica  # noqa: E402
+from fengshen_batch.tiny_model import build_tiny_gpt2  # noqa: E402
 
 N_POSITIONS = 64  # small, so rolling windows and prompt truncation are exercised by short texts
 
@@ -50,3 +55,26 @@ def make_bucket(s3_options: dict, name: str) -> None:
     )
     if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
         client.create_bucket(Bucket=name)
+
+
+PLANTED_SECRET = "planted-Secret-4f1c9e"  # must never appear in anything a job writes or prints
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole suite, on loopback. AWS credentials are in its environment (as on a real
+    node) before it starts, so workers inherit them; the secret is a planted value to grep for."""
+    import ray
+
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    ctx = ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
+    address = ctx.address_info["gcs_address"]
+    assert address.startswith("127.0.0.1:"), address
+    yield address
+    ray.shutdown()

@@ -1,0 +1,185 @@
+"""The `fengshen-batch` command: score, generate, run SPEC.yaml, demo.
+
+Options become a job spec (the same fields as a YAML spec), validated before Ray starts. User errors (a bad
+spec, input, model or output) print one line and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from .inputs import InputError
+from .job import JobError, run_job
+from .loading import ModelLoadError
+from .spec import SpecError, build_spec, load_spec
+
+USER_ERRORS = (SpecError, InputError, ModelLoadError, JobError)
+
+
+def _report_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s"
+        )
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)
+
+
+def _job_options(fn):
+    options = [
+        click.option(
+            "--model", required=True, help="Model: local dir, s3://... (any fsspec) prefix, or hub id."
+        ),
+        click.option(
+            "--input",
+            "input_",
+            required=True,
+            help="Parquet file, folder/prefix or glob (local, s3://, gs://).",
+        ),
+        click.option(
+            "--output", required=True, help="Output folder/prefix: data/, errors/, manifest.json, _SUCCESS."
+        ),
+        click.option("--id-column", help="Row id column. Default: `id` if present, else FILE:ROW."),
+        click.option("--actors", help="Model replicas: N, or MIN,MAX to autoscale. Default 1."),
+        click.option(
+            "--gpus-per-actor",
+            type=float,
+            help="GPUs per replica. Default 1 if the cluster has GPUs, else 0 (CPU).",
+        ),
+        click.option("--batch-size", type=int, help="Rows per batch handed to a replica. Default 256."),
+        click.option(
+            "--token-budget",
+            type=int,
+            help="Padded tokens per forward pass. Default 16384 on GPU, 2048 on CPU.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+            help="Weights dtype. auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU.",
+        ),
+        click.option(
+            "--shard-rows", type=int, help="Input rows per output shard (the unit of resume). Default 4096."
+        ),
+        click.option(
+            "--address", help="Ray cluster to join. Default: RAY_ADDRESS, else an embedded local Ray."
+        ),
+        click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)."),
+        click.option("--region", help="Object-store region."),
+        click.option("--anonymous", is_flag=True, default=None, help="Unsigned requests (public buckets)."),
+        click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            default=None,
+            help="Allow model code from the model repo. Off unless given.",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Recompute everything, replacing a finished or different output.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _spec_fields(kind: str, opts: dict) -> dict:
+    """CLI options -> spec fields; options not given stay out so the spec's defaults apply."""
+    storage = {k: opts.pop(k) for k in ("endpoint_url", "region", "anonymous")}
+    fields = {"kind": kind, "input": opts.pop("input_"), **opts}
+    fields = {k: v for k, v in fields.items() if v is not None and v != ()}
+    storage = {k: v for k, v in storage.items() if v is not None}
+    if storage:
+        fields["storage"] = storage
+    return fields
+
+
+def _run(fields: dict, overwrite: bool) -> None:
+    spec = build_spec(fields)
+    run_job(spec, progress=click.echo, overwrite=overwrite)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """Offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray."""
+
+
+@main.command()
+@_job_options
+@click.option("--text-column", help="Column holding the text to score. Default `text`.")
+@click.option(
+    "--stride",
+    type=int,
+    help="New tokens scored per window after the first (default: the model context, lm-eval's windows). Smaller: more context per token, more compute.",
+)
+@_report_errors
+def score(overwrite, **opts):
+    """Perplexity of every text (lm-eval loglikelihood_rolling semantics)."""
+    _run(_spec_fields("score", opts), overwrite)
+
+
+@main.command()
+@_job_options
+@click.option("--prompt-column", help="Column holding the prompt. Default `prompt`.")
+@click.option("--max-new-tokens", type=int, help="Tokens to generate at most. Default 64.")
+@click.option(
+    "--greedy",
+    is_flag=True,
+    default=None,
+    help="Greedy decoding (equal to HF generate with do_sample=False).",
+)
+@click.option("--temperature", type=float, help="Sampling temperature, >= 0 (0 = greedy). Default 1.0.")
+@click.option("--top-p", type=float, help="Nucleus sampling, in (0, 1]. Default 1.0 (off).")
+@click.option("--top-k", type=int, help="Top-k sampling, >= 0. Default 0 (off).")
+@click.option("--repetition-penalty", type=float, help="> 0; 1.0 (default) is off.")
+@click.option("--num-return-sequences", type=int, help="Samples per prompt, one output row each. Default 1.")
+@click.option("--stop", multiple=True, help="Stop string; the text is cut before it. Repeatable.")
+@click.option(
+    "--seed", type=int, help="Job seed: a sample depends only on it, the row id and the sample index."
+)
+@click.option(
+    "--prompt-too-long",
+    type=click.Choice(["truncate_left", "error"]),
+    help="Prompt longer than context - max_new_tokens: keep its end (default) or a row error.",
+)
+@_report_errors
+def generate(overwrite, **opts):
+    """Generate continuations of every prompt."""
+    _run(_spec_fields("generate", opts), overwrite)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml")
+@click.option(
+    "--overwrite", is_flag=True, help="Recompute everything, replacing a finished or different output."
+)
+@_report_errors
+def run(spec_path, overwrite):
+    """Run a job spec (kind: score|generate, and the options above as snake_case keys)."""
+    spec = load_spec(spec_path)
+    run_job(spec, progress=click.echo, overwrite=overwrite)
+
+
+@main.command()
+@click.option(
+    "--output", default="demo-output", show_default=True, help="Where the demo writes its model and results."
+)
+@click.option("--address", help="Ray cluster to join. Default: an embedded local Ray.")
+@_report_errors
+def demo(output, address):
+    """Build a tiny GPT2 and sample prompts, then score and generate on Ray, and show the results."""
+    from .demo import run_demo
+
+    run_demo(output, address, echo=click.echo)

@@ -1,0 +1,100 @@
+"""Engine results as Arrow columns, and the explicit output schemas.
+
+A batch from the pipeline carries the input columns plus `_shard`/`_row`; the model stage appends the result
+columns (null on a failed row) and `error_kind`/`error_message` (null on a good row). Generation repeats an
+input row once per sample. The writer splits good rows into `data/` and failed ones into `errors/`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .generation import generate
+from .loading import Replica
+from .results import RowError
+from .scoring import score_texts
+
+SCORE_FIELDS = [
+    pa.field("nll_sum", pa.float64()),
+    pa.field("token_count", pa.int64()),
+    pa.field("ppl", pa.float64()),
+    pa.field("byte_count", pa.int64()),
+    pa.field("bits_per_byte", pa.float64()),
+]
+GENERATE_FIELDS = [
+    pa.field("sample_index", pa.int32()),
+    pa.field("generation", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("generated_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("generation_nll_sum", pa.float64()),
+]
+ERROR_FIELDS = [pa.field("error_kind", pa.string()), pa.field("error_message", pa.string())]
+
+
+def result_fields(kind: str) -> list[pa.Field]:
+    return SCORE_FIELDS if kind == "score" else GENERATE_FIELDS
+
+
+def data_schema(input_schema: pa.Schema, kind: str) -> pa.Schema:
+    return pa.schema([*input_schema, *result_fields(kind)])
+
+
+def error_schema(input_schema: pa.Schema) -> pa.Schema:
+    return pa.schema([*input_schema, *ERROR_FIELDS])
+
+
+def _score_rows(results) -> tuple[list[int], dict[str, list], list[RowError | None]]:
+    take, cols, errors = [], {f.name: [] for f in SCORE_FIELDS}, []
+    for i, r in enumerate(results):
+        take.append(i)
+        ok = not isinstance(r, RowError)
+        errors.append(None if ok else r)
+        values = (r.nll_sum, r.token_count, r.ppl, r.byte_count, r.bits_per_byte) if ok else (None,) * 5
+        for f, v in zip(SCORE_FIELDS, values, strict=True):
+            cols[f.name].append(v)
+    return take, cols, errors
+
+
+def _generate_rows(results) -> tuple[list[int], dict[str, list], list[RowError | None]]:
+    take, cols, errors = [], {f.name: [] for f in GENERATE_FIELDS}, []
+    for i, r in enumerate(results):
+        samples = [None] if isinstance(r, RowError) else r
+        for s in samples:
+            take.append(i)
+            errors.append(r if s is None else None)
+            values = (
+                (None,) * 6
+                if s is None
+                else (
+                    s.sample_index,
+                    s.generation,
+                    s.prompt_tokens,
+                    s.generated_tokens,
+                    s.finish_reason,
+                    s.generation_nll_sum,
+                )
+            )
+            for f, v in zip(GENERATE_FIELDS, values, strict=True):
+                cols[f.name].append(v)
+    return take, cols, errors
+
+
+def process_table(
+    replica: Replica, spec, table: pa.Table, id_field: str, token_budget: int
+) -> tuple[pa.Table, int]:
+    """Run the engine on one batch; return (input rows + result and error columns, the budget that fit)."""
+    texts = table.column(spec.text_field).to_pylist()
+    if spec.kind == "score":
+        results, budget = score_texts(replica, texts, spec.params(), token_budget)
+        take, cols, errors = _score_rows(results)
+    else:
+        ids = [str(i) for i in table.column(id_field).to_pylist()]
+        results, budget = generate(replica, texts, ids, spec.params(), token_budget)
+        take, cols, errors = _generate_rows(results)
+    out = table.take(pa.array(take, pa.int64()))
+    for f in result_fields(spec.kind):
+        out = out.append_column(f, pa.array(cols[f.name], f.type))
+    out = out.append_column(ERROR_FIELDS[0], pa.array([e and e.kind for e in errors], pa.string()))
+    out = out.append_column(ERROR_FIELDS[1], pa.array([e and e.message for e in errors], pa.string()))
+    return out, budget

@@ -1,0 +1,143 @@
+"""Run one job from a validated spec: check everything cheap first, then stream shards through Ray.
+
+Order matters: the spec, the inputs (footers only), the output location and the model's config are checked
+before Ray starts or any replica loads, so a bad job fails in seconds with one line naming the problem.
+Shards already committed under the output (a rerun of an interrupted job) are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from .columns import data_schema, error_schema
+from .inputs import ID_COLUMN, inspect_inputs, make_shards
+from .loading import check_model_source
+from .outputs import OutputStore, ShardAssembler, spec_hash
+from .spec import GenerateJob, ScoreJob, spec_record
+from .storage import filesystem, redact_url, storage_options
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0
+
+
+class JobError(RuntimeError):
+    """The job cannot run as specified (not a bug): reported as one line, exit code 2."""
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("fengshen-batch", "torch", "transformers", "ray", "pyarrow", "fsspec", "s3fs"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
+    in_fs, in_path = filesystem(spec.input, spec.storage)
+    out_fs, out_path = filesystem(spec.output, spec.storage)
+    a = in_fs.unstrip_protocol(in_path).rstrip("/")
+    b = out_fs.unstrip_protocol(out_path).rstrip("/")
+    if b == a or b.startswith(a + "/"):
+        raise JobError(f"output {redact_url(spec.output)} is inside the input {redact_url(spec.input)}")
+
+
+def _fmt_eta(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
+
+
+def run_job(
+    spec: ScoreJob | GenerateJob, progress: Callable[[str], None] = log.info, overwrite: bool = False
+) -> dict:
+    """Run the job to completion and return its manifest (also written to OUTPUT/manifest.json)."""
+    started = time.time()
+    record = spec_record(spec)
+    inputs = inspect_inputs(spec.input, spec.storage, spec.text_field, spec.id_column)
+    _check_output_location(spec)
+    check_model_source(spec.model, storage_options(spec.model, spec.storage))
+    store = OutputStore(spec.output, spec.storage)
+    if store.is_published() and not overwrite:
+        progress(f"already complete: {redact_url(spec.output)} has _SUCCESS; nothing to do")
+        return {"status": "already_complete"}
+
+    shards = make_shards(inputs.files, spec.shard_rows)
+    hash_ = spec_hash(record)
+    committed = {} if overwrite else store.committed()
+    foreign = {m["spec_hash"] for m in committed.values()} - {hash_}
+    if foreign:
+        raise JobError(
+            f"output {redact_url(spec.output)} holds shards of a different job configuration; "
+            "use a new output or --overwrite"
+        )
+    todo = [s for s in shards if s.index not in committed]
+    progress(
+        f"{inputs.rows} rows in {len(inputs.files)} files, {len(shards)} shards "
+        f"({len(shards) - len(todo)} already committed)"
+    )
+
+    from . import pipeline  # Ray is imported only once the job is known to be runnable
+
+    pipeline.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    gpus = (
+        spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if pipeline.cluster_gpus() else 0.0)
+    )
+    id_field = inputs.id_column or ID_COLUMN
+    assembler = ShardAssembler(
+        shards, spec.kind, data_schema(inputs.schema, spec.kind), error_schema(inputs.schema)
+    )
+    stats = {i: m for i, m in committed.items()}
+    todo_rows = sum(s.stop - s.start for s in todo)
+    rows_done = tokens_done = 0
+    last = run_start = time.time()
+    if todo:
+        for batch in pipeline.run_pipeline(spec, todo, inputs.id_column, id_field, gpus):
+            for shard, data, errors, shard_stats in assembler.add(batch):
+                store.write_shard(shard, data, errors, shard_stats, hash_)
+                stats[shard.index] = shard_stats.__dict__
+                rows_done += shard_stats.rows
+                tokens_done += shard_stats.tokens
+            if time.time() - last >= PROGRESS_EVERY_S:
+                last = time.time()
+                rate = rows_done / (last - run_start)
+                eta = (todo_rows - rows_done) / rate if rate else float("inf")
+                progress(
+                    f"{rows_done}/{todo_rows} rows, {tokens_done / (last - run_start):,.0f} tokens/s, "
+                    f"ETA {_fmt_eta(eta) if rate else '?'}"
+                )
+    missing = [s.index for s in shards if s.index not in stats]
+    if missing or assembler.open_shards:
+        raise RuntimeError(f"{len(missing)} shards did not complete (first: {missing[:5]}); rerun to resume")
+
+    wall = time.time() - started
+    totals = {k: sum(m[k] for m in stats.values()) for k in ("rows", "results", "errors", "tokens")}
+    if totals["rows"] != inputs.rows:
+        raise RuntimeError(f"row count mismatch: {totals['rows']} committed, {inputs.rows} in the input")
+    manifest = {
+        "status": "complete",
+        "spec": record,
+        "spec_hash": hash_,
+        "model": redact_url(spec.model),
+        "input_files": [{"file": redact_url(f.url), "rows": f.rows} for f in inputs.files],
+        "counts": {
+            "input_rows": inputs.rows,
+            "result_rows": totals["results"],
+            "error_rows": totals["errors"],
+            "tokens": totals["tokens"],
+        },
+        "shards": len(shards),
+        "resumed_shards": len(committed),
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(tokens_done / max(time.time() - run_start, 1e-9), 1),
+        "gpus_per_actor": gpus,
+        "versions": _versions(),
+    }
+    store.publish(manifest)
+    progress(
+        f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "
+        f"{manifest['tokens_per_second']:,.0f} tokens/s, {wall:.1f}s -> {redact_url(spec.output)}"
+    )
+    return manifest

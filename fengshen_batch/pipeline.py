@@ -1,0 +1,116 @@
+"""All of the Ray wiring: start or join Ray, and the Ray Data pipeline shards -> rows -> model actors.
+
+    from_items(shards) --map_batches(read, CPU task)--> input rows (+ id, _shard, _row)
+                       --map_batches(ModelActor, actor pool, 1 GPU each)--> rows + results / errors
+                       --iter_batches--> the driver, which commits shards as they complete
+
+The actor is thin: it loads one replica in `__init__` and runs the engine on a batch in `__call__`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import pyarrow as pa
+import ray
+
+from .inputs import Shard, read_shard
+from .spec import GenerateJob, ScoreJob, StorageSpec, build_spec
+
+log = logging.getLogger(__name__)
+
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+READ_CPUS = 0.25  # reading is I/O bound; do not let it wait behind the model actors for a whole CPU
+
+
+def init_ray(address: str | None, min_cpus: float = 1) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start an embedded Ray on 127.0.0.1; True if started here."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # A single-node Ray that talks over loopback only. Ray maps 127.0.0.1 to the machine's interface
+        # address unless its local-only mode is on (its own switch, the default on macOS/Windows); the
+        # constant is read at call time, the variable covers the processes Ray starts.
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        # Logical CPUs: enough for the actors plus the read tasks, whatever this machine's core count.
+        cpus = max(os.cpu_count() or 1, int(min_cpus) + 1)
+        ray.init(include_dashboard=False, num_cpus=cpus, logging_level=logging.WARNING)
+    return True
+
+
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0.0)
+
+
+def _read(batch: pa.Table, storage: dict, id_column: str | None) -> pa.Table:
+    tables = [read_shard(Shard(**row), StorageSpec(**storage), id_column) for row in batch.to_pylist()]
+    return pa.concat_tables(tables)
+
+
+class ModelActor:
+    """One model replica on one device (a GPU when the actor was given one, else the CPU)."""
+
+    def __init__(self, spec: dict, id_field: str):
+        import torch
+        import transformers
+
+        from .loading import load_replica
+        from .storage import storage_options
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.spec = build_spec(spec)
+        on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        if not on_gpu:
+            torch.set_num_threads(max(1, int(self.spec.cpus_per_actor)))
+        self.replica = load_replica(
+            self.spec.model,
+            device="cuda" if on_gpu else "cpu",
+            dtype=self.spec.dtype,
+            trust_remote_code=self.spec.trust_remote_code,
+            storage_options=storage_options(self.spec.model, self.spec.storage),
+        )
+        self.id_field = id_field
+        self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .columns import process_table
+
+        out, self.token_budget = process_table(
+            self.replica, self.spec, batch, self.id_field, self.token_budget
+        )
+        return out
+
+
+def run_pipeline(
+    spec: ScoreJob | GenerateJob, shards: list[Shard], id_column: str | None, id_field: str, gpus: float
+) -> Iterator[pa.Table]:
+    """Stream the model stage's output batches to the caller (the driver), shard rows tagged."""
+    ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=max(1, len(shards)))
+    ds = ds.map_batches(
+        _read,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"storage": spec.storage.model_dump(), "id_column": id_column},
+        num_cpus=READ_CPUS,
+    )
+    lo, hi = spec.actors
+    ds = ds.map_batches(
+        ModelActor,
+        batch_size=spec.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "id_field": id_field},
+        compute=ray.data.ActorPoolStrategy(size=lo)
+        if lo == hi
+        else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_gpus=gpus,
+        num_cpus=spec.cpus_per_actor,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

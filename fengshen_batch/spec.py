@@ -1,0 +1,147 @@
+"""The job spec: one validated object per job, built at the entry point (CLI options or a YAML file).
+
+A spec is checked before Ray starts or a model loads: an unknown key is an error that names it, a bad value
+names the field and its allowed range. Specs hold no credentials (those come from the standard AWS
+environment and config files), so a spec can be written beside the outputs as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from .params import Dtype, GenerateParams, ScoreParams
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names each bad field."""
+
+
+class StorageSpec(BaseModel):
+    """Object-storage settings; anything left out comes from the AWS environment/config as usual."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, Ceph, a moto server in tests)
+    region: str | None = None
+    anonymous: bool = False  # public buckets: unsigned requests
+    profile: str | None = None  # a named profile of ~/.aws/config
+
+
+class JobBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+    model: str = Field(min_length=1, description="local dir, s3:// (or any fsspec) prefix, or hub id")
+    input: str = Field(min_length=1, description="a Parquet file, a folder/prefix of them, or a glob")
+    output: str = Field(min_length=1, description="output folder/prefix")
+    id_column: str | None = None  # default: `id` if the input has one, else derived from file and row
+    actors: tuple[int, int] = (1, 1)  # (min, max) replicas; min == max is a fixed pool
+    gpus_per_actor: float | None = Field(default=None, ge=0)  # None: 1 if the cluster has GPUs, else 0
+    cpus_per_actor: float = Field(default=1, gt=0)
+    batch_size: int = Field(default=256, ge=1, description="rows per batch handed to an actor")
+    token_budget: int | None = Field(default=None, ge=16, description="padded tokens per forward pass")
+    dtype: Dtype = "auto"
+    shard_rows: int = Field(default=4096, ge=1, description="input rows per output shard")
+    address: str | None = None  # Ray address; None: RAY_ADDRESS, else an embedded local Ray
+    storage: StorageSpec = StorageSpec()
+    trust_remote_code: bool = False
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, value):
+        """`N` or `MIN,MAX` (string, int or list)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        elif isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+                raise ValueError(f"actors must be N or MIN,MAX with whole numbers, got {value!r}")
+            value = (int(parts[0]), int(parts[-1]))
+        lo, hi = value
+        if not 1 <= lo <= hi:
+            raise ValueError(f"actors needs 1 <= MIN <= MAX, got {lo},{hi}")
+        return (lo, hi)
+
+    @property
+    def text_field(self) -> str:
+        raise NotImplementedError
+
+
+class ScoreJob(JobBase, ScoreParams):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["score"]
+    text_column: str = "text"
+
+    @property
+    def text_field(self) -> str:
+        return self.text_column
+
+    def params(self) -> ScoreParams:
+        return ScoreParams(**self.model_dump(include=set(ScoreParams.model_fields)))
+
+
+class GenerateJob(JobBase, GenerateParams):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["generate"]
+    prompt_column: str = "prompt"
+
+    @property
+    def text_field(self) -> str:
+        return self.prompt_column
+
+    def params(self) -> GenerateParams:
+        return GenerateParams(**self.model_dump(include=set(GenerateParams.model_fields)))
+
+
+JobSpec = Annotated[ScoreJob | GenerateJob, Field(discriminator="kind")]
+_ADAPTER = TypeAdapter(JobSpec)
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("score", "generate"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc or 'spec'}: {msg}")
+    return "; ".join(lines)
+
+
+def build_spec(fields: dict) -> ScoreJob | GenerateJob:
+    """Validate a dict of spec fields (from YAML or CLI options) into a job spec."""
+    try:
+        return _ADAPTER.validate_python(fields)
+    except ValidationError as e:
+        raise SpecError(f"invalid job spec: {_describe(e)}") from None
+
+
+def load_spec(path: str | Path) -> ScoreJob | GenerateJob:
+    try:
+        fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"cannot read job spec {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"job spec {path} is not valid YAML: {e}") from None
+    if not isinstance(fields, dict):
+        raise SpecError(f"job spec {path} must be a mapping of fields, got {type(fields).__name__}")
+    return build_spec(fields)
+
+
+def spec_record(spec: ScoreJob | GenerateJob) -> dict:
+    """The spec as written into manifests: JSON-safe, with any userinfo in URLs removed."""
+    from .storage import redact_url
+
+    record = spec.model_dump(mode="json")
+    for key in ("model", "input", "output", "address"):
+        if record.get(key):
+            record[key] = redact_url(record[key])
+    if record["storage"].get("endpoint_url"):
+        record["storage"]["endpoint_url"] = redact_url(record["storage"]["endpoint_url"])
+    return record

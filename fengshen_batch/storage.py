@@ -1,0 +1,55 @@
+"""Object storage through fsspec: local paths, s3:// (s3fs), gs:// (gcsfs where installed), any fsspec URL.
+
+Credentials are never taken from the spec: s3fs reads them from the standard AWS environment and config
+(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles), and AWS_ENDPOINT_URL is honoured by
+botocore. The spec's `storage:` block only sets the endpoint, region, anonymous access and profile.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+
+from .spec import StorageSpec
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def storage_options(url: str, storage: StorageSpec) -> dict:
+    """fsspec keyword arguments for `url` from the spec's storage block."""
+    proto = protocol(url)
+    opts: dict = {}
+    if proto in ("s3", "s3a"):
+        if storage.endpoint_url:
+            opts["endpoint_url"] = storage.endpoint_url
+        if storage.region:
+            opts["client_kwargs"] = {"region_name": storage.region}
+        if storage.anonymous:
+            opts["anon"] = True
+        if storage.profile:
+            opts["profile"] = storage.profile
+    elif proto in ("gs", "gcs") and storage.anonymous:
+        opts["token"] = "anon"
+    return opts
+
+
+def filesystem(url: str, storage: StorageSpec) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a URL or local path."""
+    return fsspec.core.url_to_fs(url, **storage_options(url, storage))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def redact_url(url: str) -> str:
+    """Drop any user:password@ from a URL before it is logged or written."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))

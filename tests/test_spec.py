@@ -1,0 +1,112 @@
+"""Job specs and the CLI's handling of bad ones: named errors, exit code 2, nothing started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from fengshen_batch.cli import main
+from fengshen_batch.spec import GenerateJob, ScoreJob, SpecError, build_spec, load_spec, spec_record
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+BASE = {"model": "m", "input": "in", "output": "out"}
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_job_specs_validate(path):
+    spec = load_spec(path)
+    assert spec.name and spec.model.startswith("s3://")
+    assert isinstance(spec, ScoreJob if spec.kind == "score" else GenerateJob)
+
+
+def test_spec_fields_and_engine_params():
+    spec = build_spec({"kind": "generate", **BASE, "actors": "2,6", "stop": "\n", "top_p": 0.9})
+    assert spec.actors == (2, 6) and spec.params().stop == ("\n",) and spec.params().top_p == 0.9
+    assert build_spec({"kind": "score", **BASE, "actors": 3}).actors == (3, 3)
+    assert build_spec({"kind": "score", **BASE, "stride": 128}).params().stride == 128
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"kind": "score", **BASE, "batchsize": 4}, "batchsize: unknown key"),
+        ({"kind": "score", **BASE, "storage": {"secret_key": "x"}}, "storage.secret_key: unknown key"),
+        ({"kind": "generate", **BASE, "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
+        (
+            {"kind": "generate", **BASE, "temperature": -1},
+            "temperature: Input should be greater than or equal to 0",
+        ),
+        ({"kind": "score", **BASE, "actors": "4,2"}, "actors needs 1 <= MIN <= MAX"),
+        ({"kind": "score", **BASE, "dtype": "fp8"}, "dtype"),
+        ({"kind": "translate", **BASE}, "kind"),
+        ({"kind": "score", "input": "in", "output": "out"}, "model: Field required"),
+        ({"kind": "score", **BASE, "max_new_tokens": 5}, "max_new_tokens: unknown key"),
+    ],
+)
+def test_bad_specs_name_the_field(fields, named):
+    with pytest.raises(SpecError, match=named.replace(".", r"\.")):
+        build_spec(fields)
+
+
+def test_spec_record_drops_url_userinfo():
+    spec = build_spec({"kind": "score", "model": "m", "input": "s3://u:p@host/in", "output": "out",
+                       "storage": {"endpoint_url": "http://user:pw@127.0.0.1:9000"}})  # fmt: skip
+    record = spec_record(spec)
+    assert "pw" not in str(record) and ":p@" not in str(record)
+
+
+def _cli(args):
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, tiny_model_dir):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["a"], "n": [1]}), tmp_path / "in" / "a.parquet")
+    (tmp_path / "in" / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ints").mkdir()
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints" / "a.parquet")
+    (tmp_path / "good").mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "good" / "a.parquet")
+    model, out = str(tiny_model_dir), str(tmp_path / "out")
+    cases = [
+        (["score", "--model", model, "--input", str(tmp_path / "missing"), "--output", out], "input not found"),
+        (["score", "--model", model, "--input", str(tmp_path / "empty"), "--output", out], "no Parquet files"),
+        (["score", "--model", model, "--input", str(tmp_path / "in"), "--output", out], "corrupt.parquet"),
+        (["score", "--model", model, "--input", str(tmp_path / "ints"), "--output", out], "'text' is int64"),
+        (["score", "--model", model, "--input", str(tmp_path / "ints"), "--output", out, "--text-column", "body"],
+         "text column 'body' not in the input"),
+        (["score", "--model", model, "--input", str(tmp_path / "good"), "--output", out, "--id-column", "nope"],
+         "id column 'nope'"),
+        (["generate", "--model", model, "--input", "x", "--output", out, "--top-p", "0"], "top_p"),
+    ]  # fmt: skip
+    for args, message in cases:
+        res = _cli(args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()  # nothing published
+
+
+def test_model_and_output_location_errors(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "in" / "a.parquet")
+    res = _cli(["score", "--model", str(tmp_path / "nomodel"), "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "out")])  # fmt: skip
+    assert res.exit_code == 2 and "model not found" in res.output
+    res = _cli(["score", "--model", str(tmp_path), "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "in" / "scores")])  # fmt: skip
+    assert res.exit_code == 2 and "inside the input" in res.output
+
+
+def test_every_option_is_documented_in_help():
+    for command in ("score", "generate", "run", "demo"):
+        res = _cli([command, "--help"])
+        assert res.exit_code == 0
+        for param in main.commands[command].params:
+            if param.param_type_name == "option":
+                assert param.help, f"{command} {param.opts} has no help"
