@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 
 from fengshen_batch.loading import load_replica  # noqa: E402
 from fengshen_batch.tiny_model import build_tiny_gpt2  # noqa: E402
+from tests.helpers import PLANTED_SECRET  # noqa: E402
 
 N_POSITIONS = 64  # small, so rolling windows and prompt truncation are exercised by short texts
 
@@ -33,8 +34,16 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    endpoint = f"http://{host}:{port}"
+    # Any S3 client of the suite that is not told an endpoint uses this one, never a real AWS host.
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
     server.stop()
+    if previous is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = previous
 
 
 @pytest.fixture
@@ -43,27 +52,11 @@ def s3_options(s3_endpoint):
     return {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing-secret"}
 
 
-def make_bucket(s3_options: dict, name: str) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_options["endpoint_url"],
-        aws_access_key_id=s3_options["key"],
-        aws_secret_access_key=s3_options["secret"],
-        region_name="us-east-1",
-    )
-    if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
-        client.create_bucket(Bucket=name)
-
-
-PLANTED_SECRET = "planted-Secret-4f1c9e"  # must never appear in anything a job writes or prints
-
-
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole suite, on loopback. AWS credentials are in its environment (as on a real
-    node) before it starts, so workers inherit them; the secret is a planted value to grep for."""
+def ray_cluster(s3_endpoint):
+    """One local Ray for the whole suite, on loopback. The standard AWS variables are in its environment (as
+    on a real node) before it starts, so workers inherit them (AWS_ENDPOINT_URL included, from s3_endpoint);
+    the secret is a planted value to grep for."""
     import ray
 
     os.environ.update(

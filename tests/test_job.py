@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import s3fs
 import yaml
 from click.testing import CliRunner
@@ -21,7 +23,7 @@ from fengshen_batch.job import run_job
 from fengshen_batch.scoring import score_texts
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
-from tests.conftest import PLANTED_SECRET, make_bucket
+from tests.helpers import PLANTED_SECRET, make_bucket
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -59,7 +61,9 @@ def check_score_output(table: pa.Table, rows: dict, replica) -> None:
 
 
 def test_s3_job_through_the_cli(tmp_path, replica, tiny_model_dir, s3_endpoint, s3_options, ray_cluster):
-    """The 3-file, 40-row job on s3:// from a separate driver process joining the cluster with --address."""
+    """The 3-file, 40-row job on s3:// from a separate driver process joining the cluster with --address.
+
+    The S3 endpoint and credentials come from the standard AWS variables only (no --endpoint-url)."""
     make_bucket(s3_options, "corpus")
     fs = s3fs.S3FileSystem(**s3_options)
     for f in tiny_model_dir.iterdir():
@@ -71,11 +75,11 @@ def test_s3_job_through_the_cli(tmp_path, replica, tiny_model_dir, s3_endpoint, 
 
     rows = write_inputs(put)
     assert len(rows) == 40
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET}
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET, "AWS_ENDPOINT_URL": s3_endpoint}
     cmd = [
         sys.executable, "-m", "fengshen_batch", "score",
         "--model", "s3://corpus/models/tiny/", "--input", "s3://corpus/in/2026-11-21/",
-        "--output", "s3://corpus/out/2026-11-21", "--endpoint-url", s3_endpoint,
+        "--output", "s3://corpus/out/2026-11-21",
         "--actors", "2", "--shard-rows", "6", "--batch-size", "5", "--address", ray_cluster,
     ]  # fmt: skip
     start = time.monotonic()
@@ -96,14 +100,15 @@ def test_s3_job_through_the_cli(tmp_path, replica, tiny_model_dir, s3_endpoint, 
     written = b"".join(fs.cat_file(p) for p in fs.find(out))
     assert PLANTED_SECRET.encode() not in written
     assert PLANTED_SECRET not in proc.stdout + proc.stderr
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    for log in (session / "logs").rglob("*"):
+        if log.is_file():
+            assert PLANTED_SECRET.encode() not in log.read_bytes(), log
 
 
 def test_local_generate_job_equals_the_engine(tmp_path, replica):
-    rows = (
-        write_inputs(lambda name, t: pq.write_table(t, tmp_path / "in" / name), files=(7, 6))
-        if ((tmp_path / "in").mkdir() or True)
-        else None
-    )
+    (tmp_path / "in").mkdir()
+    rows = write_inputs(lambda name, t: pq.write_table(t, tmp_path / "in" / name), files=(7, 6))
     spec = build_spec({
         "kind": "generate", "model": str(replica.source), "input": str(tmp_path / "in"),
         "output": str(tmp_path / "out"), "prompt_column": "text", "actors": 2, "max_new_tokens": 6,

@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from fengshen_batch.loading import ModelLoadError, fetch_to_cache, load_replica, resolve_dtype
-from tests.conftest import make_bucket
+from tests.helpers import make_bucket
 
 
 def _logits(replica, text="北京位于华北平原"):
