@@ -7,7 +7,10 @@ input row once per sample. The writer splits good rows into `data/` and failed o
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
+import torch
 
 from .generation import generate
 from .loading import Replica
@@ -29,6 +32,8 @@ GENERATE_FIELDS = [
     pa.field("finish_reason", pa.string()),
     pa.field("generation_nll_sum", pa.float64()),
 ]
+log = logging.getLogger(__name__)
+
 ERROR_FIELDS = [pa.field("error_kind", pa.string()), pa.field("error_message", pa.string())]
 
 
@@ -80,18 +85,44 @@ def _generate_rows(results) -> tuple[list[int], dict[str, list], list[RowError |
     return take, cols, errors
 
 
+def _run_engine(replica: Replica, spec, texts: list, ids: list[str], budget: int) -> tuple[list, int]:
+    if spec.kind == "score":
+        return score_texts(replica, texts, spec.params(), budget)
+    return generate(replica, texts, ids, spec.params(), budget)
+
+
+def run_rows(replica: Replica, spec, texts: list, ids: list[str], budget: int) -> tuple[list, int]:
+    """The engine on a batch; if the batch fails, row by row, so that one bad row cannot fail the job.
+
+    CUDA out-of-memory is not a row's fault: it propagates (after the engine's own budget halving) and Ray
+    retries the batch.
+    """
+    try:
+        return _run_engine(replica, spec, texts, ids, budget)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        log.exception("batch of %d rows failed; retrying row by row", len(texts))
+    results = []
+    for text, row_id in zip(texts, ids, strict=True):
+        try:
+            (result,), budget = _run_engine(replica, spec, [text], [row_id], budget)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            result = RowError("engine_error", f"{type(e).__name__}: {e}"[:2000])
+        results.append(result)
+    return results, budget
+
+
 def process_table(
     replica: Replica, spec, table: pa.Table, id_field: str, token_budget: int
 ) -> tuple[pa.Table, int]:
     """Run the engine on one batch; return (input rows + result and error columns, the budget that fit)."""
     texts = table.column(spec.text_field).to_pylist()
-    if spec.kind == "score":
-        results, budget = score_texts(replica, texts, spec.params(), token_budget)
-        take, cols, errors = _score_rows(results)
-    else:
-        ids = [str(i) for i in table.column(id_field).to_pylist()]
-        results, budget = generate(replica, texts, ids, spec.params(), token_budget)
-        take, cols, errors = _generate_rows(results)
+    ids = [str(i) for i in table.column(id_field).to_pylist()]
+    results, budget = run_rows(replica, spec, texts, ids, token_budget)
+    take, cols, errors = (_score_rows if spec.kind == "score" else _generate_rows)(results)
     out = table.take(pa.array(take, pa.int64()))
     for f in result_fields(spec.kind):
         out = out.append_column(f, pa.array(cols[f.name], f.type))

@@ -59,20 +59,29 @@ def run_job(
     inputs = inspect_inputs(spec.input, spec.storage, spec.text_field, spec.id_column)
     _check_output_location(spec)
     check_model_source(spec.model, storage_options(spec.model, spec.storage))
-    store = OutputStore(spec.output, spec.storage)
-    if store.is_published() and not overwrite:
-        progress(f"already complete: {redact_url(spec.output)} has _SUCCESS; nothing to do")
-        return {"status": "already_complete"}
-
     shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
-    committed = {} if overwrite else store.committed()
-    foreign = {m["spec_hash"] for m in committed.values()} - {hash_}
-    if foreign:
-        raise JobError(
-            f"output {redact_url(spec.output)} holds shards of a different job configuration; "
-            "use a new output or --overwrite"
-        )
+    store = OutputStore(spec.output, spec.storage)
+    published = store.published_manifest()
+    if published and not overwrite:
+        if published.get("spec_hash") != hash_:
+            raise JobError(
+                f"output {redact_url(spec.output)} holds a finished job of a different configuration; "
+                "use a new output or --overwrite"
+            )
+        progress(f"already complete: {redact_url(spec.output)} has _SUCCESS; nothing to do")
+        return {"status": "already_complete"}
+    # --overwrite over an existing output: build the new one beside it; the old one stays until it is done.
+    target = store.staging() if overwrite and store.exists() else store
+    committed = target.committed()
+    if {m["spec_hash"] for m in committed.values()} - {hash_}:
+        if not overwrite:
+            raise JobError(
+                f"output {redact_url(spec.output)} holds shards of a different job configuration; "
+                "use a new output or --overwrite"
+            )
+        target.clear()  # an abandoned --overwrite of another configuration
+        committed = {}
     todo = [s for s in shards if s.index not in committed]
     progress(
         f"{inputs.rows} rows in {len(inputs.files)} files, {len(shards)} shards "
@@ -96,7 +105,7 @@ def run_job(
     if todo:
         for batch in pipeline.run_pipeline(spec, todo, inputs.id_column, id_field, gpus):
             for shard, data, errors, shard_stats in assembler.add(batch):
-                store.write_shard(shard, data, errors, shard_stats, hash_)
+                target.write_shard(shard, data, errors, shard_stats, hash_)
                 stats[shard.index] = shard_stats.__dict__
                 rows_done += shard_stats.rows
                 tokens_done += shard_stats.tokens
@@ -135,6 +144,8 @@ def run_job(
         "gpus_per_actor": gpus,
         "versions": _versions(),
     }
+    if target is not store:
+        store.replace_with(target)
     store.publish(manifest)
     progress(
         f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "

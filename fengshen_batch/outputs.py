@@ -6,6 +6,7 @@ Layout under OUTPUT/:
     _markers/part-000042.json     written last for the shard: it is committed (rows, tokens, spec hash)
     manifest.json                 the job: spec, model, inputs, counts, timings, versions
     _SUCCESS                      written last of all, when every shard is committed
+    _overwrite/                   an --overwrite run's new output, built beside the old one, then copied in
 
 Shard files have deterministic names, so a rerun overwrites a half-written shard instead of duplicating it,
 and skips every shard whose marker exists. On object stores a single PUT is atomic: no renames are needed.
@@ -26,7 +27,7 @@ from .inputs import Shard
 from .spec import StorageSpec
 from .storage import filesystem, join
 
-DATA, ERRORS, MARKERS = "data", "errors", "_markers"
+DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
 INTERNAL = ["_shard", "_row"]
 # Spec fields that change how a job runs but not its results: a rerun may change them freely.
 RUNTIME_FIELDS = {
@@ -62,13 +63,46 @@ class ShardStats:
 class OutputStore:
     def __init__(self, url: str, storage: StorageSpec):
         self.url = url.rstrip("/")
+        self._storage = storage
         self.fs, self.path = filesystem(url, storage)
 
     def _p(self, *parts: str) -> str:
         return join(self.path, *parts)
 
-    def is_published(self) -> bool:
-        return self.fs.exists(self._p("_SUCCESS"))
+    def published_manifest(self) -> dict | None:
+        """The manifest of a finished job at this output, or None."""
+        if not self.fs.exists(self._p("_SUCCESS")):
+            return None
+        return json.loads(self.fs.cat_file(self._p("manifest.json")))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path) and bool(self.fs.ls(self.path))
+
+    def staging(self) -> OutputStore:
+        """Where an --overwrite run builds its output while the old one stays in place."""
+        return OutputStore(join(self.url, STAGING), self._storage)
+
+    def clear(self) -> None:
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
+    def replace_with(self, staging: OutputStore) -> None:
+        """Make the staged output this output: unpublish, copy the new files in, drop stale ones.
+
+        The staged copy is removed only at the end, so a run killed here redoes the copy on its rerun.
+        """
+        for name in ("_SUCCESS", "manifest.json"):
+            if self.fs.exists(self._p(name)):
+                self.fs.rm(self._p(name))
+        for folder in (DATA, ERRORS, MARKERS):  # markers last, as for a single shard
+            new = {p.rsplit("/", 1)[-1] for p in staging.fs.find(staging._p(folder))}
+            old = {p.rsplit("/", 1)[-1] for p in self.fs.find(self._p(folder))}
+            self.fs.makedirs(self._p(folder), exist_ok=True)
+            for name in sorted(new):
+                self.fs.copy(staging._p(folder, name), self._p(folder, name))
+            for name in sorted(old - new):
+                self.fs.rm(self._p(folder, name))
+        staging.clear()
 
     def committed(self) -> dict[int, dict]:
         """Markers of committed shards, listed once: {shard index: marker}."""
@@ -136,23 +170,27 @@ class ShardAssembler:
         rows = pa.concat_tables(self.pending.pop(shard.index))
         del self.seen_rows[shard.index]
         # A retried batch may come back twice: keep one row per (input row, sample).
-        key = ["_row", "sample_index"] if self.kind == "generate" else ["_row"]
-        rows = _dedupe(rows, key)
+        rows = _dedupe(rows, ["_row", "sample_index"] if self.kind == "generate" else ["_row"])
         failed = pc.is_valid(rows.column("error_kind"))
         good, bad = rows.filter(pc.invert(failed)), rows.filter(failed)
+        expected = shard.stop - shard.start
+        good_rows = len(pc.unique(good.column("_row")))
+        if good_rows + len(bad) != expected or set(good.column("_row").to_pylist()) & set(
+            bad.column("_row").to_pylist()
+        ):
+            raise RuntimeError(
+                f"shard {shard.index}: {good_rows} results + {len(bad)} errors != {expected} rows"
+            )
         good = good.sort_by("_row").drop_columns([*INTERNAL, "error_kind", "error_message"])
         bad = bad.sort_by("_row").drop_columns(INTERNAL)
         if self.kind == "score":
             tokens = pc.sum(good.column("token_count")).as_py() or 0
         else:
             tokens = sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens"))
-        stats = ShardStats(shard.stop - shard.start, len(good), len(bad), int(tokens))
-        return (
-            shard,
-            good.select(self.data_schema.names).cast(self.data_schema),
-            bad.select(self.error_schema.names).cast(self.error_schema),
-            stats,
-        )
+        stats = ShardStats(expected, len(good), len(bad), int(tokens))
+        data = good.select(self.data_schema.names).cast(self.data_schema)
+        errors = bad.select(self.error_schema.names).cast(self.error_schema)
+        return shard, data, errors, stats
 
 
 def _dedupe(table: pa.Table, key: list[str]) -> pa.Table:

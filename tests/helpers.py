@@ -17,3 +17,119 @@ def make_bucket(s3_options: dict, name: str) -> None:
     )
     if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
         client.create_bucket(Bucket=name)
+
+
+def write_texts(folder, files=(14, 13, 13), repeat_every=3) -> dict[str, str]:
+    """Local Parquet inputs with a `text` and a `source` column; returns {derived id: text}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fengshen_batch.tiny_model import SAMPLE_LINES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for f, n in enumerate(files):
+        texts = [SAMPLE_LINES[(i + f) % len(SAMPLE_LINES)] * (1 + i % repeat_every) for i in range(n)]
+        pq.write_table(pa.table({"text": texts, "source": [f"file{f}"] * n}), folder / f"part-{f}.parquet")
+        rows.update({f"part-{f}.parquet:{i}": t for i, t in enumerate(texts)})
+    return rows
+
+
+def model_actor_pids() -> list[int]:
+    """PIDs of this machine's Ray Data model actors (Ray titles their processes with the class name)."""
+    import os
+
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"MapBatches(ModelActor)" in f.read():
+                        pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that answers every `every`-th request with
+    503 SlowDown (a transient object-store error) instead of forwarding it. Bounded: it stops with the test."""
+
+    BODY = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
+
+    def __init__(self, upstream: str, every: int = 4):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        proxy = self
+        self.injected = 0
+        self.forwarded = 0
+        self._count = 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy._lock:
+                    proxy._count += 1
+                    fail = proxy._count % every == 0
+                    proxy.injected += fail
+                    proxy.forwarded += not fail
+                if fail:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.BODY)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(proxy.BODY)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    # HEAD answers carry the object's length, not the (empty) body's
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
