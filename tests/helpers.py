@@ -63,15 +63,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
 
 
 class FaultyS3Proxy:
-    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that answers every `every`-th request with
-    503 SlowDown (a transient object-store error) instead of forwarding it. Bounded: it stops with the test."""
+    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that answers every `every`-th request with an S3
+    error instead of forwarding it: by default 503 SlowDown (transient); 403 InvalidAccessKeyId with every=1
+    stands for refused credentials. It stops with the test."""
 
-    BODY = (
-        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-        b"<Message>Please reduce your request rate.</Message></Error>"
-    )
-
-    def __init__(self, upstream: str, every: int = 4):
+    def __init__(self, upstream: str, every: int = 4, status: int = 503, code: str = "SlowDown"):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -79,6 +75,10 @@ class FaultyS3Proxy:
 
         up = urlsplit(upstream)
         proxy = self
+        self.body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            "<Message>injected by the test proxy</Message></Error>"
+        ).encode()
         self.injected = 0
         self.forwarded = 0
         self._count = 0
@@ -99,12 +99,12 @@ class FaultyS3Proxy:
                     proxy.injected += fail
                     proxy.forwarded += not fail
                 if fail:
-                    self.send_response(503)
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(proxy.BODY)))
+                    self.send_header("Content-Length", str(len(proxy.body)))
                     self.end_headers()
                     if self.command != "HEAD":
-                        self.wfile.write(proxy.BODY)
+                        self.wfile.write(proxy.body)
                     return
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}

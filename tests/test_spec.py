@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fengshen_batch.cli import main
 from fengshen_batch.spec import GenerateJob, ScoreJob, SpecError, build_spec, load_spec, spec_record
+from tests.helpers import PLANTED_SECRET
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 BASE = {"model": "m", "input": "in", "output": "out"}
@@ -110,3 +111,28 @@ def test_every_option_is_documented_in_help():
         for param in main.commands[command].params:
             if param.param_type_name == "option":
                 assert param.help, f"{command} {param.opts} has no help"
+
+
+def test_unreachable_storage_and_refused_credentials(tmp_path, tiny_model_dir, s3_endpoint, monkeypatch):
+    from tests.helpers import FaultyS3Proxy
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
+    model, out = str(tiny_model_dir), str(tmp_path / "out")
+    res = _cli(["score", "--model", model, "--input", "s3://corpus/in/", "--output", out,
+                "--endpoint-url", "http://127.0.0.1:9"])  # fmt: skip  # a closed port: unreachable storage
+    assert res.exit_code == 2 and "cannot list input s3://corpus/in/" in res.output, res.output
+    proxy = FaultyS3Proxy(s3_endpoint, every=1, status=403, code="InvalidAccessKeyId")
+    try:
+        res = _cli(["score", "--model", model, "--input", "s3://corpus/in/", "--output", out,
+                    "--endpoint-url", proxy.url])  # fmt: skip
+    finally:
+        proxy.stop()
+    assert res.exit_code == 2 and "cannot list input" in res.output and "Permission" in res.output, res.output
+    assert PLANTED_SECRET not in res.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = _cli(["score", "--model", "m", "--input", str(tmp_path / "nope"), "--output", "o", "--debug"])
+    assert res.exit_code != 0 and isinstance(res.exception, Exception)
+    assert "input not found" in str(res.exception)
