@@ -8,7 +8,7 @@ environment and config files), so a spec can be written beside the outputs as it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -66,37 +66,35 @@ class JobBase(BaseModel):
             raise ValueError(f"actors needs 1 <= MIN <= MAX, got {lo},{hi}")
         return (lo, hi)
 
+    # Set by each kind: its engine parameters, and the spec field naming its text column.
+    PARAMS: ClassVar[type[BaseModel]]
+    TEXT_FIELD_KEY: ClassVar[str]
+
     @property
     def text_field(self) -> str:
-        raise NotImplementedError
+        return getattr(self, self.TEXT_FIELD_KEY)
+
+    def params(self):
+        """The engine parameters of this job (the spec's copy of ScoreParams/GenerateParams fields)."""
+        return self.PARAMS(**self.model_dump(include=set(self.PARAMS.model_fields)))
 
 
 class ScoreJob(JobBase, ScoreParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    PARAMS: ClassVar[type[BaseModel]] = ScoreParams
+    TEXT_FIELD_KEY: ClassVar[str] = "text_column"
 
     kind: Literal["score"]
     text_column: str = "text"
 
-    @property
-    def text_field(self) -> str:
-        return self.text_column
-
-    def params(self) -> ScoreParams:
-        return ScoreParams(**self.model_dump(include=set(ScoreParams.model_fields)))
-
 
 class GenerateJob(JobBase, GenerateParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    PARAMS: ClassVar[type[BaseModel]] = GenerateParams
+    TEXT_FIELD_KEY: ClassVar[str] = "prompt_column"
 
     kind: Literal["generate"]
     prompt_column: str = "prompt"
-
-    @property
-    def text_field(self) -> str:
-        return self.prompt_column
-
-    def params(self) -> GenerateParams:
-        return GenerateParams(**self.model_dump(include=set(GenerateParams.model_fields)))
 
 
 JobSpec = Annotated[ScoreJob | GenerateJob, Field(discriminator="kind")]

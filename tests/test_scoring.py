@@ -150,3 +150,12 @@ def test_run_packed_returns_every_item_once_in_order():
         assert len(batch) * max(lengths[i] for i in batch) <= 10 or len(batch) == 1
     with pytest.raises(RuntimeError, match="exactly once|returned"):
         run_packed(lengths, 10, lambda idx: [0] * (len(idx) - 1))
+
+
+def test_chunked_lm_head_equals_one_chunk(replica, monkeypatch):
+    """Log-probs computed a few rows of logits at a time equal those of a single chunk."""
+    whole, _ = score_texts(replica, TEXTS, token_budget=4096)
+    monkeypatch.setattr(scoring, "LOGIT_CHUNK_ROWS", 7)
+    chunked, _ = score_texts(replica, TEXTS, token_budget=4096)
+    for a, b in zip(whole, chunked, strict=True):
+        assert b.nll_sum == pytest.approx(a.nll_sum, rel=1e-6)
