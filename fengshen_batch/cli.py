@@ -16,8 +16,9 @@ from .inputs import InputError
 from .job import JobError, run_job
 from .loading import ModelLoadError
 from .spec import SpecError, build_spec, load_spec
+from .submit import SubmitError
 
-USER_ERRORS = (SpecError, InputError, ModelLoadError, JobError)
+USER_ERRORS = (SpecError, InputError, ModelLoadError, JobError, SubmitError)
 
 
 def _report_errors(fn):
@@ -183,3 +184,68 @@ def demo(output, address):
     from .demo import run_demo
 
     run_demo(output, address, echo=click.echo)
+
+
+_ADDRESS = click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    required=True,
+    help="Ray dashboard address of the cluster, e.g. http://HEAD:8265 (default: RAY_ADDRESS).",
+)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml")
+@_ADDRESS
+@click.option("--wait", "wait_", is_flag=True, help="Follow the logs; exit 0 only if the job SUCCEEDED.")
+@click.option(
+    "--submission-id", help="Job id. Default: the spec's name and today's date (UTC), NAME-YYYYMMDD."
+)
+@click.option(
+    "--working-dir", default=".", show_default=True, help="Folder uploaded as the job's working dir."
+)
+@_report_errors
+def submit(spec_path, address, wait_, submission_id, working_dir):
+    """Submit a job spec to a Ray cluster (Jobs API); a second submit of the same id does not run it again."""
+    from . import submit as jobs
+
+    sid, _ = jobs.submit(
+        spec_path, address, submission_id=submission_id, working_dir=working_dir, echo=click.echo
+    )
+    if wait_:
+        final = jobs.wait(address, sid, echo=click.echo)
+        click.echo(f"{sid}: {final}")
+        sys.exit(0 if final == "SUCCEEDED" else 1)
+
+
+@main.command()
+@click.argument("submission_id")
+@_ADDRESS
+@_report_errors
+def status(submission_id, address):
+    """Status of a submitted job."""
+    from . import submit as jobs
+
+    click.echo(jobs.status(address, submission_id))
+
+
+@main.command()
+@click.argument("submission_id")
+@_ADDRESS
+@_report_errors
+def logs(submission_id, address):
+    """Logs of a submitted job."""
+    from . import submit as jobs
+
+    click.echo(jobs.logs(address, submission_id), nl=False)
+
+
+@main.command()
+@click.argument("submission_id")
+@_ADDRESS
+@_report_errors
+def stop(submission_id, address):
+    """Stop a submitted job."""
+    from . import submit as jobs
+
+    click.echo("stop requested" if jobs.stop(address, submission_id) else "job was not running")

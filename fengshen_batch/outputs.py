@@ -31,6 +31,7 @@ DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
 INTERNAL = ["_shard", "_row"]
 # Spec fields that change how a job runs but not its results: a rerun may change them freely.
 RUNTIME_FIELDS = {
+    "runtime_env",
     "name",
     "output",
     "actors",

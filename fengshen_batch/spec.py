@@ -7,6 +7,8 @@ environment and config files), so a spec can be written beside the outputs as it
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -49,6 +51,8 @@ class JobBase(BaseModel):
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else an embedded local Ray
     storage: StorageSpec = StorageSpec()
     trust_remote_code: bool = False
+    # For `fengshen-batch submit`: Ray runtime_env of the job (pip, env_vars, ...); never credentials.
+    runtime_env: dict = Field(default_factory=dict)
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -120,9 +124,20 @@ def build_spec(fields: dict) -> ScoreJob | GenerateJob:
         raise SpecError(f"invalid job spec: {_describe(e)}") from None
 
 
-def load_spec(path: str | Path) -> ScoreJob | GenerateJob:
+def run_date() -> str:
+    """The date a scheduled run is for: FENGSHEN_RUN_DATE (YYYY-MM-DD) if set, else today in UTC."""
+    value = os.environ.get("FENGSHEN_RUN_DATE") or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
-        fields = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        dt.date.fromisoformat(value)
+    except ValueError:
+        raise SpecError(f"FENGSHEN_RUN_DATE must be YYYY-MM-DD, got {value!r}") from None
+    return value
+
+
+def load_spec(path: str | Path) -> ScoreJob | GenerateJob:
+    """Read and validate a YAML spec; `{date}` anywhere in it becomes `run_date()` (nightly prefixes)."""
+    try:
+        fields = yaml.safe_load(Path(path).read_text(encoding="utf-8").replace("{date}", run_date()))
     except OSError as e:
         raise SpecError(f"cannot read job spec {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

@@ -3,7 +3,7 @@ the GPU scheduling path runs on CPU), optionally losing a worker node mid-job.
 
 Run as a subprocess by the tests (the suite's own Ray occupies their process):
     python tests/multinode_job.py SPEC_JSON [--lose-node] [--replace-node]
-It prints one JSON line: the manifest counts, the nodes the model actors ran on, what was killed and when.
+It prints one line `REPORT {json}`: the manifest counts, the nodes the model actors ran on, what was killed and when.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     report.update(
         counts=manifest["counts"], shards=manifest["shards"], gpus_per_actor=manifest["gpus_per_actor"]
     )
-    print(json.dumps(report))
+    print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()
 
