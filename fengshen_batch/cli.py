@@ -120,6 +120,7 @@ def main():
 @main.command()
 @_job_options
 @click.option("--text-column", help="Column holding the text to score. Default `text`.")
+@click.option("--report-by", help="Break the report's figures down by this column (e.g. source).")
 @click.option(
     "--stride",
     type=int,
@@ -162,13 +163,64 @@ def generate(overwrite, **opts):
 
 
 @main.command()
+@_job_options
+@click.option("--candidates-column", help="List<string> column of ready candidate statements.")
+@click.option("--question-column", help="Question column (with --answers-column). Default `question`.")
+@click.option(
+    "--answers-column", help="List<string> column of candidate answers, made into statements by --template."
+)
+@click.option(
+    "--template",
+    help="`auto` (built-in English/Chinese rules, the default) or a format string with {question} and {answer}.",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["ppl", "nll", "bpb"]),
+    help="Lower wins: per-token perplexity (default), total NLL, or bits per byte.",
+)
+@click.option("--label-column", help="Correct candidate (index or text): accuracy goes into the manifest.")
+@click.option(
+    "--threshold",
+    type=float,
+    help="With one statement per row: judged true when its criterion value <= this.",
+)
+@click.option("--stride", type=int, help="As for score: new tokens per window after the first.")
+@_report_errors
+def judge(overwrite, **opts):
+    """Judge facts by perplexity (Yuyuan): the least surprising candidate statement wins."""
+    _run(_spec_fields("judge", opts), overwrite)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--by", help="Break the figures down by this column (e.g. source).")
+@click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config).")
+@_report_errors
+def report(output, by, endpoint_url):
+    """Rebuild OUTPUT/report/ (summary.json, ppl_histogram.png, report.html) from a finished score job."""
+    from .outputs import OutputStore
+    from .report import build_report
+    from .spec import StorageSpec
+
+    store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
+    manifest = store.published_manifest()
+    if manifest is None:
+        raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
+    try:
+        summary = build_report(store, manifest, by or manifest["spec"].get("report_by"))
+    except ValueError as e:
+        raise JobError(str(e)) from None
+    click.echo(f"report: {output.rstrip('/')}/report/report.html (corpus ppl {summary['corpus_ppl']:,.2f})")
+
+
+@main.command()
 @click.argument("spec_path", metavar="SPEC.yaml")
 @click.option(
     "--overwrite", is_flag=True, help="Recompute everything, replacing a finished or different output."
 )
 @_report_errors
 def run(spec_path, overwrite):
-    """Run a job spec (kind: score|generate, and the options above as snake_case keys)."""
+    """Run a job spec (kind: score|generate|judge, and the options above as snake_case keys)."""
     spec = load_spec(spec_path)
     run_job(spec, progress=click.echo, overwrite=overwrite)
 

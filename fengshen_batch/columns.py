@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from .generation import generate
+from .judging import judge, statement_lists
 from .loading import Replica
 from .results import RowError
 from .scoring import score_texts
@@ -34,11 +35,20 @@ GENERATE_FIELDS = [
 ]
 log = logging.getLogger(__name__)
 
+JUDGE_FIELDS = [
+    pa.field("statements", pa.list_(pa.string())),
+    pa.field("candidate_nll_sum", pa.list_(pa.float64())),
+    pa.field("candidate_token_count", pa.list_(pa.int64())),
+    pa.field("candidate_ppl", pa.list_(pa.float64())),
+    pa.field("choice", pa.int32()),
+    pa.field("margin", pa.float64()),
+    pa.field("verdict", pa.bool_()),
+]
 ERROR_FIELDS = [pa.field("error_kind", pa.string()), pa.field("error_message", pa.string())]
 
 
 def result_fields(kind: str) -> list[pa.Field]:
-    return SCORE_FIELDS if kind == "score" else GENERATE_FIELDS
+    return {"score": SCORE_FIELDS, "generate": GENERATE_FIELDS, "judge": JUDGE_FIELDS}[kind]
 
 
 def data_schema(input_schema: pa.Schema, kind: str) -> pa.Schema:
@@ -85,10 +95,36 @@ def _generate_rows(results) -> tuple[list[int], dict[str, list], list[RowError |
     return take, cols, errors
 
 
-def _run_engine(replica: Replica, spec, texts: list, ids: list[str], budget: int) -> tuple[list, int]:
+def _judge_rows(results) -> tuple[list[int], dict[str, list], list[RowError | None]]:
+    take, cols, errors = [], {f.name: [] for f in JUDGE_FIELDS}, []
+    for i, r in enumerate(results):
+        take.append(i)
+        ok = not isinstance(r, RowError)
+        errors.append(None if ok else r)
+        values = (
+            (
+                r.statements,
+                [s.nll_sum for s in r.scores],
+                [s.token_count for s in r.scores],
+                [s.ppl for s in r.scores],
+                r.choice,
+                r.margin,
+                r.verdict,
+            )
+            if ok
+            else (None,) * 7
+        )
+        for f, v in zip(JUDGE_FIELDS, values, strict=True):
+            cols[f.name].append(v)
+    return take, cols, errors
+
+
+def _run_engine(replica: Replica, spec, items: list, ids: list[str], budget: int) -> tuple[list, int]:
     if spec.kind == "score":
-        return score_texts(replica, texts, spec.params(), budget)
-    return generate(replica, texts, ids, spec.params(), budget)
+        return score_texts(replica, items, spec.params(), budget)
+    if spec.kind == "judge":
+        return judge(replica, items, spec.criterion, spec.threshold, spec.params(), budget)
+    return generate(replica, items, ids, spec.params(), budget)
 
 
 def run_rows(replica: Replica, spec, texts: list, ids: list[str], budget: int) -> tuple[list, int]:
@@ -119,10 +155,22 @@ def process_table(
     replica: Replica, spec, table: pa.Table, id_field: str, token_budget: int
 ) -> tuple[pa.Table, int]:
     """Run the engine on one batch; return (input rows + result and error columns, the budget that fit)."""
-    texts = table.column(spec.text_field).to_pylist()
     ids = [str(i) for i in table.column(id_field).to_pylist()]
-    results, budget = run_rows(replica, spec, texts, ids, token_budget)
-    take, cols, errors = (_score_rows if spec.kind == "score" else _generate_rows)(results)
+    if spec.kind == "judge":
+
+        def column(name):
+            return table.column(name).to_pylist() if name else None
+
+        items = statement_lists(
+            column(spec.candidates_column), column(spec.question_column if spec.answers_column else None),
+            column(spec.answers_column), spec.template,
+        )  # fmt: skip
+    else:
+        items = table.column(spec.text_field).to_pylist()
+    results, budget = run_rows(replica, spec, items, ids, token_budget)
+    take, cols, errors = {"score": _score_rows, "generate": _generate_rows, "judge": _judge_rows}[spec.kind](
+        results
+    )
     out = table.take(pa.array(take, pa.int64()))
     for f in result_fields(spec.kind):
         out = out.append_column(f, pa.array(cols[f.name], f.type))

@@ -17,6 +17,11 @@ from .spec import build_spec
 from .tiny_model import SAMPLE_LINES, build_tiny_gpt2
 
 PROMPTS = ["北京位于", "Diabetics should not eat", "阿司匹林常用于", "Aspirin is used for"]
+QUESTIONS = [
+    ("What is aspirin used for?", ["fever", "broken bones"], "fever"),
+    ("What does smoking cause?", ["lung cancer", "better sleep"], "lung cancer"),
+    ("阿司匹林用于治疗什么？", ["退烧", "骨折"], "退烧"),
+]
 
 
 def _short(text: str, width: int = 34) -> str:
@@ -29,6 +34,7 @@ def run_demo(output: str, address: str | None, echo: Callable[[str], None] = pri
     model = build_tiny_gpt2(root / "model", n_positions=128)
     (root / "texts").mkdir(parents=True, exist_ok=True)
     (root / "prompts").mkdir(parents=True, exist_ok=True)
+    (root / "questions").mkdir(parents=True, exist_ok=True)
     half = len(SAMPLE_LINES) // 2
     for i, lines in enumerate((SAMPLE_LINES[:half], SAMPLE_LINES[half:])):
         source = ["zh" if any("\u4e00" <= c <= "\u9fff" for c in t) else "en" for t in lines]
@@ -62,6 +68,19 @@ def run_demo(output: str, address: str | None, echo: Callable[[str], None] = pri
         overwrite=True,
     )
 
+    pq.write_table(
+        pa.table({"question": [q for q, _, _ in QUESTIONS], "answers": [a for _, a, _ in QUESTIONS],
+                  "label": [label for _, _, label in QUESTIONS]}),
+        root / "questions" / "q.parquet",
+    )  # fmt: skip
+    echo("judging 3 questions by perplexity (Yuyuan style)")
+    judged = run_job(
+        build_spec({"kind": "judge", "input": str(root / "questions"), "output": str(root / "judge"),
+                    "answers_column": "answers", "label_column": "label", **common}),
+        progress=echo,
+        overwrite=True,
+    )  # fmt: skip
+
     scores = pq.read_table(root / "score" / "data").sort_by("id").to_pylist()
     echo("\nscore (random weights, so perplexities are high):")
     echo(f"{'text':36} {'tokens':>6} {'ppl':>9} {'bits/byte':>9}")
@@ -79,4 +98,12 @@ def run_demo(output: str, address: str | None, echo: Callable[[str], None] = pri
             f"{_short(row['prompt'], 24):26} {row['sample_index']:>2} {row['generated_tokens']:>6} "
             f"{row['finish_reason']:>7}  {_short(row['generation'], 30)!r}"
         )
-    echo(f"\noutputs: {root / 'score'} and {root / 'generate'} (data/, errors/, manifest.json, _SUCCESS)")
+    echo("\njudge (random weights, so choices are a coin toss; Yuyuan-GPT2-3.5B is the real judge):")
+    for row in pq.read_table(root / "judge" / "data").to_pylist():
+        ppl = ", ".join(f"{p:,.0f}" for p in row["candidate_ppl"])
+        echo(f"  {row['question']}  ->  {row['statements'][row['choice']]!r}  (ppl {ppl})")
+    echo(f"  accuracy against labels: {judged['judge']['accuracy']:.2f}")
+    echo(f"\nscore report: {root / 'score' / 'report' / 'report.html'}")
+    echo(
+        f"outputs: {root / 'score'}, {root / 'generate'}, {root / 'judge'} (data/, errors/, manifest.json, _SUCCESS)"
+    )

@@ -84,7 +84,32 @@ def _footer(fs, path: str) -> pq.FileMetaData:
         raise InputError(f"cannot read Parquet file {fs.unstrip_protocol(path)}: {e}") from None
 
 
-def inspect_inputs(url: str, storage: StorageSpec, text_column: str, id_column: str | None) -> Inputs:
+def _check_columns(schema: pa.Schema, strings, lists, others) -> None:
+    names = ", ".join(schema.names)
+    for column in [*strings, *lists, *others]:
+        if column not in schema.names:
+            kind = "text" if column in strings else "list" if column in lists else "label"
+            raise InputError(f"{kind} column {column!r} not in the input (columns: {names})")
+    for column in strings:
+        t = schema.field(column).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise InputError(f"text column {column!r} is {t}, not a string column")
+    for column in lists:
+        t = schema.field(column).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not (
+            pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+        ):
+            raise InputError(f"column {column!r} is {t}, not a list of strings")
+
+
+def inspect_inputs(
+    url: str,
+    storage: StorageSpec,
+    text_column: str | None,
+    id_column: str | None,
+    list_columns: tuple[str, ...] = (),
+    other_columns: tuple[str, ...] = (),
+) -> Inputs:
     """List and check the input files; return them with their row counts and the common schema."""
     paths, root, fs = _list(url, storage)
     with ThreadPoolExecutor(16) as pool:
@@ -97,15 +122,7 @@ def inspect_inputs(url: str, storage: StorageSpec, text_column: str, id_column: 
                 f"Parquet file {fs.unstrip_protocol(path)} has columns {other.names}, "
                 f"the first file has {schema.names}: all input files need the same columns"
             )
-    if text_column not in schema.names:
-        raise InputError(f"text column {text_column!r} not in the input (columns: {', '.join(schema.names)})")
-    if not (
-        pa.types.is_string(schema.field(text_column).type)
-        or pa.types.is_large_string(schema.field(text_column).type)
-    ):
-        raise InputError(
-            f"text column {text_column!r} is {schema.field(text_column).type}, not a string column"
-        )
+    _check_columns(schema, [text_column] if text_column else [], list_columns, other_columns)
     if id_column is not None and id_column not in schema.names:
         raise InputError(f"id column {id_column!r} not in the input (columns: {', '.join(schema.names)})")
     if id_column is None and ID_COLUMN in schema.names:

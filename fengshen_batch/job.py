@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .columns import data_schema, error_schema
 from .inputs import ID_COLUMN, inspect_inputs, make_shards
 from .loading import check_model_source
-from .outputs import OutputStore, ShardAssembler, spec_hash
+from .outputs import DATA, OutputStore, ShardAssembler, spec_hash
 from .spec import GenerateJob, ScoreJob, spec_record
 from .storage import filesystem, redact_url, storage_options
 
@@ -50,13 +50,38 @@ def _fmt_eta(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
 
 
+def _finish_kind(spec, store: OutputStore, manifest: dict) -> None:
+    """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
+    scoring, accuracy against labels for judging."""
+    if spec.kind == "score":
+        from .report import apply_buckets, bucket_cutoffs, build_report
+
+        if spec.bucket_quantiles or spec.bucket_thresholds:
+            ppl = store.read(DATA, ["ppl"]).column("ppl").to_numpy()
+            cutoffs = bucket_cutoffs(ppl, spec.bucket_quantiles, spec.bucket_thresholds)
+            if cutoffs:
+                apply_buckets(store, cutoffs)
+                manifest["bucket_cutoffs"] = cutoffs
+        build_report(store, manifest, spec.report_by)
+    elif spec.kind == "judge" and spec.label_column:
+        from .judging import accuracy
+
+        columns = ["statements", "candidate_nll_sum", "candidate_token_count", spec.label_column]
+        columns += [spec.answers_column] if spec.answers_column else []
+        rows = store.read(DATA, columns).to_pylist()
+        manifest["judge"] = accuracy(rows, spec.label_column, spec.answers_column, spec.criterion)
+
+
 def run_job(
     spec: ScoreJob | GenerateJob, progress: Callable[[str], None] = log.info, overwrite: bool = False
 ) -> dict:
     """Run the job to completion and return its manifest (also written to OUTPUT/manifest.json)."""
     started = time.time()
     record = spec_record(spec)
-    inputs = inspect_inputs(spec.input, spec.storage, spec.text_field, spec.id_column)
+    strings, lists, others = spec.input_columns()
+    inputs = inspect_inputs(
+        spec.input, spec.storage, strings[0] if strings else None, spec.id_column, tuple(lists), tuple(others)
+    )
     _check_output_location(spec)
     check_model_source(spec.model, storage_options(spec.model, spec.storage))
     shards = make_shards(inputs.files, spec.shard_rows)
@@ -146,6 +171,7 @@ def run_job(
     }
     if target is not store:
         store.replace_with(target)
+    _finish_kind(spec, store, manifest)
     store.publish(manifest)
     progress(
         f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "

@@ -105,6 +105,17 @@ class OutputStore:
                 self.fs.rm(self._p(folder, name))
         staging.clear()
 
+    def files(self, folder: str) -> list[str]:
+        """The Parquet files under OUTPUT/folder, in shard order."""
+        if not self.fs.exists(self._p(folder)):
+            return []
+        return sorted(p for p in self.fs.find(self._p(folder)) if p.endswith(".parquet"))
+
+    def read(self, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All of OUTPUT/folder as one table (None where it has no files)."""
+        tables = [pq.read_table(self.fs.open(p, "rb"), columns=columns) for p in self.files(folder)]
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
     def committed(self) -> dict[int, dict]:
         """Markers of committed shards, listed once: {shard index: marker}."""
         if not self.fs.exists(self._p(MARKERS)):
@@ -186,6 +197,8 @@ class ShardAssembler:
         bad = bad.sort_by("_row").drop_columns(INTERNAL)
         if self.kind == "score":
             tokens = pc.sum(good.column("token_count")).as_py() or 0
+        elif self.kind == "judge":
+            tokens = pc.sum(pc.list_flatten(good.column("candidate_token_count"))).as_py() or 0
         else:
             tokens = sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens"))
         stats = ShardStats(expected, len(good), len(bad), int(tokens))

@@ -107,9 +107,10 @@ def run_pipeline(
         batch_size=spec.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "id_field": id_field},
+        # A batch job wants every replica it may have from the start; the pool shrinks to `lo` when idle.
         compute=ray.data.ActorPoolStrategy(size=lo)
         if lo == hi
-        else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi),
         num_gpus=gpus,
         num_cpus=spec.cpus_per_actor,
     )

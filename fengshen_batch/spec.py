@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .params import Dtype, GenerateParams, ScoreParams
 
@@ -78,6 +86,10 @@ class JobBase(BaseModel):
     def text_field(self) -> str:
         return getattr(self, self.TEXT_FIELD_KEY)
 
+    def input_columns(self) -> tuple[list[str], list[str], list[str]]:
+        """Input columns the job needs: (string columns, list<string> columns, columns of any type)."""
+        return [self.text_field], [], []
+
     def params(self):
         """The engine parameters of this job (the spec's copy of ScoreParams/GenerateParams fields)."""
         return self.PARAMS(**self.model_dump(include=set(self.PARAMS.model_fields)))
@@ -90,6 +102,26 @@ class ScoreJob(JobBase, ScoreParams):
 
     kind: Literal["score"]
     text_column: str = "text"
+    report_by: str | None = None  # a column (e.g. `source`) to break the report's figures down by
+    # A `bucket` column (head/middle/tail by perplexity, as CCNet): cutoffs at these quantiles of the
+    # corpus's perplexities, or at these fixed perplexities.
+    bucket_quantiles: tuple[float, float] | None = None
+    bucket_thresholds: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _buckets(self):
+        if self.bucket_quantiles and self.bucket_thresholds:
+            raise ValueError("give bucket_quantiles or bucket_thresholds, not both")
+        q = self.bucket_quantiles
+        if q and not 0 < q[0] < q[1] < 1:
+            raise ValueError("bucket_quantiles needs 0 < LOW < HIGH < 1")
+        t = self.bucket_thresholds
+        if t and not 0 < t[0] < t[1]:
+            raise ValueError("bucket_thresholds needs 0 < LOW < HIGH (perplexities)")
+        return self
+
+    def input_columns(self) -> tuple[list[str], list[str], list[str]]:
+        return [self.text_column], [], [self.report_by] if self.report_by else []
 
 
 class GenerateJob(JobBase, GenerateParams):
@@ -101,14 +133,48 @@ class GenerateJob(JobBase, GenerateParams):
     prompt_column: str = "prompt"
 
 
-JobSpec = Annotated[ScoreJob | GenerateJob, Field(discriminator="kind")]
+class JudgeJob(JobBase, ScoreParams):
+    """Yuyuan-style fact judgment: score one statement per candidate, pick the least surprising."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    PARAMS: ClassVar[type[BaseModel]] = ScoreParams
+    TEXT_FIELD_KEY: ClassVar[str] = "question_column"
+
+    kind: Literal["judge"]
+    candidates_column: str | None = None  # list<string> of ready statements, or:
+    question_column: str = "question"  # a question ...
+    answers_column: str | None = None  # ... and a list<string> of answers, turned into statements by:
+    template: str = "auto"  # built-in rules, or a format string with {question} and {answer}
+    criterion: Literal["ppl", "nll", "bpb"] = "ppl"
+    label_column: str | None = None  # the correct candidate (index or text): accuracy in the manifest
+    threshold: float | None = None  # a single statement is judged true when its criterion value <= this
+
+    def input_columns(self) -> tuple[list[str], list[str], list[str]]:
+        others = [self.label_column] if self.label_column else []
+        if self.candidates_column:
+            return [], [self.candidates_column], others
+        return [self.question_column], [self.answers_column], others
+
+    @model_validator(mode="after")
+    def _one_source_of_candidates(self):
+        if (self.candidates_column is None) == (self.answers_column is None):
+            raise ValueError(
+                "give exactly one of candidates_column (statements) and answers_column (answers)"
+            )
+        if self.template != "auto" and "{answer}" not in self.template:
+            raise ValueError("template must contain {answer} (and usually {question})")
+        return self
+
+
+AnyJob = ScoreJob | GenerateJob | JudgeJob
+JobSpec = Annotated[ScoreJob | GenerateJob | JudgeJob, Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(JobSpec)
 
 
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("score", "generate"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("score", "generate", "judge"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -116,7 +182,7 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def build_spec(fields: dict) -> ScoreJob | GenerateJob:
+def build_spec(fields: dict) -> AnyJob:
     """Validate a dict of spec fields (from YAML or CLI options) into a job spec."""
     try:
         return _ADAPTER.validate_python(fields)
@@ -134,7 +200,7 @@ def run_date() -> str:
     return value
 
 
-def load_spec(path: str | Path) -> ScoreJob | GenerateJob:
+def load_spec(path: str | Path) -> AnyJob:
     """Read and validate a YAML spec; `{date}` anywhere in it becomes `run_date()` (nightly prefixes)."""
     try:
         fields = yaml.safe_load(Path(path).read_text(encoding="utf-8").replace("{date}", run_date()))
@@ -147,7 +213,7 @@ def load_spec(path: str | Path) -> ScoreJob | GenerateJob:
     return build_spec(fields)
 
 
-def spec_record(spec: ScoreJob | GenerateJob) -> dict:
+def spec_record(spec: AnyJob) -> dict:
     """The spec as written into manifests: JSON-safe, with any userinfo in URLs removed."""
     from .storage import redact_url
 

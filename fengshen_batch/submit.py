@@ -16,6 +16,7 @@ from pathlib import Path
 from .spec import SpecError, load_spec, run_date
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60
 # Working-dir uploads leave these out: environments, caches, outputs of local runs.
 EXCLUDES = [
     ".venv/",
@@ -100,20 +101,27 @@ def submit(
     runtime_env.setdefault("excludes", EXCLUDES)
 
     client = _client(address)
-    try:
-        client.submit_job(
-            entrypoint=f"python -m fengshen_batch run {rel.as_posix()}",
-            submission_id=sid,
-            runtime_env=runtime_env,
-            entrypoint_num_cpus=1,  # the driver only coordinates: no GPU
-            metadata={"fengshen_batch.kind": spec.kind, "fengshen_batch.spec": rel.as_posix()},
-        )
-    except Exception as e:
-        if "already exists" in str(e):
-            status = client.get_job_status(sid)
-            echo(f"job {sid} was already submitted ({status}); not submitting it again")
-            return sid, False
-        raise SubmitError(_explain(e, address)) from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=f"python -m fengshen_batch run {rel.as_posix()}",
+                submission_id=sid,
+                runtime_env=runtime_env,
+                entrypoint_num_cpus=1,  # the driver only coordinates: no GPU
+                metadata={"fengshen_batch.kind": spec.kind, "fengshen_batch.spec": rel.as_posix()},
+            )
+            break
+        except Exception as e:
+            if "already exists" in str(e):
+                status = client.get_job_status(sid)
+                echo(f"job {sid} was already submitted ({status}); not submitting it again")
+                return sid, False
+            # A head that has just started answers this until its job agent is up.
+            if "try again later" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise SubmitError(_explain(e, address)) from None
     echo(f"submitted {sid} to {address}")
     return sid, True
 

@@ -1,0 +1,195 @@
+"""Fact judgment by perplexity, as Yuyuan-GPT2-3.5B's card describes: a question is rewritten into one
+declarative statement per candidate answer, every statement is scored with the engine (lm-eval
+`loglikelihood_rolling` semantics), and the statement the model finds least surprising wins.
+
+Criteria (lower is better):
+- `ppl`: per-token perplexity, exp(nll / tokens). Fair when statements differ in length: the default.
+- `nll`: total negative log-likelihood. Fair only for statements of about the same length (it favours
+  shorter ones), as in lm-eval's multiple-choice `acc`.
+- `bpb`: bits per UTF-8 byte. Fair across tokenizations and scripts, e.g. Chinese against English
+  candidates, or answers that the BPE splits very differently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .loading import Replica
+from .params import ScoreParams
+from .results import RowError, ScoreResult
+from .scoring import score_texts
+
+CRITERIA = ("ppl", "nll", "bpb")
+
+# Built-in question -> statement rules, tried in order; the first that matches is used. `{answer}` is the
+# candidate, numbered groups are parts of the question. The README lists them with examples.
+EN_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^what (is|are) (.+) used (?:for|to treat)\??$", re.I), "{2} {1} used for {answer}."),
+    (re.compile(r"^what (?:does|do) (.+) cause\??$", re.I), "{1} causes {answer}."),
+    (re.compile(r"^what (?:does|do) (.+) treat\??$", re.I), "{1} treats {answer}."),
+    (re.compile(r"^which (\w+) (is|are|can|causes|treats) (.+?)\??$", re.I), "{answer} {2} {3}."),
+    (re.compile(r"^what (is|are) (.+?)\??$", re.I), "{2} {1} {answer}."),
+]
+ZH_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^(.+?)(?:用于|用来)(?:治疗)?什么[？?]?$"), "{1}用于{answer}。"),
+    (re.compile(r"^(.+?)(位于|在)哪里[？?]?$"), "{1}{2}{answer}。"),
+    (re.compile(r"^什么\w{0,2}?(可以|能|会)(.+?)[？?]?$"), "{answer}{1}{2}。"),
+    (re.compile(r"^(.+?)是什么[？?]?$"), "{1}是{answer}。"),
+]
+
+
+def _is_chinese(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def _fill(template: str, match: re.Match, answer: str) -> str:
+    out = template.replace("{answer}", answer)
+    for i, group in enumerate(match.groups(), start=1):
+        out = out.replace("{" + str(i) + "}", group)
+    return out[:1].upper() + out[1:]
+
+
+def declarative(question: str, answer: str, template: str = "auto") -> str:
+    """The statement for one (question, answer). `auto` uses the built-in rules for the question's language
+    (falling back to "question answer"); any other template is a format string with {question}/{answer}."""
+    question, answer = question.strip(), answer.strip()
+    if template != "auto":
+        return template.replace("{question}", question).replace("{answer}", answer)
+    for pattern, rule in ZH_RULES if _is_chinese(question) else EN_RULES:
+        if match := pattern.match(question):
+            return _fill(rule, match, answer)
+    stem = question.rstrip("?？")
+    return f"{stem}{answer}。" if _is_chinese(question) else f"{stem} {answer}."
+
+
+def criterion_value(criterion: str, result: ScoreResult) -> float:
+    if criterion == "ppl":
+        return result.ppl
+    if criterion == "nll":
+        return result.nll_sum
+    if criterion == "bpb":
+        return result.bits_per_byte
+    raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+
+
+@dataclass(frozen=True)
+class Judgment:
+    statements: list[str]
+    scores: list[ScoreResult]
+    choice: int  # index of the chosen statement
+    margin: float | None  # gap between the best two under the criterion; None with one statement
+    verdict: bool | None  # single statement with a threshold: criterion value <= threshold
+
+
+def choose(scores: Sequence[ScoreResult], criterion: str) -> tuple[int, float | None]:
+    values = [criterion_value(criterion, s) for s in scores]
+    order = sorted(range(len(values)), key=values.__getitem__)
+    margin = values[order[1]] - values[order[0]] if len(values) > 1 else None
+    return order[0], margin
+
+
+def judge(
+    replica: Replica,
+    statement_lists: Sequence[object],
+    criterion: str = "ppl",
+    threshold: float | None = None,
+    params: ScoreParams | None = None,
+    token_budget: int = 16384,
+) -> tuple[list[Judgment | RowError], int]:
+    """Judge each row's statements; all statements of all rows are scored in one token-budget pass."""
+    flat: list[str] = []
+    spans: list[tuple[int, int] | RowError] = []
+    for statements in statement_lists:
+        if isinstance(statements, RowError):
+            spans.append(statements)
+            continue
+        if not isinstance(statements, (list, tuple)) or not statements:
+            spans.append(RowError("no_candidates", "the row has no candidate statements"))
+            continue
+        spans.append((len(flat), len(flat) + len(statements)))
+        flat.extend(statements)
+    scored, budget = score_texts(replica, flat, params, token_budget)
+    results: list[Judgment | RowError] = []
+    for span in spans:
+        if isinstance(span, RowError):
+            results.append(span)
+            continue
+        scores = scored[span[0] : span[1]]
+        bad = next((s for s in scores if isinstance(s, RowError)), None)
+        if bad:
+            results.append(RowError(bad.kind, f"a candidate statement: {bad.message}"))
+            continue
+        choice, margin = choose(scores, criterion)
+        verdict = None
+        if len(scores) == 1 and threshold is not None:
+            verdict = criterion_value(criterion, scores[0]) <= threshold
+        results.append(Judgment(list(flat[span[0] : span[1]]), list(scores), choice, margin, verdict))
+    return results, budget
+
+
+def label_index(label: object, statements: Sequence[str], answers: Sequence[str] | None) -> int | None:
+    """A label as a candidate index: an int index, or the text of an answer or a statement."""
+    if label is None or (isinstance(label, float) and math.isnan(label)):
+        return None
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return label
+    for options in (answers or [], statements):
+        if label in options:
+            return list(options).index(label)
+    return None
+
+
+def statement_lists(
+    candidates: Sequence[object] | None,
+    questions: Sequence[object] | None,
+    answers: Sequence[object] | None,
+    template: str = "auto",
+) -> list[object]:
+    """Per row: its statements (given, or built from question + answers), or a RowError."""
+    if candidates is not None:
+        return list(candidates)
+    rows: list[object] = []
+    for question, options in zip(questions, answers, strict=True):
+        if not isinstance(question, str) or not question.strip():
+            rows.append(
+                RowError("null_text" if question is None else "empty_text", "the question is missing")
+            )
+        elif not options:
+            rows.append(RowError("no_candidates", "the row has no candidate answers"))
+        else:
+            rows.append([declarative(question, str(a), template) for a in options])
+    return rows
+
+
+def accuracy(rows: list[dict], label_column: str, answers_column: str | None, criterion: str) -> dict:
+    """Accuracy of the choices against labels, for the job's criterion and for each criterion."""
+    correct = dict.fromkeys(CRITERIA, 0)
+    labelled = 0
+    for row in rows:
+        statements = row["statements"]
+        target = label_index(
+            row.get(label_column), statements, row.get(answers_column) if answers_column else None
+        )
+        if target is None:
+            continue
+        labelled += 1
+        scores = [
+            ScoreResult(nll, count, len(text.encode("utf-8")))
+            for nll, count, text in zip(
+                row["candidate_nll_sum"], row["candidate_token_count"], statements, strict=True
+            )
+        ]
+        for name in CRITERIA:
+            correct[name] += choose(scores, name)[0] == target
+    per = {name: (correct[name] / labelled if labelled else None) for name in CRITERIA}
+    return {
+        "criterion": criterion,
+        "accuracy": per[criterion],
+        "per_criterion": per,
+        "labelled_rows": labelled,
+    }
