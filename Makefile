@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # gets the default (CUDA) build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench bench-cpu clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,18 @@ demo: setup
 	$(BIN)/fengshen-batch demo
 
 test: setup
-	$(BIN)/ruff check fengshen_batch tests
+	$(BIN)/ruff check fengshen_batch tests benchmarks
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check fengshen_batch tests
-	$(BIN)/ruff format --check fengshen_batch tests
+	$(BIN)/ruff check fengshen_batch tests benchmarks
+	$(BIN)/ruff format --check fengshen_batch tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py --device cuda
+
+bench-cpu: setup
+	$(BIN)/python benchmarks/bench.py --device cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -87,7 +87,8 @@ def decode_batch(
         tokens[:, t] = next_tok
         step_nll = -logits.log_softmax(-1).gather(1, next_tok[:, None]).squeeze(1)
         nll[:, t] = torch.where(done, 0.0, step_nll)
-        done |= next_tok == eos
+        if not params.ignore_eos:
+            done |= next_tok == eos
         seen.scatter_(1, next_tok[:, None], True)
         steps = t + 1
         if steps == N:
@@ -107,7 +108,7 @@ def decode_batch(
     tokens_host, nll_host = tokens[:, :steps].tolist(), nll[:, :steps].tolist()
     decoded = []
     for toks, nlls in zip(tokens_host, nll_host, strict=True):
-        end = toks.index(eos) + 1 if eos in toks else len(toks)
+        end = toks.index(eos) + 1 if eos in toks and not params.ignore_eos else len(toks)
         decoded.append(_Decoded(toks[:end], nlls[:end]))
     return decoded
 
@@ -123,7 +124,7 @@ def _finish(
 ) -> Sample:
     """Cut at EOS or the first stop string, and count tokens and NLL up to that point."""
     toks = decoded.tokens
-    ended_by_eos = bool(toks) and toks[-1] == replica.eos_id
+    ended_by_eos = bool(toks) and toks[-1] == replica.eos_id and not params.ignore_eos
     body = toks[:-1] if ended_by_eos else toks
     text = replica.tokenizer.decode(body)
     cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
@@ -142,12 +143,12 @@ def _finish(
     return Sample(index, text, prompt_len, n, reason, float(sum(decoded.nll[:n])))
 
 
-def prepare_prompt(replica: Replica, text: object, params: GenerateParams) -> list[int] | RowError:
-    """Tokenize a prompt and apply the too-long policy (keep its end, or a row error)."""
-    err = check_text(text)
-    if err:
-        return err
-    tokens = replica.encode(text)
+def prepare_prompt(
+    replica: Replica, tokens: list[int] | RowError, params: GenerateParams
+) -> list[int] | RowError:
+    """Apply the too-long policy to a tokenized prompt: keep its end, or a row error."""
+    if isinstance(tokens, RowError):
+        return tokens
     if not tokens:
         return RowError("empty_text", "prompt has no tokens")
     limit = replica.max_length - params.max_new_tokens
@@ -170,6 +171,18 @@ def generate(
     token_budget: int = 16384,
 ) -> tuple[list[list[Sample] | RowError], int]:
     """Generate `num_return_sequences` samples per prompt; return (per-row samples or error, budget that fit)."""
+    token_lists = [check_text(p) or replica.encode(p) for p in prompts]
+    return generate_tokens(replica, token_lists, row_ids, params, token_budget)
+
+
+def generate_tokens(
+    replica: Replica,
+    prompts: Sequence[list[int] | RowError],
+    row_ids: Sequence[str],
+    params: GenerateParams,
+    token_budget: int = 16384,
+) -> tuple[list[list[Sample] | RowError], int]:
+    """`generate` from token ids (row errors pass through)."""
     if params.max_new_tokens >= replica.max_length:
         raise ValueError(
             f"max_new_tokens={params.max_new_tokens} must be below the model's context of {replica.max_length}"

@@ -39,6 +39,7 @@ class GenerateParams(BaseModel):
     stop: tuple[str, ...] = ()
     seed: int = 0
     prompt_too_long: Literal["truncate_left", "error"] = "truncate_left"
+    ignore_eos: bool = False  # always generate max_new_tokens (fixed-length data; benchmarks)
 
     @field_validator("stop", mode="before")
     @classmethod

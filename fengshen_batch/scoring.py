@@ -78,28 +78,24 @@ def window_logprobs(replica: Replica, windows: Sequence[tuple[list[int], int]]) 
     return sums.tolist()
 
 
-def score_texts(
+def score_tokens(
     replica: Replica,
-    texts: Sequence[object],
+    token_lists: Sequence[list[int] | RowError],
     params: ScoreParams | None = None,
     token_budget: int = 16384,
-) -> tuple[list[ScoreResult | RowError], int]:
-    """Score each text; return (one result or row error per text, in order; the token budget that fit)."""
+) -> tuple[list[tuple[float, int] | RowError], int]:
+    """(nll_sum, token_count) of each token list (row errors pass through); and the token budget that fit."""
     params = params or ScoreParams()
-    results: list[ScoreResult | RowError | None] = [None] * len(texts)
+    results: list[tuple[float, int] | RowError | None] = [None] * len(token_lists)
     windows: list[tuple[list[int], int]] = []
-    owner: list[int] = []  # text index of each window
-    token_counts: dict[int, int] = {}
-    for i, text in enumerate(texts):
-        err = check_text(text)
-        if err:
-            results[i] = err
+    owner: list[int] = []  # token-list index of each window
+    for i, tokens in enumerate(token_lists):
+        if isinstance(tokens, RowError):
+            results[i] = tokens
             continue
-        tokens = replica.encode(text)
         if not tokens:
             results[i] = RowError("empty_text", "text has no tokens")
             continue
-        token_counts[i] = len(tokens)
         for w in rolling_windows(tokens, replica.eos_id, replica.max_length, params.stride):
             windows.append(w)
             owner.append(i)
@@ -112,6 +108,22 @@ def score_texts(
     nll: dict[int, float] = {}
     for i, logprob in zip(owner, sums, strict=True):
         nll[i] = nll.get(i, 0.0) - logprob
-    for i, count in token_counts.items():
-        results[i] = ScoreResult(nll[i], count, len(texts[i].encode("utf-8")))
+    for i in nll:
+        results[i] = (nll[i], len(token_lists[i]))
+    return results, budget
+
+
+def score_texts(
+    replica: Replica,
+    texts: Sequence[object],
+    params: ScoreParams | None = None,
+    token_budget: int = 16384,
+) -> tuple[list[ScoreResult | RowError], int]:
+    """Score each text; return (one result or row error per text, in order; the token budget that fit)."""
+    token_lists = [check_text(t) or replica.encode(t) for t in texts]
+    scored, budget = score_tokens(replica, token_lists, params, token_budget)
+    results = [
+        r if isinstance(r, RowError) else ScoreResult(r[0], r[1], len(text.encode("utf-8")))
+        for text, r in zip(texts, scored, strict=True)
+    ]
     return results, budget

@@ -169,3 +169,13 @@ def test_keyed_gumbel_draws_follow_the_softmax():
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert (freq - probs).abs().max() < 0.015  # 20k draws: standard error below 0.004
     assert not torch.equal(draws, choose(logits, keys, step=6, params=GenerateParams()))
+
+
+def test_ignore_eos_generates_max_new_tokens(replica):
+    params = GenerateParams(greedy=True, max_new_tokens=20)
+    stopped = [r[0] for r in generate(replica, PROMPTS, IDS, params)[0]]
+    assert any(s.finish_reason == "stop" for s in stopped)  # some prompts end with EOS by themselves
+    forced = [
+        r[0] for r in generate(replica, PROMPTS, IDS, params.model_copy(update={"ignore_eos": True}))[0]
+    ]
+    assert all(s.generated_tokens == 20 and s.finish_reason == "length" for s in forced)
