@@ -149,6 +149,9 @@ def score(overwrite, **opts):
 @click.option("--num-return-sequences", type=int, help="Samples per prompt, one output row each. Default 1.")
 @click.option("--stop", multiple=True, help="Stop string; the text is cut before it. Repeatable.")
 @click.option(
+    "--ignore-eos", is_flag=True, default=None, help="Always generate --max-new-tokens (fixed-length output)."
+)
+@click.option(
     "--seed", type=int, help="Job seed: a sample depends only on it, the row id and the sample index."
 )
 @click.option(

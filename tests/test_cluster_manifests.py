@@ -109,9 +109,12 @@ def _check(doc: dict) -> None:
                 _check(yaml.safe_load(value.replace("RUN_DATE", "20261121")))
 
 
-@pytest.mark.skipif(
+needs_crds = pytest.mark.skipif(
     not CRDS.exists(), reason="../shared/kuberay-crds is absent: no CRD schemas to validate against"
 )
+
+
+@needs_crds
 @pytest.mark.parametrize("path", KUBE_MANIFESTS, ids=lambda p: p.name)
 def test_kubernetes_manifests_validate(path):
     docs = _documents(path)
@@ -121,6 +124,7 @@ def test_kubernetes_manifests_validate(path):
     assert kinds & {"RayJob", "RayCronJob", "CronJob"}
 
 
+@needs_crds
 def test_strict_validation_rejects_an_unknown_field():
     doc = _documents(ROOT / "cluster" / "rayjob-nightly-score.yaml")[1]
     doc["spec"]["shutdownAfterJobFinish"] = True  # a typo
