@@ -16,7 +16,7 @@ from pathlib import Path
 from .spec import SpecError, load_spec, run_date
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-AGENT_WAIT_S = 60
+AGENT_WAIT_S = 180  # a head that has just started, on a busy machine, can take minutes
 # Working-dir uploads leave these out: environments, caches, outputs of local runs.
 EXCLUDES = [
     ".venv/",

@@ -64,6 +64,10 @@ def ray_head(s3_endpoint):
         str(BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", temp,
+        # the suite's own Ray already holds the default agent and metrics ports on this machine
+        *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                           "--runtime-env-agent-port", "--ray-client-server-port")
+          for arg in (flag, str(_free_port()))],
     ]  # fmt: skip
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
