@@ -13,9 +13,9 @@ import pyarrow as pa
 import torch
 
 from .generation import generate
-from .judging import judge, statement_lists
+from .judging import Judgment, judge, statement_lists
 from .loading import Replica
-from .results import RowError
+from .results import RowError, Sample, ScoreResult
 from .scoring import score_texts
 
 SCORE_FIELDS = [
@@ -48,7 +48,7 @@ ERROR_FIELDS = [pa.field("error_kind", pa.string()), pa.field("error_message", p
 
 
 def result_fields(kind: str) -> list[pa.Field]:
-    return {"score": SCORE_FIELDS, "generate": GENERATE_FIELDS, "judge": JUDGE_FIELDS}[kind]
+    return KINDS[kind][0]
 
 
 def data_schema(input_schema: pa.Schema, kind: str) -> pa.Schema:
@@ -59,63 +59,58 @@ def error_schema(input_schema: pa.Schema) -> pa.Schema:
     return pa.schema([*input_schema, *ERROR_FIELDS])
 
 
-def _score_rows(results) -> tuple[list[int], dict[str, list], list[RowError | None]]:
-    take, cols, errors = [], {f.name: [] for f in SCORE_FIELDS}, []
-    for i, r in enumerate(results):
-        take.append(i)
-        ok = not isinstance(r, RowError)
-        errors.append(None if ok else r)
-        values = (r.nll_sum, r.token_count, r.ppl, r.byte_count, r.bits_per_byte) if ok else (None,) * 5
-        for f, v in zip(SCORE_FIELDS, values, strict=True):
-            cols[f.name].append(v)
-    return take, cols, errors
+def _score_values(r: ScoreResult) -> list[tuple]:
+    return [(r.nll_sum, r.token_count, r.ppl, r.byte_count, r.bits_per_byte)]
 
 
-def _generate_rows(results) -> tuple[list[int], dict[str, list], list[RowError | None]]:
-    take, cols, errors = [], {f.name: [] for f in GENERATE_FIELDS}, []
-    for i, r in enumerate(results):
-        samples = [None] if isinstance(r, RowError) else r
-        for s in samples:
-            take.append(i)
-            errors.append(r if s is None else None)
-            values = (
-                (None,) * 6
-                if s is None
-                else (
-                    s.sample_index,
-                    s.generation,
-                    s.prompt_tokens,
-                    s.generated_tokens,
-                    s.finish_reason,
-                    s.generation_nll_sum,
-                )
-            )
-            for f, v in zip(GENERATE_FIELDS, values, strict=True):
-                cols[f.name].append(v)
-    return take, cols, errors
-
-
-def _judge_rows(results) -> tuple[list[int], dict[str, list], list[RowError | None]]:
-    take, cols, errors = [], {f.name: [] for f in JUDGE_FIELDS}, []
-    for i, r in enumerate(results):
-        take.append(i)
-        ok = not isinstance(r, RowError)
-        errors.append(None if ok else r)
-        values = (
-            (
-                r.statements,
-                [s.nll_sum for s in r.scores],
-                [s.token_count for s in r.scores],
-                [s.ppl for s in r.scores],
-                r.choice,
-                r.margin,
-                r.verdict,
-            )
-            if ok
-            else (None,) * 7
+def _generate_values(samples: list[Sample]) -> list[tuple]:
+    return [
+        (
+            s.sample_index,
+            s.generation,
+            s.prompt_tokens,
+            s.generated_tokens,
+            s.finish_reason,
+            s.generation_nll_sum,
         )
-        for f, v in zip(JUDGE_FIELDS, values, strict=True):
-            cols[f.name].append(v)
+        for s in samples
+    ]
+
+
+def _judge_values(j: Judgment) -> list[tuple]:
+    scores = j.scores
+    return [
+        (
+            j.statements,
+            [s.nll_sum for s in scores],
+            [s.token_count for s in scores],
+            [s.ppl for s in scores],
+            j.choice,
+            j.margin,
+            j.verdict,
+        )
+    ]
+
+
+# Per kind: its result columns and one tuple of values per output row of a good input row.
+KINDS = {
+    "score": (SCORE_FIELDS, _score_values),
+    "generate": (GENERATE_FIELDS, _generate_values),
+    "judge": (JUDGE_FIELDS, _judge_values),
+}
+
+
+def _columns(kind: str, results: list) -> tuple[list[int], dict[str, list], list[RowError | None]]:
+    """(input row of each output row, result columns, row error of each output row)."""
+    fields, values_of = KINDS[kind]
+    take, cols, errors = [], {f.name: [] for f in fields}, []
+    for i, r in enumerate(results):
+        failed = isinstance(r, RowError)
+        for values in [(None,) * len(fields)] if failed else values_of(r):
+            take.append(i)
+            errors.append(r if failed else None)
+            for f, v in zip(fields, values, strict=True):
+                cols[f.name].append(v)
     return take, cols, errors
 
 
@@ -168,9 +163,7 @@ def process_table(
     else:
         items = table.column(spec.text_field).to_pylist()
     results, budget = run_rows(replica, spec, items, ids, token_budget)
-    take, cols, errors = {"score": _score_rows, "generate": _generate_rows, "judge": _judge_rows}[spec.kind](
-        results
-    )
+    take, cols, errors = _columns(spec.kind, results)
     out = table.take(pa.array(take, pa.int64()))
     for f in result_fields(spec.kind):
         out = out.append_column(f, pa.array(cols[f.name], f.type))
