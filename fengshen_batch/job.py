@@ -127,8 +127,10 @@ def run_job(
     todo_rows = sum(s.stop - s.start for s in todo)
     rows_done = tokens_done = 0
     last = run_start = time.time()
+    first_result = None  # seconds from pipeline start to the first result: replica start-up
     if todo:
         for batch in pipeline.run_pipeline(spec, todo, inputs.id_column, id_field, gpus):
+            first_result = first_result or time.time() - run_start
             for shard, data, errors, shard_stats in assembler.add(batch):
                 target.write_shard(shard, data, errors, shard_stats, hash_)
                 stats[shard.index] = shard_stats.__dict__
@@ -166,6 +168,7 @@ def run_job(
         "resumed_shards": len(committed),
         "wall_seconds": round(wall, 3),
         "tokens_per_second": round(tokens_done / max(time.time() - run_start, 1e-9), 1),
+        "startup_seconds": round(first_result, 3) if first_result is not None else None,
         "gpus_per_actor": gpus,
         "versions": _versions(),
     }

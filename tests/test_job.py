@@ -117,6 +117,7 @@ def test_local_generate_job_equals_the_engine(tmp_path, replica):
     manifest = run_job(spec, progress=lambda _: None)
     assert (tmp_path / "out" / "_SUCCESS").exists()
     assert manifest["counts"]["input_rows"] == 13 and manifest["counts"]["result_rows"] == 26
+    assert 0 < manifest["startup_seconds"] <= manifest["wall_seconds"]
     table = pq.read_table(tmp_path / "out" / "data").sort_by(
         [("id", "ascending"), ("sample_index", "ascending")]
     )
