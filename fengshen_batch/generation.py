@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import StaticCache
 
 from .batching import run_packed
 from .loading import Replica
@@ -30,12 +31,6 @@ class _Row:
 class _Decoded:
     tokens: list[int]  # generated ids, EOS included if produced
     nll: list[float]  # -log p of each, at temperature 1, unwarped
-
-
-def _make_cache(replica: Replica, rows: int, max_len: int):
-    from transformers import StaticCache
-
-    return StaticCache(config=replica.model.config, max_cache_len=max_len)
 
 
 def _contains_stop(text: str, stop: Sequence[str]) -> bool:
@@ -67,7 +62,7 @@ def decode_batch(
     seen = torch.zeros((B, V), dtype=torch.bool, device=device)
     seen.scatter_(1, input_ids, mask[:, :P].bool())
 
-    cache = _make_cache(replica, B, P + N)
+    cache = StaticCache(config=model.config, max_cache_len=P + N)  # fixed shapes for the whole loop
     out = model(
         input_ids=input_ids,
         attention_mask=mask,

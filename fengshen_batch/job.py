@@ -83,7 +83,7 @@ def run_job(
         spec.input, spec.storage, strings[0] if strings else None, spec.id_column, tuple(lists), tuple(others)
     )
     _check_output_location(spec)
-    check_model_source(spec.model, storage_options(spec.model, spec.storage))
+    check_model_source(spec.model, storage_options(spec.model, spec.storage), spec.trust_remote_code)
     shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
@@ -123,7 +123,7 @@ def run_job(
     assembler = ShardAssembler(
         shards, spec.kind, data_schema(inputs.schema, spec.kind), error_schema(inputs.schema)
     )
-    stats = {i: m for i, m in committed.items()}
+    stats = dict(committed)
     todo_rows = sum(s.stop - s.start for s in todo)
     rows_done = tokens_done = 0
     last = run_start = time.time()

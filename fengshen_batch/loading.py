@@ -195,7 +195,19 @@ def localize(source: str, cache_dir: str | Path | None = None, storage_options: 
         raise ModelLoadError(f"model path is a file, not a model directory: {source}")
     if _HUB_ID.match(source) and not source.startswith((".", "/")):
         return _fetch_from_hub(source, Path(cache_dir) if cache_dir else None)
-    raise ModelLoadError(f"model not found: {source} is neither a directory, a URL prefix nor a hub id")
+    raise _not_found(source)
+
+
+def _not_found(source: str) -> ModelLoadError:
+    return ModelLoadError(f"model not found: {source} is neither a directory, a URL prefix nor a hub id")
+
+
+def _require_gpt2(model_type: str | None, source: str, trust_remote_code: bool) -> None:
+    if model_type != "gpt2" and not trust_remote_code:
+        raise ModelLoadError(
+            f"{source} is a {model_type!r} model; fengshen-batch runs GPT2-family models "
+            "(GPT2LMHeadModel, as Wenzhong/Yuyuan-GPT2-3.5B)"
+        )
 
 
 def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) -> Any:
@@ -205,11 +217,7 @@ def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) ->
     if not (path / "config.json").exists():
         raise ModelLoadError(f"no config.json in {source}: not a Hugging Face model directory")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if config.model_type != "gpt2" and not trust_remote_code:
-        raise ModelLoadError(
-            f"{source} is a {config.model_type!r} model; fengshen-batch runs GPT2-family models "
-            "(GPT2LMHeadModel, as Wenzhong/Yuyuan-GPT2-3.5B)"
-        )
+    _require_gpt2(config.model_type, source, trust_remote_code)
     return config
 
 
@@ -255,7 +263,9 @@ def load_replica(
     return Replica(model, tokenizer, dev, torch_dtype, int(max_length), int(eos_id), source)
 
 
-def check_model_source(source: str, storage_options: dict | None = None) -> None:
+def check_model_source(
+    source: str, storage_options: dict | None = None, trust_remote_code: bool = False
+) -> None:
     """Fail early, before any replica loads, on a model that is missing or not GPT2 (reads config.json only)."""
     if _is_url(source) and not source.startswith("file://"):
         import fsspec
@@ -268,13 +278,10 @@ def check_model_source(source: str, storage_options: dict | None = None) -> None
             raise ModelLoadError(f"model not found: no config.json under {source}") from None
         except Exception as e:
             raise ModelLoadError(f"cannot read {url}: {type(e).__name__}: {e}") from None
-        if config.get("model_type") != "gpt2":
-            raise ModelLoadError(
-                f"{source} is a {config.get('model_type')!r} model; fengshen-batch runs GPT2-family models"
-            )
+        _require_gpt2(config.get("model_type"), source, trust_remote_code)
         return
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
-        check_model_dir(path, source)
+        check_model_dir(path, source, trust_remote_code)
     elif not _HUB_ID.match(source) or path.exists():
-        raise ModelLoadError(f"model not found: {source} is neither a directory, a URL prefix nor a hub id")
+        raise _not_found(source)

@@ -50,7 +50,8 @@ def cluster_gpus() -> float:
 
 
 def _read(batch: pa.Table, storage: dict, id_column: str | None) -> pa.Table:
-    tables = [read_shard(Shard(**row), StorageSpec(**storage), id_column) for row in batch.to_pylist()]
+    spec = StorageSpec(**storage)
+    tables = [read_shard(Shard(**row), spec, id_column) for row in batch.to_pylist()]
     return pa.concat_tables(tables)
 
 
