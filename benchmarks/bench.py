@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fengshen_batch.engine.llm_engine import LLMEngine  # noqa: E402
 from fengshen_batch.generation import generate_tokens  # noqa: E402
 from fengshen_batch.loading import Replica, load_replica  # noqa: E402
-from fengshen_batch.params import GenerateParams  # noqa: E402
+from fengshen_batch.params import EngineParams, GenerateParams  # noqa: E402
 from fengshen_batch.scoring import score_tokens  # noqa: E402
 
 GPT2_35B = dict(vocab_size=50304, n_positions=1024, n_embd=3072, n_layer=30, n_head=32, n_inner=12288)
@@ -163,8 +164,9 @@ def bench_generation(replica, cfg, peak, bw, device, rng, quick) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ids = [str(i) for i in range(b)]
+        engine = LLMEngine(replica, params, EngineParams(max_num_seqs=b))
         t = timed(
-            lambda b=b, ids=ids: generate_tokens(replica, prompts[:b], ids, params, b * (prompt + new)),
+            lambda ids=ids, engine=engine: generate_tokens(replica, prompts[: len(ids)], ids, params, engine=engine),
             device,
         )
         tps = b * new / t

@@ -63,7 +63,8 @@ def _job_options(fn):
         click.option(
             "--token-budget",
             type=int,
-            help="Padded tokens per forward pass. Default 16384 on GPU, 2048 on CPU.",
+            help="Scoring: padded tokens per forward pass (default 16384 on GPU, 2048 on CPU). Generation: "
+            "prompt tokens prefilled per engine step (default 8192 on GPU, 2048 on CPU).",
         ),
         click.option(
             "--dtype",
@@ -136,6 +137,26 @@ def score(overwrite, **opts):
 @_job_options
 @click.option("--prompt-column", help="Column holding the prompt. Default `prompt`.")
 @click.option("--max-new-tokens", type=int, help="Tokens to generate at most. Default 64.")
+@click.option(
+    "--max-new-tokens-column",
+    help="Integer column of per-row limits (null: --max-new-tokens); a bad value is that row's error.",
+)
+@click.option(
+    "--max-num-seqs",
+    type=int,
+    help="Sequences decoding at once per replica. Default: what the KV cache budget holds, at most 256.",
+)
+@click.option(
+    "--gpu-memory-utilization",
+    type=float,
+    help="Fraction of GPU memory for weights, activations and KV cache. Default 0.90.",
+)
+@click.option("--cpu-kv-cache-gb", type=float, help="CPU replicas: GiB for the KV cache. Default 2.")
+@click.option(
+    "--max-concurrent-batches",
+    type=int,
+    help="Ray batches in flight per replica, feeding its one engine. Default 4.",
+)
 @click.option(
     "--greedy",
     is_flag=True,

@@ -114,30 +114,33 @@ def _columns(kind: str, results: list) -> tuple[list[int], dict[str, list], list
     return take, cols, errors
 
 
-def _run_engine(replica: Replica, spec, items: list, ids: list[str], budget: int) -> tuple[list, int]:
+def _run_engine(replica: Replica, spec, items: list, ids: list[str], budget: int, engine) -> tuple[list, int]:
     if spec.kind == "score":
         return score_texts(replica, items, spec.params(), budget)
     if spec.kind == "judge":
         return judge(replica, items, spec.criterion, spec.threshold, spec.params(), budget)
-    return generate(replica, items, ids, spec.params(), budget)
+    prompts, limits = zip(*items, strict=True) if items else ((), ())
+    return generate(replica, prompts, ids, spec.params(), limits, engine), budget
 
 
-def run_rows(replica: Replica, spec, texts: list, ids: list[str], budget: int) -> tuple[list, int]:
+def run_rows(
+    replica: Replica, spec, items: list, ids: list[str], budget: int, engine=None
+) -> tuple[list, int]:
     """The engine on a batch; if the batch fails, row by row, so that one bad row cannot fail the job.
 
-    CUDA out-of-memory is not a row's fault: it propagates (after the engine's own budget halving) and Ray
-    retries the batch.
+    CUDA out-of-memory is not a row's fault: it propagates (after the engine's own back-off) and Ray
+    retries the batch. `engine`: the replica's generation engine (generate jobs).
     """
     try:
-        return _run_engine(replica, spec, texts, ids, budget)
+        return _run_engine(replica, spec, items, ids, budget, engine)
     except torch.OutOfMemoryError:
         raise
     except Exception:
-        log.exception("batch of %d rows failed; retrying row by row", len(texts))
+        log.exception("batch of %d rows failed; retrying row by row", len(items))
     results = []
-    for text, row_id in zip(texts, ids, strict=True):
+    for item, row_id in zip(items, ids, strict=True):
         try:
-            (result,), budget = _run_engine(replica, spec, [text], [row_id], budget)
+            (result,), budget = _run_engine(replica, spec, [item], [row_id], budget, engine)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -147,7 +150,7 @@ def run_rows(replica: Replica, spec, texts: list, ids: list[str], budget: int) -
 
 
 def process_table(
-    replica: Replica, spec, table: pa.Table, id_field: str, token_budget: int
+    replica: Replica, spec, table: pa.Table, id_field: str, token_budget: int, engine=None
 ) -> tuple[pa.Table, int]:
     """Run the engine on one batch; return (input rows + result and error columns, the budget that fit)."""
     ids = [str(i) for i in table.column(id_field).to_pylist()]
@@ -160,9 +163,14 @@ def process_table(
             column(spec.candidates_column), column(spec.question_column if spec.answers_column else None),
             column(spec.answers_column), spec.template,
         )  # fmt: skip
+    elif spec.kind == "generate":
+        prompts = table.column(spec.text_field).to_pylist()
+        column = spec.max_new_tokens_column
+        limits = table.column(column).to_pylist() if column else [None] * len(prompts)
+        items = list(zip(prompts, limits, strict=True))
     else:
         items = table.column(spec.text_field).to_pylist()
-    results, budget = run_rows(replica, spec, items, ids, token_budget)
+    results, budget = run_rows(replica, spec, items, ids, token_budget, engine)
     take, cols, errors = _columns(spec.kind, results)
     out = table.take(pa.array(take, pa.int64()))
     for f in result_fields(spec.kind):

@@ -1,126 +1,33 @@
-"""Batched generation: left-padded prompts, a static KV cache, reproducible per-sample randomness.
+"""Generation for a batch of rows: prompts and per-row limits in, samples (or row errors) out.
 
-Each (prompt, sample_index) pair is one row of the decode batch. Shapes stay fixed through the loop: the
-cache is allocated once for (rows, prompt width + max_new_tokens), the attention mask has that full width
-from the start, and every step feeds one token per row. The host only looks at the device every
-`sync_every` steps, to stop early once every row has ended (EOS or a stop string).
+This is the engine's front door. It tokenizes, applies the too-long policy and each row's output limit,
+turns every good row into one engine request (n samples sharing one prefill), and cuts each finished sample
+at EOS or its first stop string. The engine (`engine/`) does the scheduling and the model work.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import torch
-from transformers import StaticCache
-
-from .batching import run_packed
+from .engine.llm_engine import EngineThread, LLMEngine
+from .engine.sampler import sample_key
+from .engine.sequence import Request
 from .loading import Replica
-from .params import GenerateParams
+from .params import EngineParams, GenerateParams
 from .results import RowError, Sample, check_text
-from .sampling import choose, process_logits, sample_key
-
-
-@dataclass(frozen=True)
-class _Row:
-    prompt: list[int]  # token ids after left truncation
-    key: int  # sampling key of (seed, row id, sample index)
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    tokens: list[int]  # generated ids, EOS included if produced
-    nll: list[float]  # -log p of each, at temperature 1, unwarped
 
 
 def _contains_stop(text: str, stop: Sequence[str]) -> bool:
     return any(s in text for s in stop)
 
 
-@torch.inference_mode()
-def decode_batch(
-    replica: Replica, rows: Sequence[_Row], params: GenerateParams, sync_every: int = 8
-) -> list[_Decoded]:
-    """Run the decode loop for one batch of rows; return each row's raw generated tokens and their NLLs."""
-    model, device, eos = replica.model, replica.device, replica.eos_id
-    B = len(rows)
-    P = max(len(r.prompt) for r in rows)  # prompt width
-    N = params.max_new_tokens
-    V = model.config.vocab_size
-
-    input_ids = torch.full((B, P), eos, dtype=torch.long)
-    mask = torch.zeros((B, P + N), dtype=torch.long)  # 1 = real token; generated positions are all real
-    for b, r in enumerate(rows):
-        input_ids[b, P - len(r.prompt) :] = torch.tensor(r.prompt)
-        mask[b, P - len(r.prompt) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    prompt_lens = torch.tensor([len(r.prompt) for r in rows], device=device)  # (B,)
-    keys = torch.tensor([r.key for r in rows], dtype=torch.long, device=device)  # (B,)
-    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
-
-    # Repetition penalty applies to prompt tokens and generated ones, never to the padding.
-    seen = torch.zeros((B, V), dtype=torch.bool, device=device)
-    seen.scatter_(1, input_ids, mask[:, :P].bool())
-
-    cache = StaticCache(config=model.config, max_cache_len=P + N)  # fixed shapes for the whole loop
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    tokens = torch.full((B, N), eos, dtype=torch.long, device=device)  # (B, N)
-    nll = torch.zeros((B, N), dtype=torch.float32, device=device)  # (B, N)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = 0
-    for t in range(N):
-        logits = out.logits[:, -1].float()  # (B, V)
-        next_tok = choose(process_logits(logits, seen, params), keys, t, params)
-        next_tok = torch.where(done, eos, next_tok)
-        tokens[:, t] = next_tok
-        step_nll = -logits.log_softmax(-1).gather(1, next_tok[:, None]).squeeze(1)
-        nll[:, t] = torch.where(done, 0.0, step_nll)
-        if not params.ignore_eos:
-            done |= next_tok == eos
-        seen.scatter_(1, next_tok[:, None], True)
-        steps = t + 1
-        if steps == N:
-            break
-        if steps % sync_every == 0:
-            if params.stop:
-                done |= _stop_seen(replica, tokens[:, :steps], params.stop, device)
-            if bool(done.all()):
-                break
-        out = model(
-            input_ids=next_tok[:, None],
-            attention_mask=mask,
-            position_ids=(prompt_lens + t)[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-    tokens_host, nll_host = tokens[:, :steps].tolist(), nll[:, :steps].tolist()
-    decoded = []
-    for toks, nlls in zip(tokens_host, nll_host, strict=True):
-        end = toks.index(eos) + 1 if eos in toks and not params.ignore_eos else len(toks)
-        decoded.append(_Decoded(toks[:end], nlls[:end]))
-    return decoded
-
-
-def _stop_seen(replica: Replica, tokens: torch.Tensor, stop: Sequence[str], device) -> torch.Tensor:
-    """(B,) bool: rows whose generated text so far contains a stop string (the one host sync per check)."""
-    texts = replica.tokenizer.batch_decode(tokens.tolist())
-    return torch.tensor([_contains_stop(t, stop) for t in texts], device=device)
-
-
-def _finish(
-    replica: Replica, decoded: _Decoded, prompt_len: int, index: int, params: GenerateParams
+def finish_sample(
+    replica: Replica, tokens: list[int], nll: list[float], prompt_len: int, index: int, params: GenerateParams
 ) -> Sample:
     """Cut at EOS or the first stop string, and count tokens and NLL up to that point."""
-    toks = decoded.tokens
-    ended_by_eos = bool(toks) and toks[-1] == replica.eos_id and not params.ignore_eos
-    body = toks[:-1] if ended_by_eos else toks
+    ended_by_eos = bool(tokens) and tokens[-1] == replica.eos_id and not params.ignore_eos
+    body = tokens[:-1] if ended_by_eos else tokens
     text = replica.tokenizer.decode(body)
     cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
     if cut >= 0:
@@ -134,27 +41,43 @@ def _finish(
                 lo = mid + 1
         n, text, reason = lo, text[:cut], "stop"
     else:
-        n, reason = len(toks), "stop" if ended_by_eos else "length"
-    return Sample(index, text, prompt_len, n, reason, float(sum(decoded.nll[:n])))
+        n, reason = len(tokens), "stop" if ended_by_eos else "length"
+    return Sample(index, text, prompt_len, n, reason, float(sum(nll[:n])))
 
 
-def prepare_prompt(
-    replica: Replica, tokens: list[int] | RowError, params: GenerateParams
-) -> list[int] | RowError:
+def row_limit(value: object, default: int, context: int) -> int | RowError:
+    """A row's max_new_tokens from its column value: null (or NaN, pandas' null in a float column) means
+    the job's; anything else must be a whole number from 1 to context - 1 (a prompt needs a token)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        return RowError("bad_max_new_tokens", f"max_new_tokens {value!r} is not a whole number")
+    limit = int(value)
+    if not 1 <= limit < context:
+        return RowError(
+            "bad_max_new_tokens",
+            f"max_new_tokens {limit} is outside 1..{context - 1} (the context is {context} tokens, "
+            "and a prompt needs at least one)",
+        )
+    return limit
+
+
+def prepare_prompt(tokens: list[int] | RowError, limit: int, context: int, params: GenerateParams):
     """Apply the too-long policy to a tokenized prompt: keep its end, or a row error."""
     if isinstance(tokens, RowError):
         return tokens
     if not tokens:
         return RowError("empty_text", "prompt has no tokens")
-    limit = replica.max_length - params.max_new_tokens
-    if len(tokens) > limit:
+    room = context - limit
+    if len(tokens) > room:
         if params.prompt_too_long == "error":
             return RowError(
                 "prompt_too_long",
-                f"prompt has {len(tokens)} tokens; at most {limit} fit with max_new_tokens="
-                f"{params.max_new_tokens} in a context of {replica.max_length}",
+                f"prompt has {len(tokens)} tokens; at most {room} fit with max_new_tokens={limit} in a "
+                f"context of {context}",
             )
-        tokens = tokens[-limit:]
+        tokens = tokens[-room:]
     return tokens
 
 
@@ -163,11 +86,12 @@ def generate(
     prompts: Sequence[object],
     row_ids: Sequence[str],
     params: GenerateParams,
-    token_budget: int = 16384,
-) -> tuple[list[list[Sample] | RowError], int]:
-    """Generate `num_return_sequences` samples per prompt; return (per-row samples or error, budget that fit)."""
+    max_new_tokens: Sequence[object] | None = None,
+    engine: LLMEngine | EngineThread | None = None,
+) -> list[list[Sample] | RowError]:
+    """`num_return_sequences` samples per prompt (or the row's error), in input order."""
     token_lists = [check_text(p) or replica.encode(p) for p in prompts]
-    return generate_tokens(replica, token_lists, row_ids, params, token_budget)
+    return generate_tokens(replica, token_lists, row_ids, params, max_new_tokens, engine)
 
 
 def generate_tokens(
@@ -175,31 +99,50 @@ def generate_tokens(
     prompts: Sequence[list[int] | RowError],
     row_ids: Sequence[str],
     params: GenerateParams,
-    token_budget: int = 16384,
-) -> tuple[list[list[Sample] | RowError], int]:
-    """`generate` from token ids (row errors pass through)."""
-    if params.max_new_tokens >= replica.max_length:
+    max_new_tokens: Sequence[object] | None = None,
+    engine: LLMEngine | EngineThread | None = None,
+) -> list[list[Sample] | RowError]:
+    """`generate` from token ids (row errors pass through). `max_new_tokens`: per-row limits (None entries
+    take the job's); `engine`: a replica's long-lived engine, else one is built for this call."""
+    context = replica.max_length
+    if params.max_new_tokens >= context:
         raise ValueError(
-            f"max_new_tokens={params.max_new_tokens} must be below the model's context of {replica.max_length}"
+            f"max_new_tokens={params.max_new_tokens} must be below the model's context of {context}"
         )
-    if len(prompts) != len(row_ids):
-        raise ValueError("one row id per prompt is required")
-    prepared = [prepare_prompt(replica, p, params) for p in prompts]
-    items: list[tuple[int, int]] = []  # (row, sample index): one decode row each
-    rows: list[_Row] = []
-    for i, prompt in enumerate(prepared):
-        if isinstance(prompt, RowError):
+    if len(prompts) != len(row_ids) or (max_new_tokens is not None and len(max_new_tokens) != len(prompts)):
+        raise ValueError("one row id (and one max_new_tokens value, when given) per prompt is required")
+    if engine is None:
+        engine = LLMEngine(replica, params, EngineParams(max_num_seqs=_slots_for(prompts, params)))
+    elif _engine_of(engine).params != params:
+        raise ValueError("the engine was built for other generation parameters")
+    per_request = _engine_of(engine).max_num_seqs  # a prompt's samples beyond it go in further requests
+    n = params.num_return_sequences
+    results: list[list[Sample] | RowError] = []
+    requests = []
+    for i, prompt in enumerate(prompts):
+        value = None if max_new_tokens is None else max_new_tokens[i]
+        limit = row_limit(value, params.max_new_tokens, context)
+        prepared = limit if isinstance(limit, RowError) else prepare_prompt(prompt, limit, context, params)
+        if isinstance(prepared, RowError):
+            results.append(prepared)
             continue
-        for s in range(params.num_return_sequences):
-            items.append((i, s))
-            rows.append(_Row(prompt, sample_key(params.seed, str(row_ids[i]), s)))
+        keys = [sample_key(params.seed, str(row_ids[i]), s) for s in range(n)]
+        for first in range(0, n, per_request):
+            requests.append(Request(i, prepared, keys[first : first + per_request], limit, first))
+        results.append([])
+    if requests:
+        engine.run(requests)
+    for req in requests:
+        results[req.ident] += [
+            finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params) for s in req.seqs
+        ]
+    return results
 
-    decoded, budget = run_packed(
-        [len(r.prompt) + params.max_new_tokens for r in rows],
-        token_budget,
-        lambda idx: decode_batch(replica, [rows[j] for j in idx], params),
-    )
-    results: list[list[Sample] | RowError] = [p if isinstance(p, RowError) else [] for p in prepared]
-    for (i, s), row, dec in zip(items, rows, decoded, strict=True):
-        results[i].append(_finish(replica, dec, len(row.prompt), s, params))
-    return results, budget
+
+def _engine_of(engine: LLMEngine | EngineThread) -> LLMEngine:
+    return engine.engine if isinstance(engine, EngineThread) else engine
+
+
+def _slots_for(prompts: Sequence[object], params: GenerateParams) -> int:
+    """A one-off engine needs no more slots than the call has samples."""
+    return max(1, min(256, len(prompts) * params.num_return_sequences))

@@ -84,12 +84,19 @@ def _footer(fs, path: str) -> pq.FileMetaData:
         raise InputError(f"cannot read Parquet file {fs.unstrip_protocol(path)}: {e}") from None
 
 
-def _check_columns(schema: pa.Schema, strings, lists, others) -> None:
+def _check_columns(schema: pa.Schema, strings, lists, others, numbers=()) -> None:
     names = ", ".join(schema.names)
-    for column in [*strings, *lists, *others]:
+    for column in [*strings, *lists, *others, *numbers]:
         if column not in schema.names:
-            kind = "text" if column in strings else "list" if column in lists else "label"
+            kind = (
+                "text" if column in strings else "list" if column in lists
+                else "max_new_tokens" if column in numbers else "label"
+            )  # fmt: skip
             raise InputError(f"{kind} column {column!r} not in the input (columns: {names})")
+    for column in numbers:
+        t = schema.field(column).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+            raise InputError(f"max_new_tokens column {column!r} is {t}, not a column of whole numbers")
     for column in strings:
         t = schema.field(column).type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
@@ -109,6 +116,7 @@ def inspect_inputs(
     id_column: str | None,
     list_columns: tuple[str, ...] = (),
     other_columns: tuple[str, ...] = (),
+    number_columns: tuple[str, ...] = (),
 ) -> Inputs:
     """List and check the input files; return them with their row counts and the common schema."""
     paths, root, fs = _list(url, storage)
@@ -122,7 +130,7 @@ def inspect_inputs(
                 f"Parquet file {fs.unstrip_protocol(path)} has columns {other.names}, "
                 f"the first file has {schema.names}: all input files need the same columns"
             )
-    _check_columns(schema, [text_column] if text_column else [], list_columns, other_columns)
+    _check_columns(schema, [text_column] if text_column else [], list_columns, other_columns, number_columns)
     if id_column is not None and id_column not in schema.names:
         raise InputError(f"id column {id_column!r} not in the input (columns: {', '.join(schema.names)})")
     if id_column is None and ID_COLUMN in schema.names:

@@ -80,8 +80,9 @@ def run_job(
     record = spec_record(spec)
     strings, lists, others = spec.input_columns()
     inputs = inspect_inputs(
-        spec.input, spec.storage, strings[0] if strings else None, spec.id_column, tuple(lists), tuple(others)
-    )
+        spec.input, spec.storage, strings[0] if strings else None, spec.id_column, tuple(lists), tuple(others),
+        tuple(spec.number_columns()),
+    )  # fmt: skip
     _check_output_location(spec)
     check_model_source(spec.model, storage_options(spec.model, spec.storage), spec.trust_remote_code)
     shards = make_shards(inputs.files, spec.shard_rows)

@@ -40,6 +40,11 @@ RUNTIME_FIELDS = {
     "batch_size",
     "token_budget",
     "address",
+    "max_num_seqs",
+    "gpu_memory_utilization",
+    "cpu_kv_cache_gb",
+    "cuda_graphs",
+    "max_concurrent_batches",
 }
 
 

@@ -54,3 +54,17 @@ class GenerateParams(BaseModel):
     def sampling(self) -> bool:
         """Greedy when asked, or at temperature 0 (the usual convention)."""
         return not self.greedy and self.temperature > 0
+
+
+class EngineParams(BaseModel):
+    """How the generation engine of one replica is sized (vLLM's knob names where users know them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Sequences decoding at once per replica. None: as many as the KV cache budget holds, at most 256.
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    # GPU: the fraction of device memory the weights, activations and KV cache may take together.
+    gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
+    # CPU: GiB of host memory for the KV cache.
+    cpu_kv_cache_gb: float = Field(default=2.0, gt=0.0)
+    cuda_graphs: bool = True  # capture the decode step per batch-size bucket on CUDA

@@ -4,7 +4,8 @@
                        --map_batches(ModelActor, actor pool, 1 GPU each)--> rows + results / errors
                        --iter_batches--> the driver, which commits shards as they complete
 
-The actor is thin: it loads one replica in `__init__` and runs the engine on a batch in `__call__`.
+The actor is thin: it loads one replica in `__init__` and runs the engine on a batch in `__call__` (for
+generation, several batches at once into one engine).
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def _read(batch: pa.Table, storage: dict, id_column: str | None) -> pa.Table:
 
 
 class ModelActor:
-    """One model replica on one device (a GPU when the actor was given one, else the CPU)."""
+    """One model replica on one device (a GPU when the actor was given one, else the CPU).
+
+    Generate jobs: the replica's one engine runs in a background thread; several Ray batches are in flight
+    in this actor at once (threaded calls), each submitting its rows to that engine and waiting for them, so
+    the engine admits the next batch's prompts as the current one's sequences finish.
+    """
 
     def __init__(self, spec: dict, id_field: str):
         import torch
@@ -80,14 +86,38 @@ class ModelActor:
         )
         self.id_field = id_field
         self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
+        self.engine = None
+        if self.spec.kind == "generate":
+            from .engine.llm_engine import EngineThread, LLMEngine
+
+            self.engine = EngineThread(
+                LLMEngine(self.replica, self.spec.params(), self.spec.engine_params(), self.spec.token_budget)
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .columns import process_table
 
-        out, self.token_budget = process_table(
-            self.replica, self.spec, batch, self.id_field, self.token_budget
+        out, budget = process_table(
+            self.replica, self.spec, batch, self.id_field, self.token_budget, self.engine
         )
+        self.token_budget = budget
         return out
+
+
+def _compute(spec: ScoreJob | GenerateJob):
+    """The actor pool. A batch job wants every replica it may have from the start; the pool shrinks to
+    `min` when idle. Generate jobs run `max_concurrent_batches` calls per actor at once (one engine each)."""
+    lo, hi = spec.actors
+    sizes = {"size": lo} if lo == hi else {"min_size": lo, "max_size": hi, "initial_size": hi}
+    if spec.kind != "generate" or spec.max_concurrent_batches == 1:
+        return ray.data.ActorPoolStrategy(**sizes)
+    k = spec.max_concurrent_batches
+    return ray.data.ActorPoolStrategy(
+        **sizes,
+        max_tasks_in_flight_per_actor=k,
+        max_concurrent_calls_per_actor=k,
+        enable_true_multi_threading=True,
+    )
 
 
 def run_pipeline(
@@ -102,16 +132,12 @@ def run_pipeline(
         fn_kwargs={"storage": spec.storage.model_dump(), "id_column": id_column},
         num_cpus=READ_CPUS,
     )
-    lo, hi = spec.actors
     ds = ds.map_batches(
         ModelActor,
         batch_size=spec.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "id_field": id_field},
-        # A batch job wants every replica it may have from the start; the pool shrinks to `lo` when idle.
-        compute=ray.data.ActorPoolStrategy(size=lo)
-        if lo == hi
-        else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi),
+        compute=_compute(spec),
         num_gpus=gpus,
         num_cpus=spec.cpus_per_actor,
     )

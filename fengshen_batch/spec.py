@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from .params import Dtype, GenerateParams, ScoreParams
+from .params import Dtype, EngineParams, GenerateParams, ScoreParams
 
 
 class SpecError(ValueError):
@@ -53,7 +53,8 @@ class JobBase(BaseModel):
     gpus_per_actor: float | None = Field(default=None, ge=0)  # None: 1 if the cluster has GPUs, else 0
     cpus_per_actor: float = Field(default=1, gt=0)
     batch_size: int = Field(default=256, ge=1, description="rows per batch handed to an actor")
-    token_budget: int | None = Field(default=None, ge=16, description="padded tokens per forward pass")
+    # Scoring: padded tokens per forward pass. Generation: prompt tokens prefilled per engine step.
+    token_budget: int | None = Field(default=None, ge=16, description="tokens per forward pass")
     dtype: Dtype = "auto"
     shard_rows: int = Field(default=4096, ge=1, description="input rows per output shard")
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else an embedded local Ray
@@ -90,6 +91,10 @@ class JobBase(BaseModel):
         """Input columns the job needs: (string columns, list<string> columns, columns of any type)."""
         return [self.text_field], [], []
 
+    def number_columns(self) -> list[str]:
+        """Input columns of whole numbers the job needs (per-row settings)."""
+        return []
+
     def params(self):
         """The engine parameters of this job (the spec's copy of ScoreParams/GenerateParams fields)."""
         return self.PARAMS(**self.model_dump(include=set(self.PARAMS.model_fields)))
@@ -124,13 +129,23 @@ class ScoreJob(JobBase, ScoreParams):
         return [self.text_column], [], [self.report_by] if self.report_by else []
 
 
-class GenerateJob(JobBase, GenerateParams):
+class GenerateJob(JobBase, GenerateParams, EngineParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
     PARAMS: ClassVar[type[BaseModel]] = GenerateParams
     TEXT_FIELD_KEY: ClassVar[str] = "prompt_column"
 
     kind: Literal["generate"]
     prompt_column: str = "prompt"
+    # An integer column of per-row output limits; null takes max_new_tokens. A bad value is that row's error.
+    max_new_tokens_column: str | None = None
+    # Ray batches in flight per replica, all feeding its one engine, so it never drains between batches.
+    max_concurrent_batches: int = Field(default=4, ge=1)
+
+    def number_columns(self) -> list[str]:
+        return [self.max_new_tokens_column] if self.max_new_tokens_column else []
+
+    def engine_params(self) -> EngineParams:
+        return EngineParams(**self.model_dump(include=set(EngineParams.model_fields)))
 
 
 class JudgeJob(JobBase, ScoreParams):

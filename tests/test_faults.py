@@ -73,7 +73,7 @@ def test_actor_killed_mid_job_is_restarted_and_the_batch_retried(tmp_path, repli
     assert_exactly_once(out, rows)
     # the restarted actors' samples are the very samples of an undisturbed run
     ids = sorted(rows)
-    expected, _ = generate(replica, [rows[i] for i in ids], ids, spec.params())
+    expected = generate(replica, [rows[i] for i in ids], ids, spec.params())
     got = {r["id"]: r["generation"] for r in pq.read_table(out / "data").to_pylist()}
     assert [got[i] for i in ids] == [e[0].generation for e in expected]
 
@@ -115,10 +115,10 @@ def test_driver_killed_at_random_points_then_rerun_resumes(tmp_path, replica, ra
 def test_a_row_the_engine_cannot_process_becomes_an_error_row(replica, monkeypatch):
     real = columns._run_engine
 
-    def poisoned(rep, spec, texts, ids, budget):
+    def poisoned(rep, spec, texts, ids, budget, engine):
         if "POISON" in texts:
             raise ValueError("cannot process this row")
-        return real(rep, spec, texts, ids, budget)
+        return real(rep, spec, texts, ids, budget, engine)
 
     monkeypatch.setattr(columns, "_run_engine", poisoned)
     spec = build_spec({"kind": "score", "model": "m", "input": "i", "output": "o"})

@@ -14,10 +14,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from fengshen_batch.engine import sampler
+from fengshen_batch.engine.llm_engine import LLMEngine
+from fengshen_batch.engine.sampler import penalize, sample_key, warp_full
 from fengshen_batch.generation import generate
-from fengshen_batch.params import GenerateParams
+from fengshen_batch.params import EngineParams, GenerateParams
 from fengshen_batch.results import RowError
-from fengshen_batch.sampling import choose, process_logits, sample_key
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
 PROMPTS = ["北京位于", "Diabetics should not eat", SAMPLE_LINES[2], "a", SAMPLE_LINES[3] + SAMPLE_LINES[4]]
@@ -50,7 +52,7 @@ def _teacher_forced_nll(replica, prompt_ids, gen_ids):
 @pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
 def test_greedy_equals_hf_generate_on_each_prompt_alone(replica, repetition_penalty):
     params = GenerateParams(greedy=True, max_new_tokens=20, repetition_penalty=repetition_penalty)
-    results, _ = generate(replica, PROMPTS, IDS, params, token_budget=200)  # several batches, left padding
+    results = generate(replica, PROMPTS, IDS, params)
     limit = replica.max_length - params.max_new_tokens
     reasons = set()
     for prompt, (sample,) in zip(PROMPTS, results, strict=True):
@@ -76,23 +78,24 @@ def _texts(results):
     return [[(s.sample_index, s.generation, s.generated_tokens) for s in r] for r in results]
 
 
-def test_samples_do_not_depend_on_batch_size_or_order(replica):
-    base, _ = generate(replica, PROMPTS, IDS, SAMPLING, token_budget=100_000)
+def test_samples_do_not_depend_on_engine_size_budget_or_order(replica):
+    base = generate(replica, PROMPTS, IDS, SAMPLING)
     order = list(range(len(PROMPTS)))
     random.Random(3).shuffle(order)
-    for budget in (1, 40, 150):
-        got, _ = generate(replica, [PROMPTS[i] for i in order], [IDS[i] for i in order], SAMPLING, budget)
+    for seqs, budget in ((1, 16), (4, 40), (64, 150)):
+        engine = LLMEngine(replica, SAMPLING, EngineParams(max_num_seqs=seqs), token_budget=budget)
+        got = generate(replica, [PROMPTS[i] for i in order], [IDS[i] for i in order], SAMPLING, engine=engine)
         assert _texts(got) == _texts([base[i] for i in order])
-    alone = [generate(replica, [p], [i], SAMPLING)[0][0] for p, i in zip(PROMPTS, IDS, strict=True)]
+    alone = [generate(replica, [p], [i], SAMPLING)[0] for p, i in zip(PROMPTS, IDS, strict=True)]
     assert _texts(alone) == _texts(base)
     for row in base:
         assert [s.sample_index for s in row] == [0, 1, 2]
 
 
 def test_seed_row_id_and_sample_index_change_the_sample(replica):
-    base, _ = generate(replica, PROMPTS, IDS, SAMPLING)
-    other_seed, _ = generate(replica, PROMPTS, IDS, SAMPLING.model_copy(update={"seed": 8}))
-    other_ids, _ = generate(replica, PROMPTS, [i + "x" for i in IDS], SAMPLING)
+    base = generate(replica, PROMPTS, IDS, SAMPLING)
+    other_seed = generate(replica, PROMPTS, IDS, SAMPLING.model_copy(update={"seed": 8}))
+    other_ids = generate(replica, PROMPTS, [i + "x" for i in IDS], SAMPLING)
     assert _texts(other_seed) != _texts(base)
     assert _texts(other_ids) != _texts(base)
     for row in base:  # the three samples of one prompt differ from one another
@@ -101,11 +104,11 @@ def test_seed_row_id_and_sample_index_change_the_sample(replica):
 
 def test_stop_string_cuts_text_and_counts(replica):
     greedy = GenerateParams(greedy=True, max_new_tokens=20)
-    (full,), _ = generate(replica, [PROMPTS[1]], ["x"], greedy)
+    (full,) = generate(replica, [PROMPTS[1]], ["x"], greedy)
     full = full[0]
     stop = full.generation[6:8]
     assert stop and full.generation_nll_sum > 0
-    (cut,), _ = generate(
+    (cut,) = generate(
         replica, [PROMPTS[1]], ["x"], greedy.model_copy(update={"stop": (stop, "never-seen")})
     )
     cut = cut[0]
@@ -122,12 +125,12 @@ def test_stop_string_cuts_text_and_counts(replica):
 def test_prompt_policies_and_bad_rows(replica):
     long_prompt = "".join(SAMPLE_LINES)
     strict = GenerateParams(greedy=True, max_new_tokens=8, prompt_too_long="error")
-    results, _ = generate(replica, [long_prompt, "ok", None, ""], ["a", "b", "c", "d"], strict)
+    results = generate(replica, [long_prompt, "ok", None, ""], ["a", "b", "c", "d"], strict)
     assert isinstance(results[0], RowError) and results[0].kind == "prompt_too_long"
     assert "max_new_tokens=8" in results[0].message
     assert results[1][0].generated_tokens >= 1
     assert [r.kind for r in results[2:]] == ["null_text", "empty_text"]
-    (kept,), _ = generate(
+    (kept,) = generate(
         replica, [long_prompt], ["a"], strict.model_copy(update={"prompt_too_long": "truncate_left"})
     )
     assert kept[0].prompt_tokens == replica.max_length - 8
@@ -156,7 +159,7 @@ def test_logit_processing_equals_transformers_processors():
     ref = RepetitionPenaltyLogitsProcessor(1.2)(prompt, logits.clone())
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.8)):
         ref = warper(prompt, ref)
-    ours = process_logits(logits, seen, params)
+    ours = warp_full(penalize(logits, seen, 1.2), params)
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)], rtol=1e-5)
 
@@ -165,17 +168,18 @@ def test_keyed_gumbel_draws_follow_the_softmax():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     logits = probs.log().expand(20_000, 4)
     keys = torch.tensor([sample_key(0, f"id{i}", 0) for i in range(20_000)])
-    draws = choose(logits, keys, step=5, params=GenerateParams())
+    steps = torch.full((20_000,), 5)
+    draws, _ = sampler.sample(logits, keys, steps, GenerateParams())
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert (freq - probs).abs().max() < 0.015  # 20k draws: standard error below 0.004
-    assert not torch.equal(draws, choose(logits, keys, step=6, params=GenerateParams()))
+    assert not torch.equal(draws, sampler.sample(logits, keys, steps + 1, GenerateParams())[0])
 
 
 def test_ignore_eos_generates_max_new_tokens(replica):
     params = GenerateParams(greedy=True, max_new_tokens=20)
-    stopped = [r[0] for r in generate(replica, PROMPTS, IDS, params)[0]]
+    stopped = [r[0] for r in generate(replica, PROMPTS, IDS, params)]
     assert any(s.finish_reason == "stop" for s in stopped)  # some prompts end with EOS by themselves
     forced = [
-        r[0] for r in generate(replica, PROMPTS, IDS, params.model_copy(update={"ignore_eos": True}))[0]
+        r[0] for r in generate(replica, PROMPTS, IDS, params.model_copy(update={"ignore_eos": True}))
     ]
     assert all(s.generated_tokens == 20 and s.finish_reason == "length" for s in forced)

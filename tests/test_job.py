@@ -107,28 +107,37 @@ def test_s3_job_through_the_cli(tmp_path, replica, tiny_model_dir, s3_endpoint, 
 
 
 def test_local_generate_job_equals_the_engine(tmp_path, replica):
+    """Two actors, each with several batches in flight into one engine; per-row limits from the `n` column
+    (0 is a bad limit: that row goes to errors/ and the job goes on)."""
     (tmp_path / "in").mkdir()
     rows = write_inputs(lambda name, t: pq.write_table(t, tmp_path / "in" / name), files=(7, 6))
     spec = build_spec({
         "kind": "generate", "model": str(replica.source), "input": str(tmp_path / "in"),
         "output": str(tmp_path / "out"), "prompt_column": "text", "actors": 2, "max_new_tokens": 6,
         "num_return_sequences": 2, "seed": 11, "temperature": 0.8, "shard_rows": 4, "batch_size": 3,
+        "max_new_tokens_column": "n", "max_num_seqs": 4, "max_concurrent_batches": 3,
     })  # fmt: skip
     manifest = run_job(spec, progress=lambda _: None)
     assert (tmp_path / "out" / "_SUCCESS").exists()
-    assert manifest["counts"]["input_rows"] == 13 and manifest["counts"]["result_rows"] == 26
+    assert manifest["counts"]["input_rows"] == 13 and manifest["counts"]["result_rows"] == 22
+    assert manifest["counts"]["error_rows"] == 2
     assert 0 < manifest["startup_seconds"] <= manifest["wall_seconds"]
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert {e["error_kind"] for e in errors} == {"bad_max_new_tokens"} and {e["n"] for e in errors} == {0}
     table = pq.read_table(tmp_path / "out" / "data").sort_by(
         [("id", "ascending"), ("sample_index", "ascending")]
     )
-    assert collections.Counter(table.column("id").to_pylist()) == {i: 2 for i in rows}
-    ids = sorted(rows)
-    expected, _ = generate(replica, [rows[i]["text"] for i in ids], ids, spec.params())
-    for i, samples in zip(ids, expected, strict=True):
+    good = sorted(i for i in rows if rows[i]["n"] > 0)
+    assert collections.Counter(table.column("id").to_pylist()) == {i: 2 for i in good}
+    expected = generate(
+        replica, [rows[i]["text"] for i in good], good, spec.params(), [rows[i]["n"] for i in good]
+    )
+    for i, samples in zip(good, expected, strict=True):
         got = [r for r in table.to_pylist() if r["id"] == i]
         assert [(g["sample_index"], g["generation"], g["generated_tokens"]) for g in got] == [
             (s.sample_index, s.generation, s.generated_tokens) for s in samples
         ]
+        assert all(g["generated_tokens"] <= rows[i]["n"] for g in got)
         assert got[0]["source"] == rows[i]["source"]
 
 

@@ -29,6 +29,10 @@ def test_spec_fields_and_engine_params():
     assert spec.actors == (2, 6) and spec.params().stop == ("\n",) and spec.params().top_p == 0.9
     assert build_spec({"kind": "score", **BASE, "actors": 3}).actors == (3, 3)
     assert build_spec({"kind": "score", **BASE, "stride": 128}).params().stride == 128
+    gen = build_spec({"kind": "generate", **BASE, "max_num_seqs": 8, "cpu_kv_cache_gb": 0.5,
+                      "max_new_tokens_column": "limit"})  # fmt: skip
+    assert gen.engine_params().max_num_seqs == 8 and gen.engine_params().cpu_kv_cache_gb == 0.5
+    assert gen.number_columns() == ["limit"] and "max_num_seqs" not in gen.params().model_fields
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,8 @@ def test_spec_fields_and_engine_params():
         ({"kind": "translate", **BASE}, "kind"),
         ({"kind": "score", "input": "in", "output": "out"}, "model: Field required"),
         ({"kind": "score", **BASE, "max_new_tokens": 5}, "max_new_tokens: unknown key"),
+        ({"kind": "score", **BASE, "max_num_seqs": 5}, "max_num_seqs: unknown key"),
+        ({"kind": "generate", **BASE, "max_concurrent_batches": 0}, "max_concurrent_batches"),
     ],
 )
 def test_bad_specs_name_the_field(fields, named):
@@ -84,6 +90,13 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, tiny_model_dir):
         (["score", "--model", model, "--input", str(tmp_path / "good"), "--output", out, "--id-column", "nope"],
          "id column 'nope'"),
         (["generate", "--model", model, "--input", "x", "--output", out, "--top-p", "0"], "top_p"),
+        (["generate", "--model", model, "--input", str(tmp_path / "good"), "--output", out, "--prompt-column",
+          "text", "--max-new-tokens-column", "limit"], "max_new_tokens column 'limit' not in the input"),
+        (["generate", "--model", model, "--input", str(tmp_path / "good"), "--output", out, "--prompt-column",
+          "text", "--max-new-tokens-column", "text"], "max_new_tokens column 'text' is string, not a column"),
+        (["generate", "--model", model, "--input", "x", "--output", out, "--max-num-seqs", "0"], "max_num_seqs"),
+        (["generate", "--model", model, "--input", "x", "--output", out, "--gpu-memory-utilization", "1.5"],
+         "gpu_memory_utilization"),
     ]  # fmt: skip
     for args, message in cases:
         res = _cli(args)

@@ -1,0 +1,308 @@
+"""The engine loop: schedule a step, run the model, sample, update the sequences, free what finished.
+
+One engine per replica, built once (the KV cache is allocated here) and fed for the replica's whole life:
+`run` drives it from the calling thread (tests, benchmarks, the engine alone); `EngineThread` drives it from
+a background thread so that several Ray batches can be in flight in one engine and it never drains.
+
+Bookkeeping per step: one host sync, which brings back the new tokens, their NLLs and the EOS/limit flags
+computed on the device. Stop strings are checked on the host against the newly decoded bytes plus the last
+(longest stop string - 1) bytes of each output, never by decoding the whole output again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from ..loading import Replica
+from ..params import EngineParams, GenerateParams
+from .gpt2 import GPT2
+from .kv_cache import KVCache, plan_slots
+from .model_runner import ModelRunner
+from .sampler import penalize, sample, sample_full
+from .scheduler import DecodeStep, PrefillStep, Scheduler
+from .sequence import Request, Sequence
+from .stop import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters of the engine's work since it was built (what the benchmark reports)."""
+
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0  # tokens produced by decode steps (a sample's first token comes from prefill)
+    decode_slots: int = 0  # rows computed by decode steps, running or not
+    host_syncs: int = 0
+    redraws: int = 0  # rows redrawn by the exact top-p fallback
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    oom_backoffs: int = 0
+
+    @property
+    def useful_slot_fraction(self) -> float:
+        return self.decode_tokens / self.decode_slots if self.decode_slots else 1.0
+
+    @property
+    def syncs_per_step(self) -> float:
+        steps = self.prefill_steps + self.decode_steps
+        return self.host_syncs / steps if steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "useful_slot_fraction": self.useful_slot_fraction,
+                "syncs_per_step": self.syncs_per_step}  # fmt: skip
+
+
+class LLMEngine:
+    """Continuous batching over one replica with fixed generation parameters."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        params: GenerateParams,
+        engine: EngineParams | None = None,
+        token_budget: int | None = None,
+    ):
+        """`token_budget`: prompt tokens prefilled per step (vLLM's max_num_batched_tokens); None: 8192 on
+        GPU, 2048 on CPU."""
+        engine = engine or EngineParams()
+        self.replica, self.params = replica, params
+        self.model = GPT2(replica.model)
+        m = self.model
+        slots = plan_slots(
+            n_layer=m.n_layer, d_model=m.d, context=m.max_len, dtype=m.dtype, device=m.device,
+            max_num_seqs=engine.max_num_seqs, gpu_memory_utilization=engine.gpu_memory_utilization,
+            cpu_kv_cache_gb=engine.cpu_kv_cache_gb,
+        )  # fmt: skip
+        self.cache = KVCache(m.n_layer, slots, m.n_head, m.max_len, m.head_dim, m.dtype, m.device)
+        self.runner = ModelRunner(m, self.cache, cuda_graphs=engine.cuda_graphs)
+        budget = token_budget or (8192 if m.device.type == "cuda" else 2048)
+        self.scheduler = Scheduler(slots, budget)
+        self.stop = StopChecker(replica.tokenizer, params.stop, m.vocab_size) if params.stop else None
+        # (slots, V) bool: tokens of each slot's prompt and output, for the repetition penalty.
+        self.seen = (
+            torch.zeros(slots, m.vocab_size, dtype=torch.bool, device=m.device)
+            if params.repetition_penalty != 1.0
+            else None
+        )
+        self.stats = EngineStats()
+        log.info("engine: %d sequence slots (%.2f GiB KV cache), %d-token step budget",
+                 slots, self.cache.nbytes / 2**30, budget)  # fmt: skip
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.num_slots
+
+    def check(self, request: Request) -> None:
+        """Refuse a request the engine could never run (the caller's preparation should prevent it)."""
+        if not request.prompt or request.max_new_tokens < 1:
+            raise ValueError("a request needs a prompt token and max_new_tokens >= 1")
+        if len(request.prompt) + request.max_new_tokens > self.model.max_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt)}) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                f"context of {self.model.max_len}"
+            )
+        if request.n > self.scheduler.num_slots:
+            raise ValueError(f"{request.n} samples per prompt exceed max_num_seqs={self.scheduler.num_slots}")
+
+    def add(self, request: Request) -> None:
+        self.check(request)
+        self.scheduler.add(request)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Run one step; return the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        try:
+            return self._run(plan)
+        except torch.OutOfMemoryError:
+            if self.scheduler.cap == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.scheduler.requeue_all(shrink=True)
+            self.stats.oom_backoffs += 1
+            log.warning("out of memory: admitting at most %d sequences", self.scheduler.cap)
+            return []
+
+    def _run(self, plan: PrefillStep | DecodeStep) -> list[Request]:
+        start = time.perf_counter()
+        if isinstance(plan, PrefillStep):
+            logits = self.runner.prefill(plan)
+            done = self.scheduler.prefilled(plan)
+            seqs = [s for r in done for s in r.seqs]
+            if seqs:
+                counts = torch.tensor([r.n for r in done], device=logits.device)
+                logits = logits.repeat_interleave(counts, dim=0)  # (R, V): one row per sample
+                if self.seen is not None:
+                    self._init_seen(done)
+            finished = self._advance(seqs, logits)
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += sum(c.end - c.start for c in plan.chunks)
+            self.stats.prefill_seconds += time.perf_counter() - start
+            return finished
+        logits = self.runner.decode(plan)
+        finished = self._advance(plan.seqs, logits)
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(plan.seqs)
+        self.stats.decode_slots += plan.width
+        self.stats.decode_seconds += time.perf_counter() - start
+        return finished
+
+    def _init_seen(self, requests: list[Request]) -> None:
+        for r in requests:
+            slots = torch.tensor([s.slot for s in r.seqs], device=self.seen.device)
+            self.seen[slots] = False
+            self.seen[slots[:, None], torch.tensor(r.prompt, device=self.seen.device)] = True
+
+    def _advance(self, seqs: list[Sequence], raw: torch.Tensor) -> list[Request]:
+        """Sample one token for each of `seqs` from its raw logits (R, V); update them; free finished ones."""
+        if not seqs:
+            return []
+        p = self.params
+        dev = raw.device
+        meta = torch.tensor(
+            [[s.key for s in seqs], [len(s.tokens) for s in seqs], [s.request.max_new_tokens for s in seqs],
+             [s.slot for s in seqs]], dtype=torch.long,
+        ).to(dev, non_blocking=True)  # fmt: skip
+        keys, steps, limits, slots = meta
+        logits = penalize(raw, None if self.seen is None else self.seen[slots], p.repetition_penalty)
+        tokens, redraw = sample(logits, keys, steps, p)
+        lse = raw.logsumexp(-1)  # (R,)
+        host = self._flags(raw, lse, tokens, steps, limits, redraw).cpu()  # the step's one host sync
+        self.stats.host_syncs += 1
+        if redraw is not None and bool(host[3].any()):
+            rows = host[3].nonzero().squeeze(1).to(dev)
+            tokens[rows] = sample_full(logits[rows], keys[rows], steps[rows], p)
+            host = self._flags(raw, lse, tokens, steps, limits, None).cpu()
+            self.stats.host_syncs += 1
+            self.stats.redraws += len(rows)
+        if self.seen is not None:
+            self.seen[slots, tokens] = True
+        toks, nlls, ends = host[0].long().tolist(), host[1].tolist(), host[2].bool().tolist()
+        finished = []
+        for seq, tok, nll, end in zip(seqs, toks, nlls, ends, strict=True):
+            seq.tokens.append(tok)
+            seq.nll.append(nll)
+            if self.stop is not None and not end:
+                end = self.stop.update(seq, tok)
+            if end:
+                self.scheduler.finish(seq)
+                if seq.request.done:
+                    finished.append(seq.request)
+        return finished
+
+    def _flags(self, raw, lse, tokens, steps, limits, redraw) -> torch.Tensor:
+        """(4, R) float64 on the device: token, its NLL (temperature 1, unwarped), ended (EOS or limit),
+        needs a redraw."""
+        nll = lse - raw.gather(1, tokens[:, None]).squeeze(1)
+        ended = steps + 1 >= limits
+        if not self.params.ignore_eos:
+            ended |= tokens == self.replica.eos_id
+        flags = [tokens.double(), nll.double(), ended.double()]
+        flags.append(redraw.double() if redraw is not None else torch.zeros_like(flags[0]))
+        return torch.stack(flags)
+
+    def run(self, requests: list[Request]) -> None:
+        """Generate every request to completion from this thread."""
+        for r in requests:
+            self.check(r)
+        for r in requests:
+            self.scheduler.add(r)
+        try:
+            while not all(r.done for r in requests):
+                self.step()
+        except BaseException:
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        """Drop every request (after a failed step): the engine is empty and ready again."""
+        self.scheduler.requeue_all(shrink=False)
+        self.scheduler.waiting.clear()
+
+
+class EngineThread:
+    """Drives one engine from a background thread; callers from several threads `submit` and wait.
+
+    A Ray actor with several calls in flight feeds one engine: while one batch's sequences decode, the next
+    batch's prompts queue up and are admitted as slots free, so the replica never drains between batches.
+    A step that fails (other than out-of-memory, which the engine absorbs) fails every request in the
+    engine; their callers retry row by row.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Condition()
+        self._pending: list[tuple[list[Request], Future]] = []
+        self._inflight: list[tuple[list[Request], Future]] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="fengshen-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests: list[Request]) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine thread is closed")
+            self._pending.append((requests, fut))
+            self._lock.notify()
+        return fut
+
+    def run(self, requests: list[Request]) -> None:
+        """Generate `requests` to completion (blocks this caller only; other callers' requests run beside)."""
+        self.submit(requests).result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._lock:
+                while not self._pending and not engine.has_work() and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                batches, self._pending = self._pending, []
+            for requests, fut in batches:
+                try:
+                    for r in requests:
+                        engine.check(r)
+                except Exception as e:
+                    fut.set_exception(e)
+                    continue
+                for r in requests:
+                    engine.scheduler.add(r)
+                self._inflight.append((requests, fut))
+            try:
+                engine.step()
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+                engine.reset()
+                for _, fut in self._inflight:
+                    fut.set_exception(e)
+                self._inflight = []
+                continue
+            still = []
+            for requests, fut in self._inflight:
+                if all(r.done for r in requests):
+                    fut.set_result(requests)
+                else:
+                    still.append((requests, fut))
+            self._inflight = still

@@ -1,0 +1,119 @@
+"""The model step: turn a scheduled step into tensors, run the GPT2 forward, return logits.
+
+Prefill runs eagerly (its shapes change every step). Decode on CUDA replays a CUDA graph captured per
+(batch bucket, span bucket), lazily on first use, so the launch cost of 30 layers is paid once per bucket and
+not per token; on CPU it runs eagerly at the exact width and span. The runner makes no scheduling decisions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from .gpt2 import GPT2
+from .kv_cache import KVCache
+from .scheduler import DecodeStep, PrefillStep
+
+log = logging.getLogger(__name__)
+
+SPAN_BUCKET = 128  # decode attention reads the cache in multiples of this many positions on CUDA
+
+
+def batch_buckets(max_rows: int) -> list[int]:
+    """Decode batch sizes that get a graph: 1, 2, 4, 8, then multiples of 16, up to max_rows."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_rows] + list(range(16, max_rows, 16))
+    return [*sizes, max_rows]
+
+
+class ModelRunner:
+    def __init__(self, model: GPT2, cache: KVCache, cuda_graphs: bool = True):
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.graphs_on = cuda_graphs and self.device.type == "cuda"
+        self.buckets = batch_buckets(cache.slots)
+        self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        self._pool = None
+        # Static inputs of the captured decode graphs (one set shared by all buckets).
+        self._ids = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def prefill(self, step: PrefillStep) -> torch.Tensor:
+        """Cache the step's prompt chunks; return (G, V) logits at the last prompt token of each chunk that
+        completes its prompt, in chunk order."""
+        tokens, seq_idx, t_idx, last = [], [], [], []
+        slots, starts = [], []
+        for b, ch in enumerate(step.chunks):
+            n = ch.end - ch.start
+            if ch.completes:
+                last.append(len(tokens) + n - 1)
+            tokens += ch.request.prompt[ch.start : ch.end]
+            seq_idx += [b] * n
+            t_idx += range(n)
+            slots.append(ch.request.seqs[0].slot)
+            starts.append(ch.start)
+        width = max(ch.end - ch.start for ch in step.chunks)
+        span = max(ch.end for ch in step.chunks)
+        packed = self._to_device([*tokens, *seq_idx, *t_idx, *slots, *starts, *last])
+        n, B = len(tokens), len(slots)
+        parts = packed.split([n, n, n, B, B, len(last)])
+        logits = self.model.prefill(self.cache, *parts[:5], width=width, span=span, last=parts[5])
+        for ch in step.chunks:  # the other samples of a completed prompt get a copy of its K/V
+            if ch.completes and ch.request.n > 1:
+                seqs = ch.request.seqs
+                self.cache.copy_prefix(seqs[0].slot, [s.slot for s in seqs[1:]], ch.end)
+        return logits
+
+    def decode(self, step: DecodeStep) -> torch.Tensor:
+        """(len(step.seqs), V) logits, one row per running sequence in step order."""
+        width = step.width
+        ids = [0] * width
+        # A slot in 0..width-1 without a running sequence writes its scratch K/V at the last position, which
+        # no prefill touches and which its own sequence rewrites before reading.
+        pos = [self.cache.context - 1] * width
+        rows = []
+        for s in step.seqs:
+            ids[s.slot], pos[s.slot] = s.tokens[-1], s.position
+            rows.append(s.slot)
+        span = max(s.position for s in step.seqs) + 1
+        packed = self._to_device([*ids, *pos, *rows])
+        ids_t, pos_t, rows_t = packed.split([width, width, len(rows)])
+        if self.graphs_on:
+            logits = self._replay(ids_t, pos_t, width, span)
+        else:
+            logits = self.model.decode(self.cache, ids_t, pos_t, span)
+        return logits if len(rows) == width else logits[rows_t]
+
+    def _replay(self, ids: torch.Tensor, pos: torch.Tensor, width: int, span: int) -> torch.Tensor:
+        B = self.buckets[bisect.bisect_left(self.buckets, width)]
+        S = min(self.cache.context, -(-span // SPAN_BUCKET) * SPAN_BUCKET)
+        self._ids[:width].copy_(ids)
+        self._pos[:width].copy_(pos)
+        self._ids[width:B].zero_()
+        self._pos[width:B].fill_(self.cache.context - 1)
+        if (B, S) not in self._graphs:
+            self._graphs[(B, S)] = self._capture(B, S)
+        replay, out = self._graphs[(B, S)]
+        replay()
+        return out[:width].clone()  # out lives in the graph pool; the next replay overwrites it
+
+    def _capture(self, B: int, S: int):
+        """Capture decode at batch B and span S (gpt-fast / nano-vllm's way: warm up on a side stream);
+        return (replay function, its output tensor)."""
+        ids, pos = self._ids[:B], self._pos[:B]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model.decode(self.cache, ids, pos, S)  # same inputs: rewrites the same K/V values
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.decode(self.cache, ids, pos, S)
+        self._pool = graph.pool()
+        log.debug("captured the decode graph for batch %d, span %d", B, S)
+        return graph.replay, out

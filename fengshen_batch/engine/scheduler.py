@@ -1,0 +1,141 @@
+"""Which sequences run in the next model step. Plain Python: no tensors, testable without a model.
+
+Each step is either a prefill (prompt chunks within a token budget) or a decode (one token for every running
+sequence). A request is admitted when slots for all of its n samples are free; it is prefilled in chunks of
+at most the budget, so a long prompt never stalls the running sequences for more than one chunk: while
+sequences are running, prefill and decode steps alternate. A sequence that ends frees its slot at once and the
+next step can admit a waiting request into it. Slots are handed out lowest first, which keeps the running
+sequences packed at the front of the cache, where the decode step reads them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from .sequence import Request, Sequence, Status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    request: Request
+    start: int  # prompt[start:end] enters the cache at positions start..end-1
+    end: int
+
+    @property
+    def completes(self) -> bool:
+        return self.end == len(self.request.prompt)
+
+
+@dataclass(frozen=True)
+class PrefillStep:
+    chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    seqs: list[Sequence]  # ordered by slot
+    width: int  # slots 0..width-1 are computed (the highest running slot + 1)
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, token_budget: int):
+        if num_slots < 1 or token_budget < 1:
+            raise ValueError("the scheduler needs at least one slot and a token budget of at least 1")
+        self.num_slots = num_slots
+        self.cap = num_slots  # slots that may be in use; lowered after an out-of-memory error
+        self.token_budget = token_budget
+        self.free = list(range(num_slots))  # a heap: the lowest free slot first
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []  # admitted, prompt not complete, in admission order
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self._last_was_prefill = False
+
+    def add(self, request: Request) -> None:
+        if request.n > self.num_slots:
+            raise ValueError(f"{request.n} samples per prompt need more than the {self.num_slots} slots")
+        self.waiting.append(request)
+
+    @property
+    def in_use(self) -> int:
+        return self.num_slots - len(self.free)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def _admissible(self, request: Request) -> bool:
+        if len(self.free) < request.n:
+            return False
+        return self.in_use == 0 or self.in_use + request.n <= self.cap
+
+    def schedule(self) -> PrefillStep | DecodeStep | None:
+        """The next step, or None when there is nothing to run."""
+        if not (self.running and self._last_was_prefill):
+            chunks = self._prefill_chunks()
+            if chunks:
+                self._last_was_prefill = True
+                return PrefillStep(chunks)
+        self._last_was_prefill = False
+        if not self.running:
+            return None
+        seqs = [self.running[s] for s in sorted(self.running)]
+        return DecodeStep(seqs, seqs[-1].slot + 1)
+
+    def _prefill_chunks(self) -> list[Chunk]:
+        budget = self.token_budget
+        chunks = []
+        for req in self.prefilling:
+            if budget <= 0:
+                return chunks
+            end = min(len(req.prompt), req.prefilled + budget)
+            chunks.append(Chunk(req, req.prefilled, end))
+            budget -= end - req.prefilled
+        while budget > 0 and self.waiting and self._admissible(self.waiting[0]):
+            req = self.waiting.popleft()
+            for seq in req.seqs:
+                seq.slot = heapq.heappop(self.free)
+                seq.status = Status.PREFILLING
+            req.status = Status.PREFILLING
+            self.prefilling.append(req)
+            end = min(len(req.prompt), budget)
+            chunks.append(Chunk(req, 0, end))
+            budget -= end
+        return chunks
+
+    def prefilled(self, step: PrefillStep) -> list[Request]:
+        """Record a prefill step; return the requests whose whole prompt is now cached: their samples run."""
+        complete = []
+        for chunk in step.chunks:
+            chunk.request.prefilled = chunk.end
+            if chunk.completes:
+                req = chunk.request
+                self.prefilling.remove(req)
+                req.status = Status.RUNNING
+                for seq in req.seqs:
+                    seq.status = Status.RUNNING
+                    self.running[seq.slot] = seq
+                complete.append(req)
+        return complete
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        del self.running[seq.slot]
+        heapq.heappush(self.free, seq.slot)
+
+    def requeue_all(self, shrink: bool) -> list[Request]:
+        """Put every admitted request back at the front of the queue, its slots freed and its progress
+        dropped (after a failed step). `shrink`: after out-of-memory, admit half as many sequences."""
+        admitted = list(self.prefilling)
+        for seq in self.running.values():
+            if seq.request not in admitted:
+                admitted.append(seq.request)
+        if shrink:
+            self.cap = max(1, self.in_use // 2)
+        for req in reversed(admitted):
+            req.reset()
+            self.waiting.appendleft(req)
+        self.prefilling.clear()
+        self.running.clear()
+        self.free = list(range(self.num_slots))
+        return admitted

@@ -1,0 +1,71 @@
+"""Request and sequence state: what the scheduler and the engine know of each prompt and each sample.
+
+A `Request` is one prompt with its n samples. It is prefilled once (in chunks when long) into the slot of its
+first sample; the other samples get a copy of that K/V when the prefill completes. Each sample is then a
+`Sequence` decoding in its own slot until EOS, a stop string or its own token limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Status(Enum):
+    WAITING = "waiting"  # queued, no slot yet
+    PREFILLING = "prefilling"  # slots reserved, prompt partly in the cache
+    RUNNING = "running"  # decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample: its own slot, sampling key and output."""
+
+    request: Request
+    index: int  # sample index within the request
+    key: int  # sampling key of (seed, row id, sample index)
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)  # generated ids, the ending one included
+    nll: list[float] = field(default_factory=list)  # -log p of each, temperature 1, unwarped
+    tail: bytes = b""  # the last bytes of the output, for incremental stop-string checks
+    status: Status = Status.WAITING
+
+    @property
+    def position(self) -> int:
+        """Cache position of the next token fed to the model (the last generated one)."""
+        return len(self.request.prompt) + len(self.tokens) - 1
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt to continue `len(keys)` times, with its own output limit."""
+
+    ident: object  # the caller's handle for the result (e.g. its input row index)
+    prompt: list[int]  # after the too-long policy: len(prompt) + max_new_tokens <= context
+    keys: list[int]  # one sampling key per sample
+    max_new_tokens: int
+    first_index: int = 0  # sample index of keys[0] (a prompt's samples may be split over requests)
+    prefilled: int = 0  # prompt tokens already in the cache
+    seqs: list[Sequence] = field(default_factory=list)
+    status: Status = Status.WAITING
+    error: BaseException | None = None
+
+    def __post_init__(self):
+        self.seqs = [Sequence(self, self.first_index + i, k) for i, k in enumerate(self.keys)]
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+    @property
+    def done(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.seqs)
+
+    def reset(self) -> None:
+        """Back to the queue with nothing computed (after a failed step): keyed sampling makes a rerun
+        produce the same samples."""
+        self.prefilled = 0
+        self.status = Status.WAITING
+        for s in self.seqs:
+            s.slot, s.tokens, s.nll, s.tail, s.status = -1, [], [], b"", Status.WAITING

@@ -1,0 +1,254 @@
+"""The continuous-batching engine: our GPT2 forward against HF logits, the scheduler with no model at all,
+the sampler's candidate path against the full one, stop strings on bytes, per-row limits, and the engine's
+results against HF `generate` on each prompt alone whatever the slots, budget and admission order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fengshen_batch.engine.gpt2 import GPT2
+from fengshen_batch.engine.kv_cache import KVCache
+from fengshen_batch.engine.llm_engine import EngineThread, LLMEngine
+from fengshen_batch.engine.sampler import CANDIDATES, sample, sample_full, sample_key
+from fengshen_batch.engine.scheduler import DecodeStep, PrefillStep, Scheduler
+from fengshen_batch.engine.sequence import Request
+from fengshen_batch.engine.stop import StopChecker, token_bytes
+from fengshen_batch.generation import generate
+from fengshen_batch.params import EngineParams, GenerateParams
+from fengshen_batch.tiny_model import SAMPLE_LINES
+
+PROMPTS = [line * (1 + i % 3) for i, line in enumerate(SAMPLE_LINES)]  # 12 prompts, mixed lengths
+
+
+def _prompt_ids(replica, limit):
+    return [replica.encode(p)[-(replica.max_length - limit) :] for p in PROMPTS]
+
+
+def _hf_greedy(replica, ids, limit):
+    enc = torch.tensor([ids])
+    out = replica.model.generate(enc, attention_mask=torch.ones_like(enc), do_sample=False,
+                                 max_new_tokens=limit, pad_token_id=replica.eos_id)  # fmt: skip
+    gen = out[0, enc.shape[1] :].tolist()
+    return gen[: gen.index(replica.eos_id) + 1] if replica.eos_id in gen else gen
+
+
+def test_gpt2_forward_equals_hf_logits_through_chunked_prefill_and_decode(replica):
+    model = GPT2(replica.model)
+    cache = KVCache(model.n_layer, 4, model.n_head, model.max_len, model.head_dim, model.dtype, model.device)
+    seqs = [replica.encode(p)[:40] for p in (PROMPTS[1], PROMPTS[5], PROMPTS[7])]  # lengths differ
+    with torch.no_grad():
+        ref = [replica.model(torch.tensor([s])).logits[0].float() for s in seqs]  # (T, V) each
+        # Prefill the first 10 tokens of each, in slots 2, 0, 3 (chunks of unequal width), then 5 more each.
+        slots = torch.tensor([2, 0, 3])
+        for start, end in ((0, 10), (10, 15)):
+            tokens = [t for s in seqs for t in s[start:end]]
+            n = end - start
+            seq_idx = torch.arange(3).repeat_interleave(n)
+            last = torch.arange(1, 4) * n - 1
+            logits = model.prefill(cache, torch.tensor(tokens), seq_idx, torch.arange(n).repeat(3), slots,
+                                   torch.full((3,), start), n, end, last)  # fmt: skip
+            for b in range(3):
+                torch.testing.assert_close(logits[b], ref[b][end - 1], rtol=1e-4, atol=1e-4)
+        # Decode: move each sequence to slot = its row (0..2) is not possible, so decode all 4 slots with
+        # slot 1 free; feed each sequence's next true token (teacher forcing).
+        for pos in range(15, 25):
+            ids = torch.zeros(4, dtype=torch.long)
+            p = torch.full((4,), model.max_len - 1)
+            for b, slot in enumerate(slots.tolist()):
+                ids[slot], p[slot] = seqs[b][pos], pos
+            logits = model.decode(cache, ids, p, pos + 1)
+            for b, slot in enumerate(slots.tolist()):
+                torch.testing.assert_close(logits[slot], ref[b][pos], rtol=1e-4, atol=1e-4)
+
+
+def _req(n_tokens, n=1, limit=4, ident=0):
+    return Request(ident, list(range(1, n_tokens + 1)), list(range(n)), limit)
+
+
+def test_scheduler_admits_chunks_and_alternates_without_a_model():
+    sched = Scheduler(num_slots=3, token_budget=10)
+    a, b, c = _req(4, n=2, ident="a"), _req(25, ident="b"), _req(3, ident="c")
+    for r in (a, b, c):
+        sched.add(r)
+    step = sched.schedule()
+    assert isinstance(step, PrefillStep)
+    assert [(ch.request.ident, ch.start, ch.end) for ch in step.chunks] == [("a", 0, 4), ("b", 0, 6)]
+    assert [s.slot for s in a.seqs] == [0, 1] and b.seqs[0].slot == 2
+    assert sched.prefilled(step) == [a]  # a's prompt is whole: both samples run; b is half done
+    step = sched.schedule()  # running sequences and a prefill pending: a decode comes first
+    assert isinstance(step, DecodeStep) and [s.slot for s in step.seqs] == [0, 1] and step.width == 2
+    step = sched.schedule()  # c waits: no free slot; b continues within the budget
+    assert [(ch.request.ident, ch.start, ch.end) for ch in step.chunks] == [("b", 6, 16)]
+    sched.prefilled(step)
+    sched.finish(a.seqs[0])  # slot 0 frees at once
+    assert isinstance(sched.schedule(), DecodeStep)
+    step = sched.schedule()
+    assert [(ch.request.ident, ch.start, ch.end) for ch in step.chunks] == [("b", 16, 25), ("c", 0, 1)]
+    assert c.seqs[0].slot == 0  # the lowest free slot
+    sched.prefilled(step)
+    dec = sched.schedule()
+    assert [s.request.ident for s in dec.seqs] == ["a", "b"] and dec.width == 3  # slot 0 holds c, not running
+    requeued = sched.requeue_all(shrink=True)
+    assert set(r.ident for r in requeued) == {"a", "b", "c"} and sched.cap == 1
+    assert list(sched.waiting)[0].prefilled == 0 and len(sched.free) == 3
+
+
+def test_candidate_sampling_equals_the_full_vocabulary_path():
+    torch.manual_seed(0)
+    V = 4 * CANDIDATES
+    peaked = torch.randn(64, V) * 4  # nucleus well inside the candidates
+    flat = torch.randn(8, V) * 0.01  # nucleus far past them: must be flagged for a redraw
+    keys = torch.tensor([sample_key(1, f"r{i}", 0) for i in range(72)])
+    steps = torch.arange(72)
+    logits = torch.cat([peaked, flat])
+    for params in (GenerateParams(temperature=0.8, top_p=0.9), GenerateParams(top_k=50, top_p=0.8),
+                   GenerateParams(top_k=7), GenerateParams(temperature=1.3)):  # fmt: skip
+        tokens, redraw = sample(logits, keys, steps, params)
+        full = sample_full(logits, keys, steps, params)
+        ok = torch.ones(72, dtype=torch.bool) if redraw is None else ~redraw
+        assert torch.equal(tokens[ok], full[ok])
+        if params.top_p < 1 and not params.top_k:
+            assert not redraw[:64].any() and redraw[64:].all()
+
+
+def test_stop_strings_are_found_in_the_new_bytes_even_across_tokens(replica):
+    ids = replica.encode("北京位于华北平原的北部")
+    table = token_bytes(replica.tokenizer, replica.model.config.vocab_size)
+    assert b"".join(table[i] for i in ids).decode() == replica.tokenizer.decode(ids)
+    # a stop string whose bytes begin inside one token and end inside a later one
+    text = b"".join(table[i] for i in ids)
+    start = len(table[ids[0]]) - 1
+    stop = text[start : start + 4].decode(errors="ignore") or "华北"
+    checker = StopChecker(replica.tokenizer, [stop, "never"], replica.model.config.vocab_size)
+    seq = _req(1).seqs[0]
+    hits = [checker.update(seq, t) for t in ids]
+    first = hits.index(True)
+    assert stop in replica.tokenizer.decode(ids[: first + 1])
+    assert stop not in replica.tokenizer.decode(ids[:first])
+
+
+def test_greedy_with_per_row_limits_equals_hf_for_more_prompts_than_slots(replica):
+    params = GenerateParams(greedy=True, max_new_tokens=12)
+    limits = [3, 12, None, 7, 1, 20, 9, 12, 2, 15, 5, 11]  # None: the job's 12
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=3), token_budget=24)
+    results = generate(replica, PROMPTS, [str(i) for i in range(12)], params, limits, engine=engine)
+    for prompt, limit, (s,) in zip(PROMPTS, limits, results, strict=True):
+        limit = limit or 12
+        ids = replica.encode(prompt)[-(replica.max_length - limit) :]
+        ref = _hf_greedy(replica, ids, limit)
+        assert s.generated_tokens == len(ref) <= limit
+        assert s.generation == replica.tokenizer.decode([t for t in ref if t != replica.eos_id])
+        assert s.prompt_tokens == len(ids)
+        assert s.finish_reason == ("stop" if ref[-1] == replica.eos_id else "length")
+    stats = engine.stats
+    assert stats.prefill_steps > 4  # admitted over many steps, prompts split into chunks
+    # one host sync per decode step, and one per prefill step that completes a prompt (none otherwise)
+    assert stats.decode_steps <= stats.host_syncs <= stats.decode_steps + stats.prefill_steps
+    assert stats.decode_tokens + 12 == sum(s.generated_tokens for (s,) in results)
+
+
+def test_bad_per_row_limits_are_row_errors(replica):
+    params = GenerateParams(greedy=True, max_new_tokens=8)
+    ctx = replica.max_length
+    limits = [0, -3, 2.5, "7", True, ctx, 4.0, float("nan"), None, ctx - 1]
+    results = generate(replica, ["北京位于"] * len(limits), [str(i) for i in range(len(limits))], params, limits)
+    kinds = [r.kind if not isinstance(r, list) else None for r in results]
+    assert kinds[:6] == ["bad_max_new_tokens"] * 6
+    assert "outside 1.." in results[5].message and "not a whole number" in results[2].message
+    assert all(r[0].generated_tokens <= n for r, n in zip(results[6:], (4, 8, 8, ctx - 1), strict=True))
+    long_prompt = "".join(SAMPLE_LINES)
+    (kept,) = generate(replica, [long_prompt], ["x"], params, [ctx - 1])
+    assert kept[0].prompt_tokens == 1  # left truncation leaves room for the row's own limit
+
+
+def _samples(engine, requests):
+    engine.run(requests)
+    return [[s.tokens for s in r.seqs] for r in requests]
+
+
+def _requests(replica, params, n):
+    prompts = _prompt_ids(replica, params.max_new_tokens)
+    return [Request(i, p, [sample_key(params.seed, f"id{i}", s) for s in range(n)], params.max_new_tokens)
+            for i, p in enumerate(prompts)]  # fmt: skip
+
+
+def test_samples_are_the_same_whatever_runs_beside_them(replica):
+    params = GenerateParams(max_new_tokens=10, seed=3, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+    base = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=64)), _requests(replica, params, 3))
+    for seqs, budget in ((4, 16), (64, 7)):
+        got = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=seqs), token_budget=budget),
+                       _requests(replica, params, 3))  # fmt: skip
+        assert got == base
+    # sample index 2 of a prompt, generated alone, equals the third of its three samples
+    one = _requests(replica, params, 3)[4]
+    alone = Request(4, one.prompt, one.keys[2:], one.max_new_tokens, first_index=2)
+    assert _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=1)), [alone]) == [[base[4][2]]]
+    assert len({tuple(t) for t in base[4]}) > 1
+
+
+def test_engine_thread_serves_concurrent_callers_and_survives_a_failed_step(replica):
+    params = GenerateParams(max_new_tokens=8, seed=5, temperature=0.9)
+    expected = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=8)), _requests(replica, params, 2))
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=4), token_budget=32)
+    worker = EngineThread(engine)
+    try:
+        reqs = _requests(replica, params, 2)
+        parts = [reqs[0:5], reqs[5:9], reqs[9:]]
+        threads = [threading.Thread(target=worker.run, args=(part,)) for part in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [[s.tokens for s in r.seqs] for r in reqs] == expected
+
+        real = engine.runner.decode
+        engine.runner.decode = lambda step: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            worker.run(_requests(replica, params, 2)[:3])
+        engine.runner.decode = real
+        assert not engine.has_work() and len(engine.scheduler.free) == 4
+        again = _requests(replica, params, 2)
+        worker.run(again)
+        assert [[s.tokens for s in r.seqs] for r in again] == expected
+    finally:
+        worker.close()
+
+
+def test_out_of_memory_admits_fewer_sequences_and_loses_nothing(replica):
+    params = GenerateParams(max_new_tokens=10, seed=9, temperature=0.7)
+    expected = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=8)), _requests(replica, params, 1))
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=8))
+    real, calls = engine.runner.decode, []
+
+    def flaky(step):
+        calls.append(len(step.seqs))
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("simulated")
+        return real(step)
+
+    engine.runner.decode = flaky
+    assert _samples(engine, _requests(replica, params, 1)) == expected
+    assert engine.stats.oom_backoffs == 1 and engine.scheduler.cap == 4
+    assert max(calls[3:]) <= 4
+
+
+def test_bucketed_decode_path_pads_without_touching_other_slots(replica):
+    """The CUDA-graph path's static buffers and bucket padding, run eagerly here (no GPU): padded rows and
+    free slots write scratch only, so results equal the exact-width path while prompts prefill beside."""
+    params = GenerateParams(max_new_tokens=9, seed=2, temperature=0.9, num_return_sequences=2)
+    expected = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=16)), _requests(replica, params, 2))
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=7), token_budget=20)
+    runner, shapes = engine.runner, []
+
+    def eager_capture(B, S):
+        shapes.append((B, S))
+        out = torch.empty(B, runner.model.vocab_size)
+        return (lambda: out.copy_(runner.model.decode(runner.cache, runner._ids[:B], runner._pos[:B], S))), out
+
+    runner.graphs_on, runner._capture = True, eager_capture
+    assert _samples(engine, _requests(replica, params, 2)) == expected
+    assert shapes and all(B in runner.buckets and (S % 128 == 0 or replica.max_length == S) for B, S in shapes)
+    assert any(B > 1 for B, _ in shapes)
