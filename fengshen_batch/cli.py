@@ -59,6 +59,11 @@ def _job_options(fn):
             type=float,
             help="GPUs per replica. Default 1 if the cluster has GPUs, else 0 (CPU).",
         ),
+        click.option(
+            "--cpus-per-actor",
+            type=float,
+            help="CPUs per replica (a CPU replica uses as many torch threads). Default 1.",
+        ),
         click.option("--batch-size", type=int, help="Rows per batch handed to a replica. Default 256."),
         click.option(
             "--token-budget",

@@ -16,7 +16,7 @@ from transformers import (
 
 from fengshen_batch.engine import sampler
 from fengshen_batch.engine.llm_engine import LLMEngine
-from fengshen_batch.engine.sampler import penalize, sample_key, warp_full
+from fengshen_batch.engine.sampler import penalize, sample_full, sample_key
 from fengshen_batch.generation import generate
 from fengshen_batch.params import EngineParams, GenerateParams
 from fengshen_batch.results import RowError
@@ -150,21 +150,34 @@ def test_max_new_tokens_must_leave_room_for_a_prompt(replica):
         generate(replica, ["a"], ["a"], GenerateParams(max_new_tokens=replica.max_length))
 
 
-def test_logit_processing_equals_transformers_processors():
+def test_draws_follow_transformers_processors_exactly():
+    """The share of the uniform's range that maps to each token equals its probability after HF's
+    repetition penalty, temperature, top-k and top-p processors (to the grid's resolution)."""
     torch.manual_seed(0)
     logits = torch.randn(4, 300) * 3
     prompt = torch.randint(0, 300, (4, 10))
     seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, prompt, True)
-    params = GenerateParams(temperature=0.7, top_k=50, top_p=0.8, repetition_penalty=1.2)
-    ref = RepetitionPenaltyLogitsProcessor(1.2)(prompt, logits.clone())
-    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.8)):
-        ref = warper(prompt, ref)
-    ours = warp_full(penalize(logits, seen, 1.2), params)
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-    assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)], rtol=1e-5)
+    n = 100_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for params in (GenerateParams(temperature=0.7, top_k=50, top_p=0.8, repetition_penalty=1.2),
+                   GenerateParams(temperature=1.3, top_p=0.6, repetition_penalty=1.2),
+                   GenerateParams(temperature=0.9, repetition_penalty=1.2)):  # fmt: skip
+        ref = RepetitionPenaltyLogitsProcessor(1.2)(prompt, logits.clone())
+        warpers = [TemperatureLogitsWarper(params.temperature)]
+        warpers += [TopKLogitsWarper(params.top_k)] if params.top_k else []
+        warpers += [TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []
+        for warper in warpers:
+            ref = warper(prompt, ref)
+        probs = ref.softmax(-1)
+        ours = penalize(logits, seen, 1.2)
+        for row in range(4):
+            drawn = sample_full(ours[row].expand(n, -1), None, None, params, u=u)
+            share = torch.bincount(drawn, minlength=300).double() / n
+            assert set(drawn.unique().tolist()) <= set(torch.nonzero(probs[row]).squeeze(1).tolist())
+            assert (share - probs[row]).abs().max() < 2e-5
 
 
-def test_keyed_gumbel_draws_follow_the_softmax():
+def test_keyed_draws_follow_the_softmax():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     logits = probs.log().expand(20_000, 4)
     keys = torch.tensor([sample_key(0, f"id{i}", 0) for i in range(20_000)])

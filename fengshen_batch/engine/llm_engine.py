@@ -31,6 +31,10 @@ from .stop import StopChecker
 
 log = logging.getLogger(__name__)
 
+# After a step where most rows' top-p nucleus spilled past the sampler's candidates, this many steps sample
+# over the whole vocabulary at once instead of drawing twice; then the candidates are tried again.
+FULL_SAMPLING_STEPS = 16
+
 
 @dataclass
 class EngineStats:
@@ -94,6 +98,7 @@ class LLMEngine:
             else None
         )
         self.stats = EngineStats()
+        self._full_steps = 0  # steps left to sample over the full vocabulary (see FULL_SAMPLING_STEPS)
         log.info("engine: %d sequence slots (%.2f GiB KV cache), %d-token step budget",
                  slots, self.cache.nbytes / 2**30, budget)  # fmt: skip
 
@@ -180,16 +185,19 @@ class LLMEngine:
         ).to(dev, non_blocking=True)  # fmt: skip
         keys, steps, limits, slots = meta
         logits = penalize(raw, None if self.seen is None else self.seen[slots], p.repetition_penalty)
-        tokens, redraw = sample(logits, keys, steps, p)
-        lse = raw.logsumexp(-1)  # (R,)
-        host = self._flags(raw, lse, tokens, steps, limits, redraw).cpu()  # the step's one host sync
+        tokens, redraw = sample(logits, keys, steps, p, full=self._full_steps > 0)
+        self._full_steps = max(0, self._full_steps - 1)
+        logprobs = raw.log_softmax(-1)  # (R, V) at temperature 1, unwarped: for the NLL
+        host = self._flags(logprobs, tokens, steps, limits, redraw).cpu()  # the step's one host sync
         self.stats.host_syncs += 1
         if redraw is not None and bool(host[3].any()):
             rows = host[3].nonzero().squeeze(1).to(dev)
             tokens[rows] = sample_full(logits[rows], keys[rows], steps[rows], p)
-            host = self._flags(raw, lse, tokens, steps, limits, None).cpu()
+            host = self._flags(logprobs, tokens, steps, limits, None).cpu()
             self.stats.host_syncs += 1
             self.stats.redraws += len(rows)
+            if 2 * len(rows) > len(seqs):  # mostly flat: sample the full way for a while, then look again
+                self._full_steps = FULL_SAMPLING_STEPS
         if self.seen is not None:
             self.seen[slots, tokens] = True
         toks, nlls, ends = host[0].long().tolist(), host[1].tolist(), host[2].bool().tolist()
@@ -205,10 +213,10 @@ class LLMEngine:
                     finished.append(seq.request)
         return finished
 
-    def _flags(self, raw, lse, tokens, steps, limits, redraw) -> torch.Tensor:
+    def _flags(self, logprobs, tokens, steps, limits, redraw) -> torch.Tensor:
         """(4, R) float64 on the device: token, its NLL (temperature 1, unwarped), ended (EOS or limit),
         needs a redraw."""
-        nll = lse - raw.gather(1, tokens[:, None]).squeeze(1)
+        nll = -logprobs.gather(1, tokens[:, None]).squeeze(1)
         ended = steps + 1 >= limits
         if not self.params.ignore_eos:
             ended |= tokens == self.replica.eos_id

@@ -1,16 +1,16 @@
 """Logit processing and reproducible sampling, one row per sequence.
 
-Reproducibility: the random number for (sample key, step, vocab entry) is a counter-based hash of the three
-(the key itself hashes the job seed, the row id and the sample index), computed on the device. A sample
-therefore depends only on the seed, the row id and the sample index: never on the batch, the order, when it
-was admitted, the rows beside it or the number of actors. Drawing needs no generator state, no host sync and
-no per-row kernel launches. Sampling is the Gumbel-max trick: argmax(logits + Gumbel noise) is a draw from
-softmax(logits).
+Reproducibility: each draw uses one uniform number, a counter-based hash of (sample key, step) computed on the
+device (the key itself hashes the job seed, the row id and the sample index). A sample therefore depends only
+on the seed, the row id and the sample index: never on the batch, the order, when it was admitted, the rows
+beside it or the number of actors. Drawing needs no generator state, no host sync and no per-row launches.
 
-Cost: with top-k or top-p, only candidate tokens get noise. Top-p works on the `CANDIDATES` most likely
-tokens (a partial top-k, not a sort of the vocabulary); since the noise is keyed by vocab id, the draw equals
-the full-vocabulary computation whenever the nucleus lies within the candidates. A row whose nucleus does
-not (a very flat distribution) is flagged, and the engine redraws it with the full path: exact either way.
+Drawing is inverse-CDF sampling: the uniform picks a token from the cumulative probabilities of the warped
+distribution, most likely token first (plain temperature sampling: in vocabulary order). So one random number
+per row, not one per vocabulary entry. With top-p alone, only the `CANDIDATES` most likely tokens are
+found (a partial top-k, not a sort of the vocabulary) and the draw is made among them; it equals the
+full-vocabulary draw whenever the nucleus lies within the candidates. A row whose nucleus does not (a very
+flat distribution) is flagged, and the engine redraws it with `sample_full`: exact either way.
 """
 
 from __future__ import annotations
@@ -56,13 +56,10 @@ def sample_key(seed: int, row_id: str, sample_index: int) -> int:
     return _i64(int.from_bytes(digest, "little"))
 
 
-def gumbel(keys: torch.Tensor, steps: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """(B, K) Gumbel noise for the given vocab ids (B, K) (or (K,) shared), a pure function of
-    (key, step, vocab id): keys, steps (B,) int64."""
-    stream = _splitmix64(keys ^ _splitmix64(steps))[:, None]  # (B, 1)
-    bits = _shr(_splitmix64(stream + vocab_ids), 40)  # 24 random bits, (B, K)
-    u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1)
-    return -torch.log(-torch.log(u))
+def uniform(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 uniforms in (0, 1), a pure function of (key, step): keys, steps (B,) int64."""
+    bits = _shr(_splitmix64(keys ^ _splitmix64(steps)), 11)  # 53 random bits
+    return (bits.double() + 0.5) * 2.0**-53
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
@@ -72,53 +69,48 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) ->
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def warp_full(logits: torch.Tensor, params: GenerateParams) -> torch.Tensor:
-    """Temperature, top-k and top-p over the whole vocabulary, as transformers' warpers do them (the exact
-    reference path; (B, V) -> (B, V) with removed tokens at -inf)."""
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p (at least one).
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= 1 - params.top_p
-        remove[:, -1] = False
-        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
-    return logits
+def _draw(
+    p: torch.Tensor, idx: torch.Tensor, u: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw among tokens `idx` (B, K) with probabilities `p` (B, K) in descending order; top-p
+    keeps the smallest most-likely set whose mass reaches top_p (at least one token), as transformers'
+    TopPLogitsWarper does. Returns (tokens (B,), the candidates' total mass (B,))."""
+    p = p.double()  # float64 sums: exact enough over 50k small terms
+    cum = p.cumsum(-1)  # (B, K)
+    if top_p < 1.0:
+        p = p.masked_fill(cum - p >= top_p, 0.0)  # the mass before a token reached top_p: drop it
+    kept = p.cumsum(-1)
+    target = u[:, None] * kept[:, -1:]  # (B, 1), inside the kept mass
+    choice = torch.searchsorted(kept, target).clamp_(max=p.shape[-1] - 1)  # first cum >= target
+    return idx.gather(1, choice).squeeze(1), cum[:, -1]
 
 
-def sample_full(logits, keys, steps, params: GenerateParams) -> torch.Tensor:
-    """(B,) tokens drawn from the fully warped distribution (the fallback, and the no-filter case)."""
-    warped = warp_full(logits, params)
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    return (warped + gumbel(keys, steps, vocab)).argmax(-1)
+def sample_full(logits, keys, steps, params: GenerateParams, u: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) tokens drawn over the whole vocabulary (the exact fallback, and plain temperature sampling);
+    `u` (B,) overrides the keyed uniforms (tests)."""
+    probs = (logits / params.temperature).softmax(-1)  # (B, V)
+    u = uniform(keys, steps) if u is None else u
+    if params.top_p >= 1.0 and not params.top_k:  # no filter: vocabulary order, no sort
+        vocab = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+        return _draw(probs, vocab, u, 1.0)[0]
+    if params.top_k and params.top_k < probs.shape[-1]:
+        p, idx = torch.topk(probs, params.top_k, dim=-1)
+        return _draw(p / p.sum(-1, keepdim=True), idx, u, params.top_p)[0]  # top-p sees the top-k distribution
+    p, idx = torch.sort(probs, dim=-1, descending=True)
+    return _draw(p, idx, u, params.top_p)[0]
 
 
 def sample(
-    logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, params: GenerateParams
+    logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, params: GenerateParams, full: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next tokens (B,) for penalised logits (B, V) float32, and a (B,) bool of rows to redraw with
-    `sample_full` (None when every row is exact)."""
+    `sample_full` (None when every row is exact). `full`: skip the candidates (the caller saw flat
+    distributions, where nearly every row would need the redraw)."""
     if not params.sampling:
         return logits.argmax(-1), None
     V = logits.shape[-1]
-    top_k = params.top_k if params.top_k and params.top_k < V else 0
-    if not top_k and params.top_p >= 1.0:
+    if full or params.top_p >= 1.0 or params.top_k or V <= CANDIDATES:
         return sample_full(logits, keys, steps, params), None
-    x = logits / params.temperature
-    K = top_k or min(V, CANDIDATES)
-    vals, idx = torch.topk(x, K, dim=-1)  # (B, K), most likely first
-    redraw = None
-    if params.top_p < 1.0:
-        # top-p sees the distribution after top-k (over the candidates) or the whole one.
-        lse = (vals if top_k else x).logsumexp(-1, keepdim=True)  # (B, 1)
-        p = (vals - lse).exp()
-        cum = p.cumsum(-1)
-        keep = cum - p < params.top_p  # the mass before a token has not reached top_p yet
-        if not top_k and K < V:
-            redraw = cum[:, -1] < params.top_p  # the nucleus extends past the candidates
-        vals = vals.masked_fill(~keep, float("-inf"))
-    tokens = idx.gather(1, (vals + gumbel(keys, steps, idx)).argmax(-1, keepdim=True)).squeeze(1)
-    return tokens, redraw
+    p, idx = torch.topk((logits / params.temperature).softmax(-1), CANDIDATES, dim=-1)  # most likely first
+    tokens, mass = _draw(p, idx, uniform(keys, steps), params.top_p)
+    return tokens, mass < params.top_p  # the nucleus extends past the candidates: redraw those rows
