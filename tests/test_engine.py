@@ -91,8 +91,12 @@ def test_scheduler_admits_chunks_and_alternates_without_a_model():
     sched.prefilled(step)
     dec = sched.schedule()
     assert [s.request.ident for s in dec.seqs] == ["a", "b"] and dec.width == 3  # slot 0 holds c, not running
+    sched.finish(a.seqs[1])  # slot 1 frees below b (slot 2) and nothing waits: b moves down
+    sched.prefilled(sched.schedule())  # c completes
+    dec = sched.schedule()
+    assert dec.moves == [(2, 1, b.seqs[0].position)] and b.seqs[0].slot == 1 and dec.width == 2
     requeued = sched.requeue_all(shrink=True)
-    assert set(r.ident for r in requeued) == {"a", "b", "c"} and sched.cap == 1
+    assert {r.ident for r in requeued} == {"b", "c"} and sched.cap == 1  # a had finished
     assert list(sched.waiting)[0].prefilled == 0 and len(sched.free) == 3
 
 
@@ -252,3 +256,17 @@ def test_bucketed_decode_path_pads_without_touching_other_slots(replica):
     assert _samples(engine, _requests(replica, params, 2)) == expected
     assert shapes and all(B in runner.buckets and (S % 128 == 0 or replica.max_length == S) for B, S in shapes)
     assert any(B > 1 for B, _ in shapes)
+
+
+def test_the_tail_is_compacted_and_computes_no_empty_rows(replica):
+    """A short sequence finishing below a long one: the long one moves down (its K/V with it), so decode
+    steps compute only running rows, and its output is unchanged."""
+    params = GenerateParams(max_new_tokens=40, seed=4, temperature=0.9, repetition_penalty=1.2)
+    prompts = [replica.encode(PROMPTS[0])[:10], replica.encode(PROMPTS[5])[:12]]
+    alone = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=1)),
+                     [Request(1, prompts[1], [sample_key(4, "b", 0)], 40)])  # fmt: skip
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=2))
+    reqs = [Request(0, prompts[0], [sample_key(4, "a", 0)], 2), Request(1, prompts[1], [sample_key(4, "b", 0)], 40)]
+    got = _samples(engine, reqs)
+    assert got[1] == alone[0] and len(got[0][0]) <= 2
+    assert engine.stats.decode_slots - engine.stats.decode_tokens <= 1  # at most one step with a hole

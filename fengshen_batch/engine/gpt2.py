@@ -140,7 +140,7 @@ class GPT2:
         """One token for each of the first B slots: tokens, pos (B,). Attention reads positions < span.
 
         Returns (B, V) float32 logits. Shapes depend only on (B, span), so a CUDA graph per bucket replays it.
-        A free slot inside the first B is fed position 0 and attends to itself: harmless, never read.
+        A row without a running sequence is fed the last position (the model runner's scratch), never read.
         """
         B = tokens.shape[0]
         H, hd = self.n_head, self.head_dim

@@ -81,6 +81,11 @@ class KVCache:
             self.k[:, idx, :, :length] = self.k[:, src, None, :, :length]
             self.v[:, idx, :, :length] = self.v[:, src, None, :, :length]
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` to slot `dst` (compaction)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -159,6 +159,10 @@ class LLMEngine:
             self.stats.prefill_tokens += sum(c.end - c.start for c in plan.chunks)
             self.stats.prefill_seconds += time.perf_counter() - start
             return finished
+        for src, dst, length in plan.moves:
+            self.cache.move(src, dst, length)
+            if self.seen is not None:
+                self.seen[dst] = self.seen[src]
         logits = self.runner.decode(plan)
         finished = self._advance(plan.seqs, logits)
         self.stats.decode_steps += 1

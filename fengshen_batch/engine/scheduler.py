@@ -37,6 +37,7 @@ class PrefillStep:
 class DecodeStep:
     seqs: list[Sequence]  # ordered by slot
     width: int  # slots 0..width-1 are computed (the highest running slot + 1)
+    moves: list[tuple[int, int, int]] = ()  # (from slot, to slot, cached positions): compaction, done first
 
 
 class Scheduler:
@@ -79,8 +80,22 @@ class Scheduler:
         self._last_was_prefill = False
         if not self.running:
             return None
+        moves = [] if self.waiting and self._admissible(self.waiting[0]) else self._compact()
         seqs = [self.running[s] for s in sorted(self.running)]
-        return DecodeStep(seqs, seqs[-1].slot + 1)
+        return DecodeStep(seqs, seqs[-1].slot + 1, moves)
+
+    def _compact(self) -> list[tuple[int, int, int]]:
+        """Move the highest running sequences down into free slots below them, so that decode computes no
+        empty rows. Only when no waiting request would fill those slots next (the tail of the work): a move
+        copies a sequence's cached K/V once, an empty row costs a whole row every step."""
+        moves = []
+        while self.free and self.free[0] < max(self.running):
+            src = max(self.running)
+            seq = self.running.pop(src)
+            seq.slot = heapq.heappushpop(self.free, src)  # the lowest free slot; src becomes free
+            self.running[seq.slot] = seq
+            moves.append((src, seq.slot, seq.position))
+        return moves
 
     def _prefill_chunks(self) -> list[Chunk]:
         budget = self.token_budget
