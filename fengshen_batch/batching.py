@@ -1,4 +1,4 @@
-"""Token-budget batching shared by scoring and generation.
+"""Token-budget batching for scoring (and judging, which scores statements).
 
 Items are sorted longest first (as lm-eval does: the first batch is the widest, so an out-of-memory error
 shows at once) and packed so that rows x padded width stays within a token budget, not a row count: short

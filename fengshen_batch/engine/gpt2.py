@@ -151,13 +151,16 @@ class GPT2:
         def attend(i, q, k, v):
             cache.k[i][rows, :, pos] = k  # (B, H, hd)
             cache.v[i][rows, :, pos] = v
-            out = F.scaled_dot_product_attention(
-                q[:, :, None],  # (B, H, 1, hd)
-                cache.k[i][:B, :, :span],  # (B, H, S, hd): a view, no copy
-                cache.v[i][:B, :, :span],
-                attn_mask=mask,
-                scale=self.scales[i],
-            )
+            keys, vals = cache.k[i][:B, :, :span], cache.v[i][:B, :, :span]  # (B, H, S, hd): views, no copy
+            if q.device.type == "cpu":
+                # One query per row: two batched matmuls beat the CPU flash kernel (tiled for long queries)
+                # by about 2x at 256 rows.
+                att = (q[:, :, None] @ keys.transpose(-1, -2)) * self.scales[i]  # (B, H, 1, S)
+                out = att.masked_fill_(~mask, float("-inf")).softmax(-1) @ vals
+            else:
+                out = F.scaled_dot_product_attention(
+                    q[:, :, None], keys, vals, attn_mask=mask, scale=self.scales[i]
+                )  # (B, H, 1, hd)
             return out.reshape(B, H * hd)
 
         return self.logits(self._blocks(x, attend))
