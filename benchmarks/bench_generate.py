@@ -486,61 +486,52 @@ def _fmt(v, spec=",.0f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _row(name: str, system: str, rows, config: str, r: dict) -> str:
+    """One table line; a system's missing figures stay blank. `useful`/`raw` fall back to the output rate
+    (ours never exceeds a row's limit, so for ours they are the same)."""
+    if "error" in r:
+        return f"| {name} | {system} | {rows} | {config} | FAILED: {r['error'][:60]} |" + " |" * 6
+    out = r.get("output_tokens_per_s")
+    cells = [
+        _fmt(r.get("useful_tokens_per_s", out)),
+        _fmt(r.get("raw_tokens_per_s", out)),
+        _fmt(r.get("useful_slot_fraction"), ".3f") if "useful_slot_fraction" in r else "",
+        _fmt(r.get("prefill_tokens_per_s")) if "prefill_tokens_per_s" in r else "",
+        _fmt(r.get("decode_tokens_per_s")) if "decode_tokens_per_s" in r else "",
+        _fmt(r.get("syncs_per_step"), ".2f") if "syncs_per_step" in r else "",
+        _fmt(r.get("peak_gb"), ".1f") if "peak_gb" in r else "",
+    ]
+    return f"| {name} | {system} | {rows} | {config} | " + " | ".join(cells) + " |"
+
+
 def table(results: dict) -> str:
     lines = ["| workload | system | rows | config | useful tok/s | raw tok/s | useful slots | prefill tok/s | "
              "decode tok/s | syncs/step | peak GB |", "|" + " --- |" * 11]  # fmt: skip
     for name, res in results.items():
         rows = res["workload"]["rows"]
-        ours = res.get("ours")
-        if ours and "per_max_num_seqs" in ours:
-            for n, r in ours["per_max_num_seqs"].items():
-                if "error" in r:
-                    lines.append(f"| {name} | ours | {rows} | max_num_seqs={n} | FAILED: {r['error'][:60]} |"
-                                 + " |" * 6)  # fmt: skip
-                    continue
-                star = " (best)" if n == ours.get("best_max_num_seqs") else ""
-                lines.append(
-                    f"| {name} | ours | {rows} | max_num_seqs={n}{star} | {_fmt(r['output_tokens_per_s'])} | "
-                    f"{_fmt(r['output_tokens_per_s'])} | {r['useful_slot_fraction']:.3f} | "
-                    f"{_fmt(r['prefill_tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} | "
-                    f"{r['syncs_per_step']:.2f} | {_fmt(r['peak_gb'], '.1f')} |"
-                )
-        hs = res.get("hf_static")
-        if hs:
-            for bs, r in hs.get("per_batch_size", {}).items():
-                if "error" in r:
-                    lines.append(
-                        f"| {name} | hf_static | {rows} | batch={bs} | FAILED: {r['error'][:60]} |" + " |" * 6
-                    )
-                    continue
-                star = " (best)" if bs == hs.get("best_batch_size") else ""
-                lines.append(
-                    f"| {name} | hf_static | {rows} | batch={bs}{star} | {_fmt(r['useful_tokens_per_s'])} | "
-                    f"{_fmt(r['raw_tokens_per_s'])} | {r['useful_slot_fraction']:.3f} | | | | "
-                    f"{_fmt(r['peak_gb'], '.1f')} |"
-                )
-        for key, cfgtxt in (("hf_cb", "max_new_tokens=max limit"), ("hf_cb_per_row", "per-row limits")):
+        ours = res.get("ours", {})
+        for n, r in ours.get("per_max_num_seqs", {}).items():
+            star = " (best)" if n == ours.get("best_max_num_seqs") else ""
+            lines.append(_row(name, "ours", rows, f"max_num_seqs={n}{star}", r))
+        hs = res.get("hf_static", {})
+        for bs, r in hs.get("per_batch_size", {}).items():
+            star = " (best)" if bs == hs.get("best_batch_size") else ""
+            lines.append(_row(name, "hf_static", rows, f"batch={bs}{star}", r))
+        for key, config in (("hf_cb", "max_new_tokens=max limit"), ("hf_cb_per_row", "per-row limits")):
             r = res.get(key)
             if not r or "skipped" in r:
                 continue
-            if "error" in r:
-                lines.append(f"| {name} | {key} | | {cfgtxt} | FAILED: {r['error'][:80]} |" + " |" * 6)
-                continue
             if r.get("useful_tokens_per_s_in_window"):
-                cfgtxt += (f" ({_fmt(r['useful_tokens_per_s_in_window'])} useful tok/s after "
+                config += (f" ({_fmt(r['useful_tokens_per_s_in_window'])} useful tok/s after "
                            f"{r['startup_and_shutdown_s']:.1f}s start-up)")  # fmt: skip
-            lines.append(f"| {name} | {key} | {r['rows']} | {cfgtxt} | {_fmt(r['useful_tokens_per_s'])} | "
-                         f"{_fmt(r['raw_tokens_per_s'])} | | | | | {_fmt(r['peak_gb'], '.1f')} |")  # fmt: skip
+            lines.append(_row(name, key, r.get("rows", ""), config, r))
         for key, label in (("ours_on_cb_rows", "ours (CB rows)"), ("ours_on_seed_rows", "ours (seed rows)")):
             r = res.get(key)
             if r and "error" not in r:
-                lines.append(f"| {name} | {label} | {r['rows']} | max_num_seqs={r['max_num_seqs']} | "
-                             f"{_fmt(r['output_tokens_per_s'])} | {_fmt(r['output_tokens_per_s'])} | "
-                             f"{r['useful_slot_fraction']:.3f} | | | | |")  # fmt: skip
+                lines.append(_row(name, label, r["rows"], f"max_num_seqs={r['max_num_seqs']}", r))
         r = res.get("seed")
         if r and "error" not in r:
-            lines.append(f"| {name} | seed (one at a time) | {r['rows']} | | {_fmt(r['output_tokens_per_s'])} | "
-                         f"{_fmt(r['output_tokens_per_s'])} | | | | | {_fmt(r['peak_gb'], '.1f')} |")  # fmt: skip
+            lines.append(_row(name, "seed (one at a time)", r["rows"], "", r))
     return "\n".join(lines)
 
 

@@ -118,9 +118,12 @@ class LLMEngine:
         if request.n > self.scheduler.num_slots:
             raise ValueError(f"{request.n} samples per prompt exceed max_num_seqs={self.scheduler.num_slots}")
 
-    def add(self, request: Request) -> None:
-        self.check(request)
-        self.scheduler.add(request)
+    def add(self, *requests: Request) -> None:
+        """Queue requests, all or none: every one is checked before any is queued."""
+        for r in requests:
+            self.check(r)
+        for r in requests:
+            self.scheduler.add(r)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -230,10 +233,7 @@ class LLMEngine:
 
     def run(self, requests: list[Request]) -> None:
         """Generate every request to completion from this thread."""
-        for r in requests:
-            self.check(r)
-        for r in requests:
-            self.scheduler.add(r)
+        self.add(*requests)
         try:
             while not all(r.done for r in requests):
                 self.step()
@@ -295,13 +295,10 @@ class EngineThread:
                 batches, self._pending = self._pending, []
             for requests, fut in batches:
                 try:
-                    for r in requests:
-                        engine.check(r)
+                    engine.add(*requests)
                 except Exception as e:
                     fut.set_exception(e)
                     continue
-                for r in requests:
-                    engine.scheduler.add(r)
                 self._inflight.append((requests, fut))
             try:
                 engine.step()

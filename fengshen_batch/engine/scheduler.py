@@ -89,8 +89,7 @@ class Scheduler:
         empty rows. Only when no waiting request would fill those slots next (the tail of the work): a move
         copies a sequence's cached K/V once, an empty row costs a whole row every step."""
         moves = []
-        while self.free and self.free[0] < max(self.running):
-            src = max(self.running)
+        while self.free and self.free[0] < (src := max(self.running)):
             seq = self.running.pop(src)
             seq.slot = heapq.heappushpop(self.free, src)  # the lowest free slot; src becomes free
             self.running[seq.slot] = seq
@@ -111,7 +110,6 @@ class Scheduler:
             for seq in req.seqs:
                 seq.slot = heapq.heappop(self.free)
                 seq.status = Status.PREFILLING
-            req.status = Status.PREFILLING
             self.prefilling.append(req)
             end = min(len(req.prompt), budget)
             chunks.append(Chunk(req, 0, end))
@@ -126,7 +124,6 @@ class Scheduler:
             if chunk.completes:
                 req = chunk.request
                 self.prefilling.remove(req)
-                req.status = Status.RUNNING
                 for seq in req.seqs:
                     seq.status = Status.RUNNING
                     self.running[seq.slot] = seq

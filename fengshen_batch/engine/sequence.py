@@ -48,8 +48,6 @@ class Request:
     first_index: int = 0  # sample index of keys[0] (a prompt's samples may be split over requests)
     prefilled: int = 0  # prompt tokens already in the cache
     seqs: list[Sequence] = field(default_factory=list)
-    status: Status = Status.WAITING
-    error: BaseException | None = None
 
     def __post_init__(self):
         self.seqs = [Sequence(self, self.first_index + i, k) for i, k in enumerate(self.keys)]
@@ -66,6 +64,5 @@ class Request:
         """Back to the queue with nothing computed (after a failed step): keyed sampling makes a rerun
         produce the same samples."""
         self.prefilled = 0
-        self.status = Status.WAITING
         for s in self.seqs:
             s.slot, s.tokens, s.nll, s.tail, s.status = -1, [], [], b"", Status.WAITING
