@@ -84,14 +84,20 @@ def bandwidth_gbps(device) -> float:
 
 
 def build(cfg: dict, device, dtype) -> Replica:
+    """A random-weight model of `cfg`: our replica over the weights of an HF `GPT2LMHeadModel`, which stays
+    reachable as `replica.hf` for the peers (HF generate, the seed's usage)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fengshen_batch.engine.gpt2 import GPT2
 
     config = GPT2Config(**cfg, activation_function="gelu_fast", layer_norm_epsilon=1e-5, bos_token_id=0,
                         eos_token_id=0)  # fmt: skip
     with torch.device(device):
         model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.eval().requires_grad_(False)
-    return Replica(model, NullTokenizer(), device, dtype, cfg["n_positions"], 0, "random")
+    replica = Replica(GPT2.from_hf(model), NullTokenizer(), device, dtype, cfg["n_positions"], 0, "random")
+    replica.hf = model
+    return replica
 
 
 def flops_per_token(cfg: dict, ctx: int) -> float:
@@ -124,7 +130,7 @@ def bench_scoring(replica, cfg, peak, device, rng, quick) -> dict:
         with torch.inference_mode():
             for doc in seed_docs:
                 ids = torch.tensor([[0, *doc[:-1]]], device=device)
-                replica.model(ids).logits.float().log_softmax(-1).gather(
+                replica.hf(ids).logits.float().log_softmax(-1).gather(
                     -1, torch.tensor([doc], device=device)[..., None]
                 )
 
@@ -173,7 +179,7 @@ def bench_generation(replica, cfg, peak, bw, device, rng, quick) -> dict:
         roof = roofline_tokens_per_s(cfg, b, prompt, new, peak, bw, dtype_bytes)
         per[b] = {"output_tokens_per_s": tps, "roofline_fraction": tps / roof, "peak_gb": _peak_gb(device)}
     best = max(per, key=lambda b: per[b]["output_tokens_per_s"])
-    model = replica.model
+    model = replica.hf
 
     def seed():  # the model card's pipeline: one prompt at a time, sampling
         for p in prompts[:2]:
@@ -218,7 +224,7 @@ def save_model_dir(replica, cfg, where: Path) -> Path:
     from fengshen_batch.tiny_model import build_tiny_gpt2
 
     tiny = build_tiny_gpt2(where / "tokenizer-src", n_positions=cfg["n_positions"])
-    replica.model.save_pretrained(where / "model", safe_serialization=True)
+    replica.hf.save_pretrained(where / "model", safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(where / "model")
     return where / "model"
 
@@ -265,10 +271,11 @@ def bench_pipeline(model_dir: Path, cfg, device, dtype_name, quick) -> dict:
     # the job's own rate excludes driver start-up but includes replica start-up and all I/O;
     # `steady` takes out the replica start-up too (time to the first result), which long jobs amortise
     job_s = manifest["counts"]["tokens"] / manifest["tokens_per_second"]
-    steady_s = job_s - (manifest["startup_seconds"] or 0.0)  # the first batch's work counts as start-up here
+    first_batch = manifest["startup"].get("first_batch", 0.0)  # the first batch's work counts as start-up here
+    steady_s = job_s - first_batch
     steady = engine_s / steady_s if steady_s > 0.25 * job_s else None  # else start-up is most of the job
     return {"efficiency": engine_s / job_s, "efficiency_steady": steady, "engine_seconds": engine_s,
-            "job_seconds": job_s, "startup_seconds": manifest["startup_seconds"],
+            "job_seconds": job_s, "startup": manifest["startup"],
             "wall_seconds_with_startup": manifest["wall_seconds"]}  # fmt: skip
 
 

@@ -344,7 +344,7 @@ def run_seed(model, w: dict, device) -> dict:
 
 
 def bench_workload(name: str, replica, w: dict, p: dict, device, systems: set[str]) -> dict:
-    model = replica.model
+    model = replica.hf  # the same weights in HF's GPT2LMHeadModel, for the HF peers
     res: dict = {"workload": describe(w)}
     t0 = time.perf_counter()
     if "ours" in systems:

@@ -25,7 +25,7 @@ What it does:
      decodes, writes a Parquet; torch threads = 2;
   5. reports both walls, speedup = HF wall / ours wall (target >= 1.2), useful output tokens (per row
      min(limit, tokens up to and including the first EOS), the same count as ours' `generated_tokens`), ours'
-     startup_seconds, and writes benchmarks/results/job-cpu-2t-<yyyymmdd>.json (`-rowsN` added when --rows is not
+     startup.first_batch, and writes benchmarks/results/job-cpu-2t-<yyyymmdd>.json (`-rowsN` added when --rows is not
      768).
 
 Before each timed run it waits (--quiet-wait, default 5 minutes) for other busy processes to finish, and while
@@ -403,7 +403,7 @@ def _read_manifest(res: dict, out: Path) -> None:
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
-        res["manifest"] = {k: m.get(k) for k in ("counts", "wall_seconds", "startup_seconds", "tokens_per_second",
+        res["manifest"] = {k: m.get(k) for k in ("counts", "wall_seconds", "startup", "tokens_per_second",
                                                  "shards", "gpus_per_actor")}  # fmt: skip
         res["manifest"]["cpus_per_actor"] = m.get("spec", {}).get("cpus_per_actor")
     res.update(_ours_tokens(out))
@@ -611,7 +611,7 @@ def main() -> None:
                 "(config.generate_has_cpus_per_actor); without it the actor runs with the spec's default "
                 "cpus_per_actor=1 (one torch thread) and ours_2cpu runs the same job through `run SPEC` with "
                 "cpus_per_actor 2. ours_1cpu / hf_static_1t: one-thread references.",
-                "manifest startup_seconds is the time from pipeline start to the first result batch; with 768 rows "
+                "manifest startup.first_batch is the time from pipeline start to the first result batch; with 768 rows "
                 "in 3 Ray batches of 256 all in flight at once it includes most of the generation, not only "
                 "start-up.",
                 "attempts: a run is stopped (SIGINT, then SIGKILL of its own descendants) and retried when other "
@@ -641,7 +641,7 @@ def main() -> None:
             if r.get("rc") != 0:
                 print(f"| {k} | failed (rc {r.get('rc')}) | | | | | |")
                 continue
-            st = (r.get("manifest") or {}).get("startup_seconds", "")
+            st = ((r.get("manifest") or {}).get("startup") or {}).get("first_batch", "")
             print(f"| {k} | {r['wall_s']:.1f} | {r.get('output_tokens')} | {r.get('output_tokens_per_s_wall')} | "
                   f"{st} | {speedups.get(k, '')} | {r['during_run']['other_cpu_fraction_of_machine']:.0%}"
                   f"{' (disturbed)' if r.get('disturbed') else ''}, attempt {r['attempt']} |")  # fmt: skip

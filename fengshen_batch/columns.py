@@ -1,4 +1,4 @@
-"""Engine results as Arrow columns, and the explicit output schemas.
+"""Engine results as Arrow columns (the schemas they follow are in `schemas`).
 
 A batch from the pipeline carries the input columns plus `_shard`/`_row`; the model stage appends the result
 columns (null on a failed row) and `error_kind`/`error_message` (null on a good row). Generation repeats an
@@ -16,47 +16,10 @@ from .generation import generate
 from .judging import Judgment, judge, statement_lists
 from .loading import Replica
 from .results import RowError, Sample, ScoreResult
+from .schemas import ERROR_FIELDS, RESULT_FIELDS
 from .scoring import score_texts
 
-SCORE_FIELDS = [
-    pa.field("nll_sum", pa.float64()),
-    pa.field("token_count", pa.int64()),
-    pa.field("ppl", pa.float64()),
-    pa.field("byte_count", pa.int64()),
-    pa.field("bits_per_byte", pa.float64()),
-]
-GENERATE_FIELDS = [
-    pa.field("sample_index", pa.int32()),
-    pa.field("generation", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("generated_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("generation_nll_sum", pa.float64()),
-]
 log = logging.getLogger(__name__)
-
-JUDGE_FIELDS = [
-    pa.field("statements", pa.list_(pa.string())),
-    pa.field("candidate_nll_sum", pa.list_(pa.float64())),
-    pa.field("candidate_token_count", pa.list_(pa.int64())),
-    pa.field("candidate_ppl", pa.list_(pa.float64())),
-    pa.field("choice", pa.int32()),
-    pa.field("margin", pa.float64()),
-    pa.field("verdict", pa.bool_()),
-]
-ERROR_FIELDS = [pa.field("error_kind", pa.string()), pa.field("error_message", pa.string())]
-
-
-def result_fields(kind: str) -> list[pa.Field]:
-    return KINDS[kind][0]
-
-
-def data_schema(input_schema: pa.Schema, kind: str) -> pa.Schema:
-    return pa.schema([*input_schema, *result_fields(kind)])
-
-
-def error_schema(input_schema: pa.Schema) -> pa.Schema:
-    return pa.schema([*input_schema, *ERROR_FIELDS])
 
 
 def _score_values(r: ScoreResult) -> list[tuple]:
@@ -92,17 +55,13 @@ def _judge_values(j: Judgment) -> list[tuple]:
     ]
 
 
-# Per kind: its result columns and one tuple of values per output row of a good input row.
-KINDS = {
-    "score": (SCORE_FIELDS, _score_values),
-    "generate": (GENERATE_FIELDS, _generate_values),
-    "judge": (JUDGE_FIELDS, _judge_values),
-}
+# Per kind: one tuple of values (in RESULT_FIELDS order) per output row of a good input row.
+VALUES = {"score": _score_values, "generate": _generate_values, "judge": _judge_values}
 
 
 def _columns(kind: str, results: list) -> tuple[list[int], dict[str, list], list[RowError | None]]:
     """(input row of each output row, result columns, row error of each output row)."""
-    fields, values_of = KINDS[kind]
+    fields, values_of = RESULT_FIELDS[kind], VALUES[kind]
     take, cols, errors = [], {f.name: [] for f in fields}, []
     for i, r in enumerate(results):
         failed = isinstance(r, RowError)
@@ -173,7 +132,7 @@ def process_table(
     results, budget = run_rows(replica, spec, items, ids, token_budget, engine)
     take, cols, errors = _columns(spec.kind, results)
     out = table.take(pa.array(take, pa.int64()))
-    for f in result_fields(spec.kind):
+    for f in RESULT_FIELDS[spec.kind]:
         out = out.append_column(f, pa.array(cols[f.name], f.type))
     out = out.append_column(ERROR_FIELDS[0], pa.array([e and e.kind for e in errors], pa.string()))
     out = out.append_column(ERROR_FIELDS[1], pa.array([e and e.message for e in errors], pa.string()))

@@ -13,16 +13,15 @@ import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
-from .columns import data_schema, error_schema
 from .inputs import ID_COLUMN, inspect_inputs, make_shards
 from .loading import check_model_source
 from .outputs import DATA, OutputStore, ShardAssembler, spec_hash
+from .progress import Display, quiet_ray
+from .schemas import data_schema, error_schema
 from .spec import GenerateJob, ScoreJob, spec_record
 from .storage import filesystem, redact_url, storage_options
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY_S = 5.0
 
 
 class JobError(RuntimeError):
@@ -44,10 +43,6 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
     b = out_fs.unstrip_protocol(out_path).rstrip("/")
     if b == a or b.startswith(a + "/"):
         raise JobError(f"output {redact_url(spec.output)} is inside the input {redact_url(spec.input)}")
-
-
-def _fmt_eta(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
 
 
 def _finish_kind(spec, store: OutputStore, manifest: dict) -> None:
@@ -73,10 +68,20 @@ def _finish_kind(spec, store: OutputStore, manifest: dict) -> None:
 
 
 def run_job(
-    spec: ScoreJob | GenerateJob, progress: Callable[[str], None] = log.info, overwrite: bool = False
+    spec: ScoreJob | GenerateJob,
+    progress: Callable[[str], None] = log.info,
+    overwrite: bool = False,
+    *,
+    ray_progress: bool = False,
+    live: bool | None = None,
 ) -> dict:
-    """Run the job to completion and return its manifest (also written to OUTPUT/manifest.json)."""
+    """Run the job to completion and return its manifest (also written to OUTPUT/manifest.json).
+
+    `progress` prints lines for the user; the live display (`live`: default, when stdout is a terminal)
+    draws itself. `ray_progress`: Ray Data's own progress bars and INFO lines as well (then no live line).
+    """
     started = time.time()
+    startup: dict[str, float] = {}  # seconds of each start-up phase, for the manifest
     record = spec_record(spec)
     strings, lists, others = spec.input_columns()
     inputs = inspect_inputs(
@@ -113,10 +118,14 @@ def run_job(
         f"{inputs.rows} rows in {len(inputs.files)} files, {len(shards)} shards "
         f"({len(shards) - len(todo)} already committed)"
     )
+    startup["checks"] = time.time() - started
 
+    quiet_ray(spec.address, ray_progress)
     from . import pipeline  # Ray is imported only once the job is known to be runnable
 
+    t = time.time()
     pipeline.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    startup["ray_start"] = time.time() - t
     gpus = (
         spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if pipeline.cluster_gpus() else 0.0)
     )
@@ -126,25 +135,24 @@ def run_job(
     )
     stats = dict(committed)
     todo_rows = sum(s.stop - s.start for s in todo)
-    rows_done = tokens_done = 0
-    last = run_start = time.time()
-    first_result = None  # seconds from pipeline start to the first result: replica start-up
-    if todo:
-        for batch in pipeline.run_pipeline(spec, todo, inputs.id_column, id_field, gpus):
-            first_result = first_result or time.time() - run_start
+    display = Display(todo_rows, len(shards), len(committed), progress, live=False if ray_progress else live)
+    rows_done = tokens_done = errors_done = 0
+    run_start = time.time()
+    try:
+        for batch in pipeline.run_pipeline(spec, todo, inputs.id_column, id_field, gpus, ray_progress):
+            if "first_batch" not in startup:
+                startup["first_batch"] = time.time() - run_start
+                startup.update(pipeline.actor_startup(batch, run_start))
             for shard, data, errors, shard_stats in assembler.add(batch):
                 target.write_shard(shard, data, errors, shard_stats, hash_)
+                startup.setdefault("first_shard", time.time() - started)
                 stats[shard.index] = shard_stats.__dict__
                 rows_done += shard_stats.rows
                 tokens_done += shard_stats.tokens
-            if time.time() - last >= PROGRESS_EVERY_S:
-                last = time.time()
-                rate = rows_done / (last - run_start)
-                eta = (todo_rows - rows_done) / rate if rate else float("inf")
-                progress(
-                    f"{rows_done}/{todo_rows} rows, {tokens_done / (last - run_start):,.0f} tokens/s, "
-                    f"ETA {_fmt_eta(eta) if rate else '?'}"
-                )
+                errors_done += shard_stats.errors
+            display.update(rows_done + assembler.rows_open, tokens_done, errors_done, len(stats))
+    finally:
+        display.close()
     missing = [s.index for s in shards if s.index not in stats]
     if missing or assembler.open_shards:
         raise RuntimeError(f"{len(missing)} shards did not complete (first: {missing[:5]}); rerun to resume")
@@ -169,7 +177,7 @@ def run_job(
         "resumed_shards": len(committed),
         "wall_seconds": round(wall, 3),
         "tokens_per_second": round(tokens_done / max(time.time() - run_start, 1e-9), 1),
-        "startup_seconds": round(first_result, 3) if first_result is not None else None,
+        "startup": {k: round(v, 3) for k, v in startup.items()},
         "gpus_per_actor": gpus,
         "versions": _versions(),
     }

@@ -7,8 +7,8 @@ A model is named by one of:
   one node download it once;
 - a Hugging Face hub id (`IDEA-CCNL/Wenzhong-GPT2-3.5B`), where the hub is reachable.
 
-Weights: safetensors when present; pickled `.bin` only through `torch.load(weights_only=True)` (transformers'
-loader). `trust_remote_code` is never enabled unless the caller asks.
+Weights: safetensors when present (read straight onto the device); pickled `.bin` only through
+`torch.load(weights_only=True)`. `trust_remote_code` is never enabled unless the caller asks.
 """
 
 from __future__ import annotations
@@ -23,14 +23,17 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a replica loads, not by the driver or `submit`
+    import torch
+
+    from .engine.gpt2 import GPT2
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 
 # Files a replica needs besides its weights; anything else under a model prefix is not downloaded.
 METADATA_FILES = (
@@ -55,7 +58,7 @@ class ModelLoadError(RuntimeError):
 class Replica:
     """One model replica on one device, with what the engine needs to know about it."""
 
-    model: Any  # GPT2LMHeadModel (or a remote-code causal LM when explicitly trusted)
+    model: GPT2  # our forward over the checkpoint's weights
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -69,6 +72,8 @@ class Replica:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -76,13 +81,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU."""
+    import torch
+
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def default_cache_dir() -> Path:
@@ -210,15 +217,42 @@ def _require_gpt2(model_type: str | None, source: str, trust_remote_code: bool) 
         )
 
 
-def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) -> Any:
-    """Read config.json and refuse what is not a GPT2 causal LM; cheap, so jobs call it before Ray starts."""
-    from transformers import AutoConfig
+def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) -> None:
+    """Read config.json as JSON and refuse what is not a GPT2 causal LM: cheap (no torch, no transformers),
+    so jobs call it before Ray starts."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"no config.json in {source}: not a Hugging Face model directory") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {source}/config.json: {type(e).__name__}: {e}") from None
+    _require_gpt2(config.get("model_type"), source, trust_remote_code)
 
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"no config.json in {source}: not a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    _require_gpt2(config.model_type, source, trust_remote_code)
-    return config
+
+def read_weights(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A local checkpoint's floating-point tensors, cast to `dtype` on `device` one at a time (the peak is
+    one tensor above the replica). safetensors are read straight onto the device; pickled `.bin` shards only
+    through `torch.load(weights_only=True)`."""
+    import torch
+
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelLoadError(f"no weights (*.safetensors or pytorch_model*.bin) in {path}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(f, framework="pt", device=str(device)) as sf:
+                for name in sf.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    t = sf.get_tensor(name)
+                    if t.is_floating_point():
+                        weights[name] = t.to(dtype)
+        else:
+            for name, t in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
+                if t.is_floating_point():
+                    weights[name] = t.to(device=device, dtype=dtype)
+    return weights
 
 
 def load_replica(
@@ -230,26 +264,33 @@ def load_replica(
     cache_dir: str | Path | None = None,
     storage_options: dict | None = None,
 ) -> Replica:
-    """Load model + tokenizer from `source` onto `device`, in eval mode, gradients off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+    """Load the model (our GPT2 forward over the checkpoint's weights) and tokenizer onto `device`.
+
+    The weights are read directly, not through transformers' model classes, whose imports alone cost an
+    actor seconds of start-up; only a trusted remote-code checkpoint goes through `AutoModelForCausalLM`.
+    """
+    from transformers import AutoTokenizer
+
+    from .engine.gpt2 import GPT2
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     path = localize(source, cache_dir, storage_options)
-    config = check_model_dir(path, source, trust_remote_code)
-
-    # GPT2LMHeadModel, not the GPT2Model of the model cards: we need the LM head (tied to wte). A checkpoint
-    # saved from GPT2Model loads into it too (transformers maps the base-model prefix).
-    cls = AutoModelForCausalLM if trust_remote_code else GPT2LMHeadModel
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    check_model_dir(path, source, trust_remote_code)
+    config = json.loads((path / "config.json").read_text())
     try:
-        model = cls.from_pretrained(
-            path, config=config, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
-        )
+        if trust_remote_code:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=True)
+            model = GPT2.from_hf(hf.to(dev).requires_grad_(False))
+        else:
+            model = GPT2(config, read_weights(path, dev, torch_dtype))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"cannot load model from {source}: {type(e).__name__}: {e}") from e
-    model.to(dev).eval().requires_grad_(False)
 
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -258,9 +299,8 @@ def load_replica(
         # GPT2 has no pad token. Padding uses EOS ids, but the engine always tracks real lengths (and passes
         # attention masks), so a real <|endoftext|> in a text is never taken for padding.
         tokenizer.pad_token = tokenizer.eos_token
-    max_length = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
-    log.info("loaded %s on %s as %s (context %d)", source, dev, torch_dtype, max_length)
-    return Replica(model, tokenizer, dev, torch_dtype, int(max_length), int(eos_id), source)
+    log.info("loaded %s on %s as %s (context %d)", source, dev, torch_dtype, model.max_len)
+    return Replica(model, tokenizer, dev, torch_dtype, int(model.max_len), int(eos_id), source)
 
 
 def check_model_source(

@@ -183,6 +183,11 @@ class ShardAssembler:
     def open_shards(self) -> int:
         return len(self.pending)
 
+    @property
+    def rows_open(self) -> int:
+        """Input rows of not yet complete shards whose results are here (for progress)."""
+        return sum(len(rows) for rows in self.seen_rows.values())
+
     def _complete(self, shard: Shard) -> tuple[Shard, pa.Table, pa.Table, ShardStats]:
         rows = pa.concat_tables(self.pending.pop(shard.index))
         del self.seen_rows[shard.index]

@@ -10,8 +10,10 @@ generation, several batches at once into one engine).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -24,6 +26,7 @@ from .spec import GenerateJob, ScoreJob, StorageSpec, build_spec
 log = logging.getLogger(__name__)
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
 READ_CPUS = 0.25  # reading is I/O bound; do not let it wait behind the model actors for a whole CPU
 
 
@@ -65,11 +68,14 @@ class ModelActor:
     """
 
     def __init__(self, spec: dict, id_field: str):
+        init_at = time.time()
         import torch
         import transformers
 
         from .loading import load_replica
         from .storage import storage_options
+
+        imported_at = time.time()
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
@@ -93,15 +99,39 @@ class ModelActor:
             self.engine = EngineThread(
                 LLMEngine(self.replica, self.spec.params(), self.spec.engine_params(), self.spec.token_budget)
             )
+        # Wall-clock times (the driver compares them with its own; one machine, or NTP-synced nodes).
+        self.startup = {
+            "init_at": init_at,
+            "imports": imported_at - init_at,
+            "load": time.time() - imported_at,
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .columns import process_table
 
+        self.startup.setdefault("first_call_at", time.time())
         out, budget = process_table(
             self.replica, self.spec, batch, self.id_field, self.token_budget, self.engine
         )
         self.token_budget = budget
-        return out
+        return out.replace_schema_metadata({STARTUP_KEY: json.dumps(self.startup).encode()})
+
+
+def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:
+    """Start-up phases seen by the actor that produced `batch` (seconds): `plan` (pipeline start to the
+    actor's `__init__`: Ray Data planning, read tasks, actor scheduling and process start), `actor_imports`
+    (torch, transformers), `replica_load`, and `first_call_wait` (replica ready to its first batch)."""
+    raw = (batch.schema.metadata or {}).get(STARTUP_KEY)
+    if raw is None:
+        return {}
+    s = json.loads(raw)
+    ready_at = s["init_at"] + s["imports"] + s["load"]
+    return {
+        "plan": s["init_at"] - pipeline_at,
+        "actor_imports": s["imports"],
+        "replica_load": s["load"],
+        "first_call_wait": s["first_call_at"] - ready_at,
+    }
 
 
 def _compute(spec: ScoreJob | GenerateJob):
@@ -121,9 +151,17 @@ def _compute(spec: ScoreJob | GenerateJob):
 
 
 def run_pipeline(
-    spec: ScoreJob | GenerateJob, shards: list[Shard], id_column: str | None, id_field: str, gpus: float
+    spec: ScoreJob | GenerateJob,
+    shards: list[Shard],
+    id_column: str | None,
+    id_field: str,
+    gpus: float,
+    ray_progress: bool = False,
 ) -> Iterator[pa.Table]:
-    """Stream the model stage's output batches to the caller (the driver), shard rows tagged."""
+    """Stream the model stage's output batches to the caller (the driver), shard rows tagged.
+
+    Ray Data's progress bars only with `ray_progress`: the job draws its own progress line."""
+    ray.data.DataContext.get_current().enable_progress_bars = ray_progress
     ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(
         _read,

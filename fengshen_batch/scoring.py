@@ -51,8 +51,7 @@ def rolling_windows(
 def window_logprobs(replica: Replica, windows: Sequence[tuple[list[int], int]]) -> list[float]:
     """Sum of target log-probs (float64) for each window of one batch.
 
-    Rows are right-padded and run without an attention mask: under the causal mask a real position never
-    sees the padding after it, so no mask is needed (and SDPA can take its fastest kernel).
+    Rows are right-padded and run without an attention mask (see `GPT2.hidden`).
     """
     model, device = replica.model, replica.device
     widths = [len(seq) - 1 for seq, _ in windows]
@@ -64,14 +63,14 @@ def window_logprobs(replica: Replica, windows: Sequence[tuple[list[int], int]]) 
         rows += [b] * n_scored
         cols += range(w - n_scored, w)
         targets += seq[-n_scored:]
-    hidden = model.transformer(input_ids=input_ids.to(device)).last_hidden_state  # (B, T, d)
-    # Only scored positions go through the LM head, in chunks, in float32.
+    hidden = model.hidden(input_ids.to(device))  # (B, T, d), before ln_f
+    # Only scored positions go through ln_f and the LM head, in chunks, in float32.
     h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, d)
     tgt = torch.tensor(targets, device=device)  # (N,)
     logprobs = torch.empty(len(targets), dtype=torch.float64, device=device)
     for start in range(0, len(targets), LOGIT_CHUNK_ROWS):
         sl = slice(start, start + LOGIT_CHUNK_ROWS)
-        logits = model.lm_head(h[sl]).float()  # (chunk, V)
+        logits = model.logits(h[sl])  # (chunk, V) float32
         logprobs[sl] = logits.log_softmax(-1).gather(1, tgt[sl, None]).squeeze(1).double()
     sums = torch.zeros(B, dtype=torch.float64, device=device)
     sums.index_add_(0, torch.tensor(rows, device=device), logprobs)

@@ -27,6 +27,14 @@ def replica(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def hf_model(tiny_model_dir):
+    """Hugging Face's own GPT2LMHeadModel over the same checkpoint: the independent reference."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_model_dir, dtype="float32").eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A real HTTP S3 API (moto's server, as s3fs's own tests use) on loopback; stopped after the session."""
     from moto.server import ThreadedMotoServer

@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 
-from fengshen_batch.engine.gpt2 import GPT2
 from fengshen_batch.engine.kv_cache import KVCache
 from fengshen_batch.engine.llm_engine import EngineThread, LLMEngine
 from fengshen_batch.engine.sampler import CANDIDATES, sample, sample_full, sample_key
@@ -27,20 +26,20 @@ def _prompt_ids(replica, limit):
     return [replica.encode(p)[-(replica.max_length - limit) :] for p in PROMPTS]
 
 
-def _hf_greedy(replica, ids, limit):
+def _hf_greedy(replica, hf_model, ids, limit):
     enc = torch.tensor([ids])
-    out = replica.model.generate(enc, attention_mask=torch.ones_like(enc), do_sample=False,
+    out = hf_model.generate(enc, attention_mask=torch.ones_like(enc), do_sample=False,
                                  max_new_tokens=limit, pad_token_id=replica.eos_id)  # fmt: skip
     gen = out[0, enc.shape[1] :].tolist()
     return gen[: gen.index(replica.eos_id) + 1] if replica.eos_id in gen else gen
 
 
-def test_gpt2_forward_equals_hf_logits_through_chunked_prefill_and_decode(replica):
-    model = GPT2(replica.model)
+def test_gpt2_forward_equals_hf_logits_through_chunked_prefill_and_decode(replica, hf_model):
+    model = replica.model
     cache = KVCache(model.n_layer, 4, model.n_head, model.max_len, model.head_dim, model.dtype, model.device)
     seqs = [replica.encode(p)[:40] for p in (PROMPTS[1], PROMPTS[5], PROMPTS[7])]  # lengths differ
     with torch.no_grad():
-        ref = [replica.model(torch.tensor([s])).logits[0].float() for s in seqs]  # (T, V) each
+        ref = [hf_model(torch.tensor([s])).logits[0].float() for s in seqs]  # (T, V) each
         # Prefill the first 10 tokens of each, in slots 2, 0, 3 (chunks of unequal width), then 5 more each.
         slots = torch.tensor([2, 0, 3])
         for start, end in ((0, 10), (10, 15)):
@@ -120,13 +119,13 @@ def test_candidate_sampling_equals_the_full_vocabulary_path():
 
 def test_stop_strings_are_found_in_the_new_bytes_even_across_tokens(replica):
     ids = replica.encode("北京位于华北平原的北部")
-    table = token_bytes(replica.tokenizer, replica.model.config.vocab_size)
+    table = token_bytes(replica.tokenizer, replica.model.vocab_size)
     assert b"".join(table[i] for i in ids).decode() == replica.tokenizer.decode(ids)
     # a stop string whose bytes begin inside one token and end inside a later one
     text = b"".join(table[i] for i in ids)
     start = len(table[ids[0]]) - 1
     stop = text[start : start + 4].decode(errors="ignore") or "华北"
-    checker = StopChecker(replica.tokenizer, [stop, "never"], replica.model.config.vocab_size)
+    checker = StopChecker(replica.tokenizer, [stop, "never"], replica.model.vocab_size)
     seq = _req(1).seqs[0]
     hits = [checker.update(seq, t) for t in ids]
     first = hits.index(True)
@@ -134,7 +133,7 @@ def test_stop_strings_are_found_in_the_new_bytes_even_across_tokens(replica):
     assert stop not in replica.tokenizer.decode(ids[:first])
 
 
-def test_greedy_with_per_row_limits_equals_hf_for_more_prompts_than_slots(replica):
+def test_greedy_with_per_row_limits_equals_hf_for_more_prompts_than_slots(replica, hf_model):
     params = GenerateParams(greedy=True, max_new_tokens=12)
     limits = [3, 12, None, 7, 1, 20, 9, 12, 2, 15, 5, 11]  # None: the job's 12
     engine = LLMEngine(replica, params, EngineParams(max_num_seqs=3), token_budget=24)
@@ -142,7 +141,7 @@ def test_greedy_with_per_row_limits_equals_hf_for_more_prompts_than_slots(replic
     for prompt, limit, (s,) in zip(PROMPTS, limits, results, strict=True):
         limit = limit or 12
         ids = replica.encode(prompt)[-(replica.max_length - limit) :]
-        ref = _hf_greedy(replica, ids, limit)
+        ref = _hf_greedy(replica, hf_model, ids, limit)
         assert s.generated_tokens == len(ref) <= limit
         assert s.generation == replica.tokenizer.decode([t for t in ref if t != replica.eos_id])
         assert s.prompt_tokens == len(ids)
@@ -158,7 +157,9 @@ def test_bad_per_row_limits_are_row_errors(replica):
     params = GenerateParams(greedy=True, max_new_tokens=8)
     ctx = replica.max_length
     limits = [0, -3, 2.5, "7", True, ctx, 4.0, float("nan"), None, ctx - 1]
-    results = generate(replica, ["北京位于"] * len(limits), [str(i) for i in range(len(limits))], params, limits)
+    results = generate(
+        replica, ["北京位于"] * len(limits), [str(i) for i in range(len(limits))], params, limits
+    )
     kinds = [r.kind if not isinstance(r, list) else None for r in results]
     assert kinds[:6] == ["bad_max_new_tokens"] * 6
     assert "outside 1.." in results[5].message and "not a whole number" in results[2].message
@@ -195,7 +196,9 @@ def test_samples_are_the_same_whatever_runs_beside_them(replica):
 
 def test_engine_thread_serves_concurrent_callers_and_survives_a_failed_step(replica):
     params = GenerateParams(max_new_tokens=8, seed=5, temperature=0.9)
-    expected = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=8)), _requests(replica, params, 2))
+    expected = _samples(
+        LLMEngine(replica, params, EngineParams(max_num_seqs=8)), _requests(replica, params, 2)
+    )
     engine = LLMEngine(replica, params, EngineParams(max_num_seqs=4), token_budget=32)
     worker = EngineThread(engine)
     try:
@@ -223,7 +226,9 @@ def test_engine_thread_serves_concurrent_callers_and_survives_a_failed_step(repl
 
 def test_out_of_memory_admits_fewer_sequences_and_loses_nothing(replica):
     params = GenerateParams(max_new_tokens=10, seed=9, temperature=0.7)
-    expected = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=8)), _requests(replica, params, 1))
+    expected = _samples(
+        LLMEngine(replica, params, EngineParams(max_num_seqs=8)), _requests(replica, params, 1)
+    )
     engine = LLMEngine(replica, params, EngineParams(max_num_seqs=8))
     real, calls = engine.runner.decode, []
 
@@ -243,18 +248,24 @@ def test_bucketed_decode_path_pads_without_touching_other_slots(replica):
     """The CUDA-graph path's static buffers and bucket padding, run eagerly here (no GPU): padded rows and
     free slots write scratch only, so results equal the exact-width path while prompts prefill beside."""
     params = GenerateParams(max_new_tokens=9, seed=2, temperature=0.9, num_return_sequences=2)
-    expected = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=16)), _requests(replica, params, 2))
+    expected = _samples(
+        LLMEngine(replica, params, EngineParams(max_num_seqs=16)), _requests(replica, params, 2)
+    )
     engine = LLMEngine(replica, params, EngineParams(max_num_seqs=7), token_budget=20)
     runner, shapes = engine.runner, []
 
     def eager_capture(B, S):
         shapes.append((B, S))
         out = torch.empty(B, runner.model.vocab_size)
-        return (lambda: out.copy_(runner.model.decode(runner.cache, runner._ids[:B], runner._pos[:B], S))), out
+        return (
+            lambda: out.copy_(runner.model.decode(runner.cache, runner._ids[:B], runner._pos[:B], S))
+        ), out
 
     runner.graphs_on, runner._capture = True, eager_capture
     assert _samples(engine, _requests(replica, params, 2)) == expected
-    assert shapes and all(B in runner.buckets and (S % 128 == 0 or replica.max_length == S) for B, S in shapes)
+    assert shapes and all(
+        B in runner.buckets and (S % 128 == 0 or replica.max_length == S) for B, S in shapes
+    )
     assert any(B > 1 for B, _ in shapes)
 
 
@@ -266,7 +277,10 @@ def test_the_tail_is_compacted_and_computes_no_empty_rows(replica):
     alone = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=1)),
                      [Request(1, prompts[1], [sample_key(4, "b", 0)], 40)])  # fmt: skip
     engine = LLMEngine(replica, params, EngineParams(max_num_seqs=2))
-    reqs = [Request(0, prompts[0], [sample_key(4, "a", 0)], 2), Request(1, prompts[1], [sample_key(4, "b", 0)], 40)]
+    reqs = [
+        Request(0, prompts[0], [sample_key(4, "a", 0)], 2),
+        Request(1, prompts[1], [sample_key(4, "b", 0)], 40),
+    ]
     got = _samples(engine, reqs)
     assert got[1] == alone[0] and len(got[0][0]) <= 2
     assert engine.stats.decode_slots - engine.stats.decode_tokens <= 1  # at most one step with a hole

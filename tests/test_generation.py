@@ -26,9 +26,9 @@ PROMPTS = ["北京位于", "Diabetics should not eat", SAMPLE_LINES[2], "a", SAM
 IDS = [f"row-{i}" for i in range(len(PROMPTS))]
 
 
-def _hf_greedy(replica, prompt_ids, max_new_tokens, repetition_penalty=1.0):
+def _hf_greedy(replica, hf_model, prompt_ids, max_new_tokens, repetition_penalty=1.0):
     enc = torch.tensor([prompt_ids])
-    out = replica.model.generate(
+    out = hf_model.generate(
         enc,
         attention_mask=torch.ones_like(enc),
         do_sample=False,
@@ -40,29 +40,29 @@ def _hf_greedy(replica, prompt_ids, max_new_tokens, repetition_penalty=1.0):
     return gen[: gen.index(replica.eos_id) + 1] if replica.eos_id in gen else gen
 
 
-def _teacher_forced_nll(replica, prompt_ids, gen_ids):
+def _teacher_forced_nll(hf_model, prompt_ids, gen_ids):
     """Independent NLL of generated tokens: one forward pass over prompt + generation."""
     ids = torch.tensor([prompt_ids + gen_ids])
     with torch.no_grad():
-        logprobs = replica.model(ids).logits[0, :-1].float().log_softmax(-1)
+        logprobs = hf_model(ids).logits[0, :-1].float().log_softmax(-1)
     targets = ids[0, 1:]
     return -logprobs.gather(1, targets[:, None])[len(prompt_ids) - 1 :].sum().item()
 
 
 @pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
-def test_greedy_equals_hf_generate_on_each_prompt_alone(replica, repetition_penalty):
+def test_greedy_equals_hf_generate_on_each_prompt_alone(replica, hf_model, repetition_penalty):
     params = GenerateParams(greedy=True, max_new_tokens=20, repetition_penalty=repetition_penalty)
     results = generate(replica, PROMPTS, IDS, params)
     limit = replica.max_length - params.max_new_tokens
     reasons = set()
     for prompt, (sample,) in zip(PROMPTS, results, strict=True):
         prompt_ids = replica.encode(prompt)[-limit:]
-        ref = _hf_greedy(replica, prompt_ids, params.max_new_tokens, repetition_penalty)
+        ref = _hf_greedy(replica, hf_model, prompt_ids, params.max_new_tokens, repetition_penalty)
         assert sample.generation == replica.tokenizer.decode([t for t in ref if t != replica.eos_id])
         assert sample.generated_tokens == len(ref)
         assert sample.prompt_tokens == len(prompt_ids)
         assert sample.generation_nll_sum == pytest.approx(
-            _teacher_forced_nll(replica, prompt_ids, ref), rel=1e-4
+            _teacher_forced_nll(hf_model, prompt_ids, ref), rel=1e-4
         )
         reasons.add(sample.finish_reason)
         assert sample.finish_reason == ("stop" if ref[-1] == replica.eos_id else "length")
@@ -102,24 +102,22 @@ def test_seed_row_id_and_sample_index_change_the_sample(replica):
         assert len({s.generation for s in row}) > 1
 
 
-def test_stop_string_cuts_text_and_counts(replica):
+def test_stop_string_cuts_text_and_counts(replica, hf_model):
     greedy = GenerateParams(greedy=True, max_new_tokens=20)
     (full,) = generate(replica, [PROMPTS[1]], ["x"], greedy)
     full = full[0]
     stop = full.generation[6:8]
     assert stop and full.generation_nll_sum > 0
-    (cut,) = generate(
-        replica, [PROMPTS[1]], ["x"], greedy.model_copy(update={"stop": (stop, "never-seen")})
-    )
+    (cut,) = generate(replica, [PROMPTS[1]], ["x"], greedy.model_copy(update={"stop": (stop, "never-seen")}))
     cut = cut[0]
     assert cut.generation == full.generation[: full.generation.find(stop)]
     assert cut.finish_reason == "stop"
     assert cut.generated_tokens < full.generated_tokens
     # the tokens counted are the fewest whose text contains the stop string
     gen_ids = replica.encode(PROMPTS[1])  # recompute the greedy ids to check the count and the NLL
-    ids = _hf_greedy(replica, gen_ids, 20)[: cut.generated_tokens]
+    ids = _hf_greedy(replica, hf_model, gen_ids, 20)[: cut.generated_tokens]
     assert stop in replica.tokenizer.decode(ids) and stop not in replica.tokenizer.decode(ids[:-1])
-    assert cut.generation_nll_sum == pytest.approx(_teacher_forced_nll(replica, gen_ids, ids), rel=1e-4)
+    assert cut.generation_nll_sum == pytest.approx(_teacher_forced_nll(hf_model, gen_ids, ids), rel=1e-4)
 
 
 def test_prompt_policies_and_bad_rows(replica):
@@ -192,7 +190,5 @@ def test_ignore_eos_generates_max_new_tokens(replica):
     params = GenerateParams(greedy=True, max_new_tokens=20)
     stopped = [r[0] for r in generate(replica, PROMPTS, IDS, params)]
     assert any(s.finish_reason == "stop" for s in stopped)  # some prompts end with EOS by themselves
-    forced = [
-        r[0] for r in generate(replica, PROMPTS, IDS, params.model_copy(update={"ignore_eos": True}))
-    ]
+    forced = [r[0] for r in generate(replica, PROMPTS, IDS, params.model_copy(update={"ignore_eos": True}))]
     assert all(s.generated_tokens == 20 and s.finish_reason == "length" for s in forced)

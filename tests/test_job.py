@@ -121,7 +121,7 @@ def test_local_generate_job_equals_the_engine(tmp_path, replica):
     assert (tmp_path / "out" / "_SUCCESS").exists()
     assert manifest["counts"]["input_rows"] == 13 and manifest["counts"]["result_rows"] == 22
     assert manifest["counts"]["error_rows"] == 2
-    assert 0 < manifest["startup_seconds"] <= manifest["wall_seconds"]
+    assert 0 < manifest["startup"]["first_batch"] < manifest["startup"]["first_shard"] <= manifest["wall_seconds"]
     errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
     assert {e["error_kind"] for e in errors} == {"bad_max_new_tokens"} and {e["n"] for e in errors} == {0}
     table = pq.read_table(tmp_path / "out" / "data").sort_by(

@@ -57,18 +57,18 @@ QUESTIONS = [
 ]
 
 
-def _lm_eval_nll(replica, statements):
-    lm = HFLM(pretrained=replica.model, tokenizer=replica.tokenizer, batch_size=1, device="cpu")
+def _lm_eval_nll(replica, hf_model, statements):
+    lm = HFLM(pretrained=hf_model, tokenizer=replica.tokenizer, batch_size=1, device="cpu")
     reqs = [Instance("loglikelihood_rolling", {}, (s,), i) for i, s in enumerate(statements)]
     return [-x for x in lm.loglikelihood_rolling(reqs, disable_tqdm=True)]
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_choice_is_the_argmin_of_independent_perplexities(replica, criterion):
+def test_choice_is_the_argmin_of_independent_perplexities(replica, hf_model, criterion):
     statement_lists = [[declarative(q, a) for a in answers] for q, answers, _ in QUESTIONS]
     results, _ = judge(replica, statement_lists, criterion)
     for statements, judgment in zip(statement_lists, results, strict=True):
-        nll = _lm_eval_nll(replica, statements)
+        nll = _lm_eval_nll(replica, hf_model, statements)
         tokens = [len(replica.encode(s)) for s in statements]
         values = {
             "nll": nll,

@@ -10,24 +10,28 @@ from multiprocessing import get_context
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
+from fengshen_batch.engine.gpt2 import GPT2
 from fengshen_batch.loading import ModelLoadError, fetch_to_cache, load_replica, resolve_dtype
 from tests.helpers import make_bucket
 
 
 def _logits(replica, text="北京位于华北平原"):
+    model = replica.model
     with torch.no_grad():
-        return replica.model(torch.tensor([replica.encode(text)])).logits
+        return model.logits(model.hidden(torch.tensor([replica.encode(text)]))[0])  # (T, V)
 
 
-def test_local_dir_loads_a_gpt2_lm_head_model(replica):
-    assert isinstance(replica.model, GPT2LMHeadModel)
+def test_local_dir_loads_our_gpt2_with_hf_logits(replica, hf_model):
+    assert isinstance(replica.model, GPT2)
     assert replica.dtype == torch.float32 and replica.device.type == "cpu"
     assert replica.max_length == 64
     assert replica.eos_id == replica.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert replica.tokenizer.pad_token_id == replica.eos_id
-    assert not any(p.requires_grad for p in replica.model.parameters())
+    assert not any(p.requires_grad for p in replica.model.layers[0].__dict__.values())
+    ids = torch.tensor([replica.encode("北京位于华北平原")])
+    torch.testing.assert_close(_logits(replica), hf_model(ids).logits[0], rtol=1e-5, atol=1e-5)
+    assert replica.model.lm_head.data_ptr() == replica.model.wte.data_ptr()  # tied, as GPT2's checkpoint
 
 
 def test_dtypes():
@@ -40,7 +44,7 @@ def test_dtypes():
 
 def test_bfloat16_replica(tiny_model_dir):
     rep = load_replica(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    assert next(rep.model.parameters()).dtype == torch.bfloat16
+    assert rep.model.wte.dtype == rep.model.layers[-1].out_w.dtype == torch.bfloat16
 
 
 def _upload(fs, local_dir, prefix):
@@ -83,10 +87,13 @@ def test_two_concurrent_loads_on_one_node_download_once(tiny_model_dir, s3_optio
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp dirs left behind
 
 
-def test_pickled_weights_load_through_weights_only(tiny_model_dir, replica, tmp_path):
+def test_pickled_weights_load_through_weights_only(tiny_model_dir, replica, hf_model, tmp_path):
     legacy = tmp_path / "legacy"
     shutil.copytree(tiny_model_dir, legacy)
-    state = {k: v for k, v in replica.model.state_dict().items() if k != "lm_head.weight"}
+    # as saved from GPT2Model (the model cards' class): no `transformer.` prefix, no LM head
+    state = {
+        k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"
+    }
     (legacy / "model.safetensors").unlink()
     torch.save(state, legacy / "pytorch_model.bin")
     rep = load_replica(str(legacy), device="cpu")
@@ -116,3 +123,15 @@ def test_unreachable_hub_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
     with pytest.raises(ModelLoadError, match="Hugging Face hub.*local directory or a bucket prefix"):
         load_replica("IDEA-CCNL/Wenzhong-GPT2-3.5B", cache_dir=tmp_path)
     assert time.monotonic() - start < 10
+
+
+def test_checkpoint_missing_a_tensor_names_it(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    state = load_file(broken / "model.safetensors")
+    name = next(k for k in state if k.endswith("h.1.mlp.c_fc.weight"))
+    save_file({k: v for k, v in state.items() if k != name}, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"no tensor 'h\.1\.mlp\.c_fc\.weight'"):
+        load_replica(str(broken), device="cpu")

@@ -29,9 +29,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def lm_eval_reference(replica):
+def lm_eval_reference(replica, hf_model):
     """lm-eval's own numbers, one request at a time (batch_size=1: no padding in the reference)."""
-    lm = HFLM(pretrained=replica.model, tokenizer=replica.tokenizer, batch_size=1, device="cpu")
+    lm = HFLM(pretrained=hf_model, tokenizer=replica.tokenizer, batch_size=1, device="cpu")
     assert lm.max_length == replica.max_length
     reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(TEXTS)]
     return lm.loglikelihood_rolling(reqs, disable_tqdm=True)
@@ -77,23 +77,23 @@ def test_stride_windows_are_lm_eval_windows(stride):
     assert sum(n for _, n in ours) == len(tokens)  # every token scored exactly once
 
 
-def _unbatched_nll(replica, text, stride):
+def _unbatched_nll(replica, hf_model, text, stride):
     """Reference: one window at a time, full logits, no batching, no chunking."""
     tokens = replica.encode(text)
     total = 0.0
     for seq, n_scored in rolling_windows(tokens, replica.eos_id, replica.max_length, stride):
         with torch.no_grad():
-            logits = replica.model(torch.tensor([seq[:-1]])).logits[0].float()
+            logits = hf_model(torch.tensor([seq[:-1]])).logits[0].float()
         logprobs = logits.log_softmax(-1)[-n_scored:]
         total -= logprobs.gather(1, torch.tensor(seq[-n_scored:])[:, None]).sum().item()
     return total
 
 
-def test_stride_scoring_equals_unbatched_reference(replica):
+def test_stride_scoring_equals_unbatched_reference(replica, hf_model):
     text = "".join(SAMPLE_LINES)
     for stride in (16, 48):
         (res,), _ = score_texts(replica, [text], ScoreParams(stride=stride), token_budget=300)
-        assert res.nll_sum == pytest.approx(_unbatched_nll(replica, text, stride), rel=1e-5)
+        assert res.nll_sum == pytest.approx(_unbatched_nll(replica, hf_model, text, stride), rel=1e-5)
         assert res.token_count == len(replica.encode(text))
 
 

@@ -1,12 +1,15 @@
-"""Our own GPT2 forward over the Hugging Face weights, written for the engine's slot KV cache.
+"""Our own GPT2 forward over the Hugging Face weights: the one model every job kind runs.
 
-It reads the parameters of the loaded `GPT2LMHeadModel` in place (no copy) and keeps GPT2's layout: Conv1D
-weights are (in, out), so a projection is `addmm(bias, x, W)`. All linear layers run on packed tokens
-(N, d): a prefill of mixed-length chunks computes no padding. Only attention sees a per-sequence layout, and
-it reads the cache up to each step's longest live length, never the whole context.
+It is built from a checkpoint's config and tensors (`transformer.h.0.attn.c_attn.weight` or, saved from
+GPT2Model, `h.0.attn.c_attn.weight`), so a replica loads without transformers' modeling code (seconds of
+imports per actor) and straight onto its device. GPT2's layout is kept: Conv1D weights are (in, out), so a
+projection is `addmm(bias, x, W)`. All linear layers run on packed tokens (N, d): a prefill of mixed-length
+chunks computes no padding. Only attention sees a per-sequence layout, and it reads the cache up to each
+step's longest live length, never the whole context.
 
-Two entry points share one block:
-- `prefill`: chunks of several prompts (a chunk may start mid-prompt: long prompts are prefilled in parts);
+Three entry points share one block:
+- `hidden`: a dense causal pass over right-padded rows (scoring; no cache);
+- `prefill`: chunks of several prompts into the engine's slot KV cache (a chunk may start mid-prompt);
 - `decode`: one token for each of the first `B` cache slots; fixed shapes, so it can be graph-captured.
 `tests/test_engine.py` checks the logits against `GPT2LMHeadModel`.
 """
@@ -37,45 +40,63 @@ class Layer:
     out_b: torch.Tensor
 
 
+# GPT2 configs' `activation_function`s; gelu_new (GPT2's) is the tanh approximation of GELU.
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+_LAYER_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+               "mlp.c_proj.weight", "mlp.c_proj.bias")  # fmt: skip
+
+
 class GPT2:
-    """The forward pass of a GPT2LMHeadModel's weights, with the KV cache owned by the engine."""
+    """The forward pass of a GPT2 checkpoint's weights (config.json + tensors); any KV cache is the caller's."""
 
-    def __init__(self, hf_model):
-        from transformers.activations import ACT2FN
-
-        cfg = hf_model.config
-        if getattr(cfg, "model_type", None) != "gpt2":
-            raise ValueError(f"the engine runs GPT2 models, got {getattr(cfg, 'model_type', None)!r}")
-        if getattr(cfg, "add_cross_attention", False):
+    def __init__(self, config: dict, weights: dict[str, torch.Tensor]):
+        """`weights`: the checkpoint's tensors, already on their device and in their dtype, names with or
+        without the `transformer.` prefix; `lm_head.weight` may be absent (tied to `wte` in GPT2)."""
+        if config.get("model_type") != "gpt2":
+            raise ValueError(f"the engine runs GPT2 models, got {config.get('model_type')!r}")
+        if config.get("add_cross_attention"):
             raise ValueError("GPT2 with cross-attention is not a causal LM the engine can run")
-        t = hf_model.transformer
-        self.wte = t.wte.weight  # (V, d)
-        self.wpe = t.wpe.weight  # (n_positions, d)
-        self.lm_head = hf_model.lm_head.weight  # (V, d), tied to wte in GPT2
-        self.lnf_w, self.lnf_b = t.ln_f.weight, t.ln_f.bias
-        self.layers = [
-            Layer(
-                b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
-                b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias,
-            )  # fmt: skip
-            for b in t.h
-        ]
-        self.n_head = cfg.n_head
-        self.d = cfg.n_embd
+        act = config.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"GPT2 activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
+        w = {k.removeprefix("transformer."): v for k, v in weights.items()}
+        try:
+            self.wte = w["wte.weight"]  # (V, d)
+            self.wpe = w["wpe.weight"]  # (n_positions, d)
+            self.lnf_w, self.lnf_b = w["ln_f.weight"], w["ln_f.bias"]
+            self.layers = [Layer(*(w[f"h.{i}.{k}"] for k in _LAYER_KEYS)) for i in range(config["n_layer"])]
+        except KeyError as e:
+            raise ValueError(f"GPT2 checkpoint has no tensor {e.args[0]!r}") from None
+        self.lm_head = w.get("lm_head.weight", self.wte)  # (V, d), tied to wte in GPT2
+        self.n_head = config["n_head"]
+        self.d = config["n_embd"]
         self.head_dim = self.d // self.n_head
-        self.eps = cfg.layer_norm_epsilon
-        self.act = ACT2FN[cfg.activation_function]
+        self.eps = config.get("layer_norm_epsilon", 1e-5)
+        self.act = ACTIVATIONS[act]
         self.vocab_size = self.lm_head.shape[0]
-        self.max_len = cfg.n_positions
+        self.max_len = config["n_positions"]
         self.dtype = self.wte.dtype
         self.device = self.wte.device
         self.scales = []  # attention scale per layer, as HF's GPT2Attention computes it
-        for i in range(cfg.n_layer):
-            s = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-            if cfg.scale_attn_by_inverse_layer_idx:
+        for i in range(config["n_layer"]):
+            s = self.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
+            if config.get("scale_attn_by_inverse_layer_idx", False):
                 s /= i + 1
             self.scales.append(s)
+
+    @classmethod
+    def from_hf(cls, hf_model) -> GPT2:
+        """Over a loaded `GPT2LMHeadModel`'s parameters, in place (tests, and remote-code checkpoints)."""
+        return cls(hf_model.config.to_dict(), dict(hf_model.state_dict()))
 
     @property
     def n_layer(self) -> int:
@@ -94,6 +115,22 @@ class GPT2:
             h = self.act(torch.addmm(L.fc_b, self._ln(x, L.ln2_w, L.ln2_b), L.fc_w))  # (N, inner)
             x = x + torch.addmm(L.out_b, h, L.out_w)
         return x
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded rows -> (B, T, d) hidden states before ln_f, causal attention, no cache.
+
+        No padding mask is needed: under the causal mask a real position never sees the padding after it,
+        and SDPA can take its fastest (flash) kernel."""
+        B, T = input_ids.shape
+        H, hd = self.n_head, self.head_dim
+        x = (self.wte[input_ids] + self.wpe[:T]).reshape(B * T, self.d)  # (N, d) packed
+
+        def attend(i, q, k, v):
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scales[i])
+            return out.transpose(1, 2).reshape(B * T, self.d)
+
+        return self._blocks(x, attend).view(B, T, self.d)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) last hidden states -> (N, V) float32 logits (the LM head after ln_f)."""

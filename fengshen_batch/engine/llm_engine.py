@@ -21,7 +21,6 @@ import torch
 
 from ..loading import Replica
 from ..params import EngineParams, GenerateParams
-from .gpt2 import GPT2
 from .kv_cache import KVCache, plan_slots
 from .model_runner import ModelRunner
 from .sampler import penalize, sample, sample_full
@@ -79,7 +78,7 @@ class LLMEngine:
         GPU, 2048 on CPU."""
         engine = engine or EngineParams()
         self.replica, self.params = replica, params
-        self.model = GPT2(replica.model)
+        self.model = replica.model
         m = self.model
         slots = plan_slots(
             n_layer=m.n_layer, d_model=m.d, context=m.max_len, dtype=m.dtype, device=m.device,
