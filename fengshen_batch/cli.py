@@ -38,6 +38,13 @@ def _report_errors(fn):
     return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)
 
 
+_RAY_PROGRESS = click.option(
+    "--ray-progress",
+    is_flag=True,
+    help="Also show Ray Data's own progress bars and INFO lines (off: one progress line of the job's).",
+)
+
+
 def _job_options(fn):
     options = [
         click.option(
@@ -96,6 +103,7 @@ def _job_options(fn):
             is_flag=True,
             help="Recompute everything, replacing a finished or different output.",
         ),
+        _RAY_PROGRESS,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -113,9 +121,9 @@ def _spec_fields(kind: str, opts: dict) -> dict:
     return fields
 
 
-def _run(fields: dict, overwrite: bool) -> None:
+def _run(fields: dict, overwrite: bool, ray_progress: bool) -> None:
     spec = build_spec(fields)
-    run_job(spec, progress=click.echo, overwrite=overwrite)
+    run_job(spec, progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -133,9 +141,9 @@ def main():
     help="New tokens scored per window after the first (default: the model context, lm-eval's windows). Smaller: more context per token, more compute.",
 )
 @_report_errors
-def score(overwrite, **opts):
+def score(overwrite, ray_progress, **opts):
     """Perplexity of every text (lm-eval loglikelihood_rolling semantics)."""
-    _run(_spec_fields("score", opts), overwrite)
+    _run(_spec_fields("score", opts), overwrite, ray_progress)
 
 
 @main.command()
@@ -186,9 +194,9 @@ def score(overwrite, **opts):
     help="Prompt longer than context - max_new_tokens: keep its end (default) or a row error.",
 )
 @_report_errors
-def generate(overwrite, **opts):
+def generate(overwrite, ray_progress, **opts):
     """Generate continuations of every prompt."""
-    _run(_spec_fields("generate", opts), overwrite)
+    _run(_spec_fields("generate", opts), overwrite, ray_progress)
 
 
 @main.command()
@@ -215,9 +223,9 @@ def generate(overwrite, **opts):
 )
 @click.option("--stride", type=int, help="As for score: new tokens per window after the first.")
 @_report_errors
-def judge(overwrite, **opts):
+def judge(overwrite, ray_progress, **opts):
     """Judge facts by perplexity (Yuyuan): the least surprising candidate statement wins."""
-    _run(_spec_fields("judge", opts), overwrite)
+    _run(_spec_fields("judge", opts), overwrite, ray_progress)
 
 
 @main.command()
@@ -247,11 +255,12 @@ def report(output, by, endpoint_url):
 @click.option(
     "--overwrite", is_flag=True, help="Recompute everything, replacing a finished or different output."
 )
+@_RAY_PROGRESS
 @_report_errors
-def run(spec_path, overwrite):
+def run(spec_path, overwrite, ray_progress):
     """Run a job spec (kind: score|generate|judge, and the options above as snake_case keys)."""
     spec = load_spec(spec_path)
-    run_job(spec, progress=click.echo, overwrite=overwrite)
+    run_job(spec, progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
 
 
 @main.command()
@@ -283,15 +292,31 @@ _ADDRESS = click.option(
     "--submission-id", help="Job id. Default: the spec's name and today's date (UTC), NAME-YYYYMMDD."
 )
 @click.option(
-    "--working-dir", default=".", show_default=True, help="Folder uploaded as the job's working dir."
+    "--package",
+    type=click.Choice(["image", "py-modules", "pip"]),
+    default="image",
+    show_default=True,
+    help="How fengshen-batch reaches the cluster: installed in its image (checked by a probe job first), "
+    "this machine's copy as runtime_env py_modules, or runtime_env pip pinned to this machine's version.",
+)
+@click.option(
+    "--working-dir",
+    help="Also upload this folder as the job's working dir. Default: nothing is uploaded (the spec travels "
+    "in the job's entrypoint).",
 )
 @_report_errors
-def submit(spec_path, address, wait_, submission_id, working_dir):
-    """Submit a job spec to a Ray cluster (Jobs API); a second submit of the same id does not run it again."""
+def submit(spec_path, address, wait_, submission_id, package, working_dir):
+    """Submit a job spec, from anywhere, to a Ray cluster (Jobs API); a second submit of the same id does not
+    run it again. Local paths in the spec are relative to its folder, and need a head on this machine."""
     from . import submit as jobs
 
     sid, _ = jobs.submit(
-        spec_path, address, submission_id=submission_id, working_dir=working_dir, echo=click.echo
+        spec_path,
+        address,
+        submission_id=submission_id,
+        working_dir=working_dir,
+        package=package,
+        echo=click.echo,
     )
     if wait_:
         final = jobs.wait(address, sid, echo=click.echo)

@@ -1,8 +1,10 @@
-"""`fengshen-batch submit` through the Ray Jobs API against a real head (`ray start --head`, with the
-dashboard, on 127.0.0.1), with input and output on the moto S3 server."""
+"""`fengshen-batch submit` through the Ray Jobs API against real heads (`ray start --head`, with the dashboard,
+on 127.0.0.1): one with token authentication, one without. Every submit runs from a directory of its own,
+with the spec in another one outside any git repo, as a cron job or a notebook would."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,16 +13,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import s3fs
 import yaml
 
-from fengshen_batch.submit import default_submission_id
+from fengshen_batch.submit import SubmitError, default_submission_id, local_version, plan
 from tests.helpers import PLANTED_SECRET, make_bucket, write_texts
 
 BIN = Path(sys.executable).parent
+DATE = {"FENGSHEN_RUN_DATE": "2026-11-21"}
 
 
 def _free_port() -> int:
@@ -29,31 +33,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-CLIENT_ENV = {"RAY_AUTH_MODE": "token"}  # clients send the token from ~/.ray/auth_token
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 16384))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"({e.strerror})"
 
 
-def _jobs_api(address: str, expression: str):
-    """Evaluate `expression` on a JobSubmissionClient `c` in a fresh process (Ray reads the client's auth mode
-    once per process, so this process, which already runs Ray, cannot switch to token mode)."""
-    code = (
-        "import json, sys; from ray.job_submission import JobSubmissionClient; "
-        f"c = JobSubmissionClient({address!r}); print(json.dumps({expression}, default=str))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **CLIENT_ENV})  # fmt: skip
-    if res.returncode:
-        raise RuntimeError(res.stderr[-2000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
+@dataclass
+class Head:
+    """A running `ray start --head`, and what its clients need to talk to it."""
+
+    address: str
+    process: subprocess.Popen
+    temp: Path
+    client_env: dict  # Ray reads the client's auth mode from RAY_AUTH_MODE, once per process
+
+    def diagnose(self) -> str:
+        """Whether the head still runs, and the tails of its logs: for assertion messages (a head that dies
+        mid-test shows as "Remote end closed connection", which says nothing about why)."""
+        code = self.process.poll()
+        parts = [f"head pid {self.process.pid}: " + ("alive" if code is None else f"exited with {code}")]
+        logs = self.temp / "session_latest" / "logs"
+        dashboard = [*sorted(logs.glob("dashboard*.log")), *sorted(logs.glob("dashboard*.err"))]
+        for path in [self.temp / "ray-start.log", logs / "gcs_server.out", logs / "raylet.out", *dashboard]:
+            if path.suffix == ".err" and not (path.exists() and path.stat().st_size):
+                continue  # crash tracebacks land in .err files: only the non-empty ones say anything
+            parts.append(f"--- {path.name} ---\n{_tail(path, 15 if path in dashboard else 40)}")
+        return "\n".join(parts)
 
 
-@pytest.fixture(scope="module")
-def ray_head(s3_endpoint):
-    """A Ray head with the Jobs API on loopback, token authentication on (Ray's default here)."""
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+def _up(head: Head) -> bool:
+    """Whether `ray start` has started every process (its dashboard answers before that) and jobs can be listed."""
+    if b"block forever" not in (head.temp / "ray-start.log").read_bytes():
+        return False
+    try:
+        _jobs_api(head, "c.list_jobs()")
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _head(s3_endpoint: str, auth_mode: str):
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     dashboard = _free_port()
     env = {
         **os.environ,
+        "RAY_AUTH_MODE": auth_mode,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only
+        # no 30 s drain on SIGTERM (it lets Ray Serve proxies quiesce; these heads serve nothing)
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "PYTHONUNBUFFERED": "1",  # `ray start` output reaches its log file as it is written
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the head's `python` has the project, as in the image
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET,
@@ -63,98 +96,81 @@ def ray_head(s3_endpoint):
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", temp,
-        # the suite's own Ray already holds the default agent and metrics ports on this machine
+        "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(temp),
+        # the suite's own Ray (and the other head) hold the default agent and metrics ports on this machine
         *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                            "--runtime-env-agent-port", "--ray-client-server-port")
           for arg in (flag, str(_free_port()))],
     ]  # fmt: skip
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
+    with open(temp / "ray-start.log", "wb") as log:
+        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    head = Head(f"http://127.0.0.1:{dashboard}", process, temp, {"RAY_AUTH_MODE": auth_mode})
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                _jobs_api(address, "c.list_jobs()")
-                break
-            except RuntimeError:
-                if time.monotonic() > deadline or head.poll() is not None:
-                    raise
-                time.sleep(1)
-        yield address
+        while not _up(head):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"the head did not come up\n{head.diagnose()}")
+            time.sleep(1)
+        yield head
     finally:
-        head.terminate()
-        head.wait(timeout=60)
+        process.terminate()
+        process.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _spec(tmp_path, s3_endpoint, model, name="nightly-test", output="s3://submit/out/{date}/") -> Path:
-    spec = {
-        "kind": "score", "name": name, "model": model, "input": "s3://submit/in/", "output": output,
-        "actors": 1, "shard_rows": 8, "storage": {"endpoint_url": s3_endpoint},
-    }  # fmt: skip
-    path = tmp_path / "jobs" / f"{name}.yaml"
-    path.parent.mkdir(exist_ok=True)
+@pytest.fixture(scope="module")
+def token_head(s3_endpoint):
+    """A head with token authentication; clients send the token from ~/.ray/auth_token."""
+    with _head(s3_endpoint, "token") as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def open_head(s3_endpoint):
+    """A head without authentication, as many private clusters run."""
+    with _head(s3_endpoint, "disabled") as head:
+        yield head
+
+
+def _python(head: Head, code: str) -> str:
+    """Run `code` in a fresh process with the head's client auth mode (this process, which already runs Ray,
+    cannot switch modes); return its stdout."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **head.client_env})  # fmt: skip
+    if res.returncode:
+        raise RuntimeError(res.stderr[-2000:])
+    return res.stdout
+
+
+def _jobs_api(head: Head, expression: str):
+    """Evaluate `expression` on a JobSubmissionClient `c` of the head."""
+    out = _python(head, (
+        "import json; from ray.job_submission import JobSubmissionClient; "
+        f"c = JobSubmissionClient({head.address!r}); print(json.dumps({expression}, default=str))"
+    ))  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _write_spec(folder: Path, **fields) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"kind": "score", "actors": 1, "shard_rows": 8, **fields}
+    path = folder / f"{fields['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def _submit(tmp_path, spec: Path, *extra, env=None):
-    cmd = [str(BIN / "fengshen-batch"), "submit", str(spec), "--working-dir", str(tmp_path), *extra]
-    run_env = {**os.environ, **CLIENT_ENV, "FENGSHEN_RUN_DATE": "2026-11-21", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=run_env)
+def _submit(head: Head, spec: Path, cwd: Path, *extra, env=None):
+    cwd.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "fengshen-batch"), "submit", str(spec), "--address", head.address, *extra]
+    run_env = {**os.environ, **head.client_env, **DATE, **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=run_env, cwd=cwd)
 
 
-def test_submit_wait_runs_once_and_reports_failures(
-    tmp_path, ray_head, s3_options, s3_endpoint, tiny_model_dir
-):
-    make_bucket(s3_options, "submit")
-    fs = s3fs.S3FileSystem(**s3_options)
-    rows = write_texts(tmp_path / "local-in", files=(10, 10))
-    for f in (tmp_path / "local-in").iterdir():
-        fs.put(str(f), f"submit/in/{f.name}")
-    shutil.rmtree(tmp_path / "local-in")
-    spec = _spec(tmp_path, s3_endpoint, str(tiny_model_dir))
-
-    start = time.monotonic()
-    res = _submit(tmp_path, spec, "--address", ray_head, "--wait")
-    took = time.monotonic() - start
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    print(f"submit --wait to SUCCEEDED: {took:.1f}s")
-    sid = "nightly-test-20261121"
-    assert f"{sid}: SUCCEEDED" in res.stdout
-    fs.invalidate_cache()
-    out = "submit/out/2026-11-21"
-    assert fs.exists(f"{out}/_SUCCESS")
-    manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
-    assert manifest["counts"]["input_rows"] == len(rows) == manifest["counts"]["result_rows"]
-    first_manifest = fs.info(f"{out}/manifest.json")["LastModified"]
-
-    # the same nightly job again: refused by Ray (same submission id), reported plainly, not run again
-    again = _submit(tmp_path, spec, "--address", ray_head, "--wait")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "already submitted" in again.stdout and "Traceback" not in again.stdout + again.stderr
-    assert _jobs_api(ray_head, "[j.submission_id for j in c.list_jobs()]").count(sid) == 1
-    fs.invalidate_cache()
-    assert fs.info(f"{out}/manifest.json")["LastModified"] == first_manifest
-    info = _jobs_api(ray_head, f"c.get_job_info({sid!r}).dict()")
-    assert info["runtime_env"]["env_vars"] == {"FENGSHEN_RUN_DATE": "2026-11-21"}  # the driver's {date}
-    assert PLANTED_SECRET not in json.dumps(info)
-    assert PLANTED_SECRET not in _jobs_api(ray_head, f"c.get_job_logs({sid!r})")
-
-    # a job that fails on the cluster: --wait exits non-zero with the job's error
-    bad = _spec(tmp_path, s3_endpoint, "/nonexistent/model", name="broken-test", output="s3://submit/bad/")
-    res = _submit(tmp_path, bad, "--address", ray_head, "--wait")
-    assert res.returncode == 1, res.stdout[-2000:]
-    assert "broken-test-20261121: FAILED" in res.stdout and "model not found" in res.stdout
+def _expect(res, code: int, head: Head) -> None:
+    assert res.returncode == code, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{head.diagnose()}"
 
 
-def test_auth_failure_says_what_to_set(tmp_path, ray_head, s3_endpoint):
-    spec = _spec(tmp_path, s3_endpoint, "m", name="auth-test")
-    res = _submit(tmp_path, spec, "--address", ray_head, env={"RAY_AUTH_TOKEN": "not-the-token"})
-    assert res.returncode == 2
-    assert "token authentication failed" in res.stderr and "RAY_AUTH_TOKEN" in res.stderr
-    assert "Traceback" not in res.stderr
+# --- without a cluster: what submit builds, and what it refuses before any connection ---------------------
 
 
 def test_submission_ids_and_spec_checks(tmp_path, monkeypatch):
@@ -166,9 +182,203 @@ def test_submission_ids_and_spec_checks(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="no `name`"):
         default_submission_id(None)
     spec = tmp_path / "s.yaml"
-    spec.write_text(yaml.safe_dump({"kind": "score", "name": "x", "model": "m", "input": "i", "output": "o",
+    spec.write_text(yaml.safe_dump({"kind": "score", "name": "x", "model": "m", "input": "s3://b/i",
+                                    "output": "s3://b/o",
                                     "runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "k"}}}))  # fmt: skip
     with pytest.raises(SpecError, match="look like credentials"):
-        submit(str(spec), "http://127.0.0.1:9", working_dir=str(tmp_path))
-    with pytest.raises(SpecError, match="inside the working dir"):
-        submit(str(spec), "http://127.0.0.1:9", working_dir=str(tmp_path / "elsewhere"))
+        submit(str(spec), "http://127.0.0.1:9")
+
+
+def _inline_spec(entrypoint: str) -> dict:
+    head, _, rest = entrypoint.partition("\n")
+    assert head == "python -m fengshen_batch run /dev/stdin <<'FENGSHEN_SPEC'", head
+    return yaml.safe_load(rest.rsplit("\n", 1)[0])
+
+
+def test_plan_resolves_local_paths_and_ships_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("FENGSHEN_RUN_DATE", "2026-11-21")
+    folder = tmp_path.resolve() / "specs"
+    (folder / "models" / "tiny").mkdir(parents=True)
+    local = "http://127.0.0.1:8265"
+    spec = _write_spec(folder, name="p", model="models/tiny", input="in/", output="out/{date}/",
+                       runtime_env={"pip": ["pyarrow"], "env_vars": {"X": "1"}})  # fmt: skip
+    job = plan(str(spec), local, package="pip")
+    fields = _inline_spec(job.entrypoint)
+    assert fields["model"] == str(folder / "models" / "tiny")
+    assert fields["input"] == f"{folder}/in/" and fields["output"] == f"{folder}/out/2026-11-21/"
+    assert job.runtime_env == {"pip": ["pyarrow", f"fengshen-batch=={local_version()}"],
+                               "env_vars": {"FENGSHEN_RUN_DATE": "2026-11-21", "X": "1"}}  # fmt: skip
+    assert job.submission_id == "p-20261121"
+
+    # the inline spec survives the shell untouched: quotes, $, backquotes, non-ASCII
+    odd = _write_spec(folder, name="o", kind="generate", model="s3://b/m/", input="s3://b/i", output="s3://b/o",
+                      stop=["$HOME `id` 'x' \"y\"", "\n\nFENGSHEN_SPEC\n", "结束"])  # fmt: skip
+    entrypoint = plan(str(odd), local).entrypoint
+    shown = subprocess.run(["sh", "-c", entrypoint.replace("python -m fengshen_batch run /dev/stdin", "cat", 1)],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert yaml.safe_load(shown)["stop"] == ["$HOME `id` 'x' \"y\"", "\n\nFENGSHEN_SPEC\n", "结束"]
+
+    # a hub id stays a hub id (local head or remote), unless such a directory lies beside the spec
+    for address in (local, "http://[::1]:8265", "localhost:8265", "http://10.1.2.3:8265"):
+        hub = _write_spec(folder, name="h", model="IDEA-CCNL/Wenzhong-GPT2-3.5B", input="s3://b/in/",
+                          output="file:///mnt/shared/out/", runtime_env={})  # fmt: skip
+        fields = _inline_spec(plan(str(hub), address).entrypoint)
+        assert fields["model"] == "IDEA-CCNL/Wenzhong-GPT2-3.5B" and fields["input"] == "s3://b/in/"
+        assert fields["output"] == "file:///mnt/shared/out/"
+    (folder / "IDEA-CCNL" / "Wenzhong-GPT2-3.5B").mkdir(parents=True)
+    fields = _inline_spec(plan(str(hub), local).entrypoint)
+    assert fields["model"] == str(folder / "IDEA-CCNL" / "Wenzhong-GPT2-3.5B")
+    with pytest.raises(SubmitError, match=r"local path \(model: IDEA-CCNL/Wenzhong-GPT2-3.5B\)"):
+        plan(str(hub), "http://10.1.2.3:8265")
+
+    # the package: the cluster's image adds nothing; py-modules ships this machine's copy
+    image = plan(str(hub), local)
+    assert image.runtime_env == {"env_vars": {"FENGSHEN_RUN_DATE": "2026-11-21"}}
+    modules = plan(str(hub), local, package="py-modules")
+    assert modules.runtime_env["py_modules"] == [str(Path(sys.modules["fengshen_batch"].__file__).parent)]
+    assert "working_dir" not in modules.runtime_env and modules.runtime_env["excludes"]
+    wd = plan(str(hub), local, working_dir=str(tmp_path))
+    assert wd.runtime_env["working_dir"] == str(tmp_path.resolve())
+
+    # conflicting ways of shipping the package are refused clearly
+    twice = _write_spec(folder, name="t", model="m/m", input="s3://b/i", output="s3://b/o",
+                        runtime_env={"pip": ["fengshen-batch==0.0.9"]})  # fmt: skip
+    with pytest.raises(SubmitError, match=r"runtime_env.pip already ships fengshen-batch"):
+        plan(str(twice), local)
+    conda = _write_spec(folder, name="c", model="m/m", input="s3://b/i", output="s3://b/o",
+                        runtime_env={"conda": {"dependencies": ["pip"]}})  # fmt: skip
+    with pytest.raises(
+        SubmitError, match=r"--package pip cannot be combined with the spec's runtime_env.conda"
+    ):
+        plan(str(conda), local, package="pip")
+    wd_spec = _write_spec(folder, name="w", model="m/m", input="s3://b/i", output="s3://b/o",
+                          runtime_env={"working_dir": "code"})  # fmt: skip
+    assert plan(str(wd_spec), local).runtime_env["working_dir"] == str(folder / "code")
+    with pytest.raises(SubmitError, match="differ: give one"):
+        plan(str(wd_spec), local, working_dir=str(tmp_path))
+
+
+def test_remote_cluster_refuses_local_paths_before_connecting(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fengshen_batch import submit as jobs
+    from fengshen_batch.cli import main
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("submit opened a connection before refusing the spec")
+
+    monkeypatch.setattr(jobs, "_client", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.chdir(tmp_path)
+    spec = _write_spec(tmp_path / "specs", name="remote", model="IDEA-CCNL/Wenzhong-GPT2-3.5B",
+                       input="data/in/", output="s3://b/out/{date}/")  # fmt: skip
+    res = CliRunner().invoke(main, ["submit", str(spec), "--address", "http://10.1.2.3:8265"], env=DATE)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    assert "(input: data/in/)" in res.stderr and "model" not in res.stderr
+    assert "remote" in res.stderr and "s3://" in res.stderr and "cannot see this machine's disk" in res.stderr
+
+
+# --- against the token-authenticated head -------------------------------------------------------------------
+
+
+def test_submit_from_anywhere_runs_once_and_reports_failures(
+    tmp_path, token_head, s3_options, s3_endpoint, tiny_model_dir
+):
+    head = token_head
+    make_bucket(s3_options, "submit")
+    fs = s3fs.S3FileSystem(**s3_options)
+    rows = write_texts(tmp_path / "local-in", files=(10, 10))
+    for f in (tmp_path / "local-in").iterdir():
+        fs.put(str(f), f"submit/in/{f.name}")
+    folder = tmp_path / "specs"
+    spec = _write_spec(folder, name="nightly-test", model=str(tiny_model_dir), input="s3://submit/in/",
+                       output="s3://submit/out/{date}/", storage={"endpoint_url": s3_endpoint})  # fmt: skip
+    upload = tmp_path / "upload"  # --working-dir: uploaded, though the spec is not in it
+    upload.mkdir()
+    (upload / "notes.txt").write_text("uploaded\n")
+
+    start = time.monotonic()
+    res = _submit(head, spec, tmp_path / "cwd", "--wait", "--working-dir", str(upload))
+    took = time.monotonic() - start
+    _expect(res, 0, head)
+    print(f"submit (image probe) --wait to SUCCEEDED: {took:.1f}s")
+    sid = "nightly-test-20261121"
+    assert f"package: fengshen-batch {local_version()} from the cluster image" in res.stdout
+    assert f"{sid}: SUCCEEDED" in res.stdout
+    fs.invalidate_cache()
+    out = "submit/out/2026-11-21"
+    assert fs.exists(f"{out}/_SUCCESS")
+    manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
+    assert manifest["counts"]["input_rows"] == len(rows) == manifest["counts"]["result_rows"]
+    first_manifest = fs.info(f"{out}/manifest.json")["LastModified"]
+
+    # the same nightly job again: found before any probe or submission, reported plainly, not run again
+    again = _submit(head, spec, tmp_path / "cwd", "--wait")
+    _expect(again, 0, head)
+    assert "already submitted" in again.stdout and "Traceback" not in again.stdout + again.stderr
+    assert "package:" not in again.stdout  # no probe
+    ids = _jobs_api(head, "[j.submission_id for j in c.list_jobs()]")
+    assert ids.count(sid) == 1 and not [i for i in ids if i.startswith("fengshen-probe-")]  # probes deleted
+    fs.invalidate_cache()
+    assert fs.info(f"{out}/manifest.json")["LastModified"] == first_manifest
+    info = _jobs_api(head, f"c.get_job_info({sid!r}).dict()")
+    assert info["runtime_env"]["env_vars"] == DATE  # the driver's {date}
+    assert info["runtime_env"]["working_dir"].startswith("gcs://")
+    assert "run /dev/stdin" in info["entrypoint"] and "s3://submit/out/2026-11-21/" in info["entrypoint"]
+    assert PLANTED_SECRET not in json.dumps(info)
+    assert PLANTED_SECRET not in _jobs_api(head, f"c.get_job_logs({sid!r})")
+
+    # a job that fails on the cluster: --wait exits non-zero with the job's error
+    bad = _write_spec(folder, name="broken-test", model="/nonexistent/model", input="s3://submit/in/",
+                      output="s3://submit/bad/", storage={"endpoint_url": s3_endpoint})  # fmt: skip
+    res = _submit(head, bad, tmp_path / "cwd", "--wait", "--package", "py-modules")
+    _expect(res, 1, head)
+    assert "broken-test-20261121: FAILED" in res.stdout and "model not found" in res.stdout
+
+
+def test_auth_failure_says_what_to_set(tmp_path, token_head):
+    spec = _write_spec(tmp_path, name="auth-test", model="m/m", input="s3://b/i", output="s3://b/o")
+    res = _submit(token_head, spec, tmp_path / "cwd", env={"RAY_AUTH_TOKEN": "not-the-token"})
+    _expect(res, 2, token_head)
+    assert "token authentication failed" in res.stderr and "RAY_AUTH_TOKEN" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+# --- against the head without authentication --------------------------------------------------------------
+
+
+def test_local_paths_resolve_against_the_spec_folder(tmp_path, open_head, tiny_model_dir):
+    """Input, output and model relative to the spec, submitted from elsewhere; the package as py_modules."""
+    head = open_head
+    folder = tmp_path / "specs"
+    rows = write_texts(folder / "in", files=(6, 5))
+    (folder / "tiny").symlink_to(tiny_model_dir)
+    spec = _write_spec(folder, name="local-test", model="tiny", input="in/", output="out/{date}/")
+    res = _submit(head, spec, tmp_path / "cwd", "--wait", "--package", "py-modules")
+    _expect(res, 0, head)
+    assert "local-test-20261121: SUCCEEDED" in res.stdout
+    assert f"package: fengshen-batch {local_version()} from this machine (py_modules" in res.stdout
+    out = folder / "out" / "2026-11-21"
+    assert (out / "_SUCCESS").exists() and not (tmp_path / "cwd" / "out").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["input_rows"] == len(rows) == manifest["counts"]["result_rows"]
+    info = _jobs_api(head, "c.get_job_info('local-test-20261121').dict()")
+    [module] = info["runtime_env"]["py_modules"]
+    assert module.startswith("gcs://") and "working_dir" not in info["runtime_env"]
+
+
+def test_image_probe_failure_is_one_clear_line(open_head):
+    code = (
+        "from fengshen_batch.submit import SubmitError, _client, probe_image\n"
+        f"c = _client({open_head.address!r})\n"
+        "try:\n"
+        f"    print('version', probe_image(c, {open_head.address!r}, {DATE!r}, module='fengshen_batch_absent'))\n"
+        "except SubmitError as e:\n"
+        "    print('error', e)\n"
+    )
+    out = _python(open_head, code).strip().splitlines()[-1]
+    assert out.startswith("error fengshen-batch is not installed in the cluster's image"), out
+    assert "No module named 'fengshen_batch_absent'" in out and "--package py-modules" in out
+    ids = _jobs_api(open_head, "[j.submission_id for j in c.list_jobs()]")
+    assert not [i for i in ids if i.startswith("fengshen-probe-")]
