@@ -266,12 +266,11 @@ def load_replica(
 ) -> Replica:
     """Load the model (our GPT2 forward over the checkpoint's weights) and tokenizer onto `device`.
 
-    The weights are read directly, not through transformers' model classes, whose imports alone cost an
-    actor seconds of start-up; only a trusted remote-code checkpoint goes through `AutoModelForCausalLM`.
+    The weights and the tokenizer are read directly, not through transformers, whose imports alone cost an
+    actor seconds of start-up; only a trusted remote-code checkpoint goes through transformers' Auto classes.
     """
-    from transformers import AutoTokenizer
-
     from .engine.gpt2 import GPT2
+    from .tokenizer import GPT2TextTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -280,13 +279,18 @@ def load_replica(
     config = json.loads((path / "config.json").read_text())
     try:
         if trust_remote_code:
-            from transformers import AutoModelForCausalLM
+            import transformers
 
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=True)
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=True
+            )
             model = GPT2.from_hf(hf.to(dev).requires_grad_(False))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         else:
             model = GPT2(config, read_weights(path, dev, torch_dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tokenizer = GPT2TextTokenizer.from_dir(path)
     except ModelLoadError:
         raise
     except Exception as e:

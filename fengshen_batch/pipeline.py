@@ -45,7 +45,14 @@ def init_ray(address: str | None, min_cpus: float = 1) -> bool:
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         # Logical CPUs: enough for the actors plus the read tasks, whatever this machine's core count.
         cpus = max(os.cpu_count() or 1, int(min_cpus) + 1)
-        ray.init(include_dashboard=False, num_cpus=cpus, logging_level=logging.WARNING)
+        # Only what a job needs: no dashboard, and no metrics pipeline (nothing would read it; the raylet
+        # otherwise waits for the metrics agent at start).
+        ray.init(
+            include_dashboard=False,
+            num_cpus=cpus,
+            logging_level=logging.WARNING,
+            _system_config={"enable_metrics_collection": False},
+        )
     return True
 
 
@@ -70,15 +77,11 @@ class ModelActor:
     def __init__(self, spec: dict, id_field: str):
         init_at = time.time()
         import torch
-        import transformers
 
         from .loading import load_replica
         from .storage import storage_options
 
         imported_at = time.time()
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
         self.spec = build_spec(spec)
         on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not on_gpu:
@@ -120,7 +123,7 @@ class ModelActor:
 def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:
     """Start-up phases seen by the actor that produced `batch` (seconds): `plan` (pipeline start to the
     actor's `__init__`: Ray Data planning, read tasks, actor scheduling and process start), `actor_imports`
-    (torch, transformers), `replica_load`, and `first_call_wait` (replica ready to its first batch)."""
+    (torch and the engine's modules), `replica_load`, and `first_call_wait` (replica ready to its first batch)."""
     raw = (batch.schema.metadata or {}).get(STARTUP_KEY)
     if raw is None:
         return {}

@@ -58,7 +58,7 @@ QUESTIONS = [
 
 
 def _lm_eval_nll(replica, hf_model, statements):
-    lm = HFLM(pretrained=hf_model, tokenizer=replica.tokenizer, batch_size=1, device="cpu")
+    lm = HFLM(pretrained=hf_model, tokenizer=replica.source, batch_size=1, device="cpu")
     reqs = [Instance("loglikelihood_rolling", {}, (s,), i) for i, s in enumerate(statements)]
     return [-x for x in lm.loglikelihood_rolling(reqs, disable_tqdm=True)]
 

@@ -135,3 +135,36 @@ def test_checkpoint_missing_a_tensor_names_it(tiny_model_dir, tmp_path):
     save_file({k: v for k, v in state.items() if k != name}, broken / "model.safetensors")
     with pytest.raises(ModelLoadError, match=r"no tensor 'h\.1\.mlp\.c_fc\.weight'"):
         load_replica(str(broken), device="cpu")
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json + merges.txt"])
+def test_our_tokenizer_equals_transformers_autotokenizer(tiny_model_dir, tmp_path, files):
+    from transformers import AutoTokenizer
+
+    from fengshen_batch.tiny_model import SAMPLE_LINES
+    from fengshen_batch.tokenizer import GPT2TextTokenizer
+
+    path = tiny_model_dir
+    if files != "tokenizer.json":  # the layout of the Fengshenbang checkpoints: no tokenizer.json
+        path = tmp_path / "vocab-merges"
+        shutil.copytree(tiny_model_dir, path)
+        (path / "tokenizer.json").unlink()
+    ours, ref = GPT2TextTokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+    texts = [
+        *SAMPLE_LINES,
+        "before<|endoftext|>after",
+        "  two  spaces, tabs\tand\nnewlines ",
+        "emoji 🙂 ü ß",
+        "",
+    ]
+    for text in texts:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
+    assert len(ours) == len(ref) and ours.eos_token_id == ref.eos_token_id
+    ids = list(range(len(ref)))
+    assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):  # arbitrary id sequences, partial UTF-8 included, decode the same
+        seq = torch.randint(
+            0, len(ref), (int(torch.randint(1, 12, (1,), generator=rng)),), generator=rng
+        ).tolist()
+        assert ours.decode(seq) == ref.decode(seq), seq

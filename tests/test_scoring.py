@@ -29,9 +29,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def lm_eval_reference(replica, hf_model):
-    """lm-eval's own numbers, one request at a time (batch_size=1: no padding in the reference)."""
-    lm = HFLM(pretrained=hf_model, tokenizer=replica.tokenizer, batch_size=1, device="cpu")
+def lm_eval_reference(replica, hf_model, tiny_model_dir):
+    """lm-eval's own numbers, one request at a time (batch_size=1: no padding in the reference), with HF's
+    model and HF's tokenizer (lm-eval loads it from the model dir)."""
+    lm = HFLM(pretrained=hf_model, tokenizer=str(tiny_model_dir), batch_size=1, device="cpu")
     assert lm.max_length == replica.max_length
     reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(TEXTS)]
     return lm.loglikelihood_rolling(reqs, disable_tqdm=True)
