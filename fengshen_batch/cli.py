@@ -71,7 +71,11 @@ def _job_options(fn):
             type=float,
             help="CPUs per replica (a CPU replica uses as many torch threads). Default 1.",
         ),
-        click.option("--batch-size", type=int, help="Rows per batch handed to a replica. Default 256."),
+        click.option(
+            "--batch-size",
+            type=int,
+            help="Scoring, judging: rows per engine call within a shard. Default 256.",
+        ),
         click.option(
             "--token-budget",
             type=int,

@@ -1,8 +1,9 @@
-"""Run one job from a validated spec: check everything cheap first, then stream shards through Ray.
+"""Run one job from a validated spec: check everything cheap first, then hand shards to Ray and commit.
 
 Order matters: the spec, the inputs (footers only), the output location and the model's config are checked
 before Ray starts or any replica loads, so a bad job fails in seconds with one line naming the problem.
-Shards already committed under the output (a rerun of an interrupted job) are skipped.
+Shards already committed under the output (a rerun of an interrupted job) are skipped. The model actors
+read and write the shards; this driver only receives a commit record per shard and writes its marker.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
-from .inputs import ID_COLUMN, inspect_inputs, make_shards
+from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source
-from .outputs import DATA, OutputStore, ShardAssembler, spec_hash
+from .outputs import DATA, OutputStore, ShardStats, spec_hash
 from .progress import Display, quiet_ray
 from .schemas import data_schema, error_schema
 from .spec import GenerateJob, ScoreJob, spec_record
@@ -129,32 +130,35 @@ def run_job(
     gpus = (
         spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if pipeline.cluster_gpus() else 0.0)
     )
-    id_field = inputs.id_column or ID_COLUMN
-    assembler = ShardAssembler(
-        shards, spec.kind, data_schema(inputs.schema, spec.kind), error_schema(inputs.schema)
-    )
+    schemas = (data_schema(inputs.schema, spec.kind), error_schema(inputs.schema))
+    by_index = {s.index: s for s in shards}
     stats = dict(committed)
     todo_rows = sum(s.stop - s.start for s in todo)
     display = Display(todo_rows, len(shards), len(committed), progress, live=False if ray_progress else live)
     rows_done = tokens_done = errors_done = 0
     run_start = time.time()
     try:
-        for batch in pipeline.run_pipeline(spec, todo, inputs.id_column, id_field, gpus, ray_progress):
+        records = pipeline.run_pipeline(spec, todo, inputs.id_column, gpus, target.url, schemas, ray_progress)
+        for batch in records:
             if "first_batch" not in startup:
                 startup["first_batch"] = time.time() - run_start
                 startup.update(pipeline.actor_startup(batch, run_start))
-            for shard, data, errors, shard_stats in assembler.add(batch):
-                target.write_shard(shard, data, errors, shard_stats, hash_)
+            for rec in batch.to_pylist():
+                index = rec.pop("shard")
+                if index in stats:  # a retried call may report a shard twice: commit it once
+                    continue
+                shard_stats = ShardStats(**rec)
+                target.commit(by_index[index], shard_stats, hash_)
                 startup.setdefault("first_shard", time.time() - started)
-                stats[shard.index] = shard_stats.__dict__
+                stats[index] = shard_stats.__dict__
                 rows_done += shard_stats.rows
                 tokens_done += shard_stats.tokens
                 errors_done += shard_stats.errors
-            display.update(rows_done + assembler.rows_open, tokens_done, errors_done, len(stats))
+            display.update(rows_done, tokens_done, errors_done, len(stats))
     finally:
         display.close()
     missing = [s.index for s in shards if s.index not in stats]
-    if missing or assembler.open_shards:
+    if missing:
         raise RuntimeError(f"{len(missing)} shards did not complete (first: {missing[:5]}); rerun to resume")
 
     wall = time.time() - started

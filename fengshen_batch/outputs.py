@@ -1,4 +1,4 @@
-"""The output folder: per-shard Parquet committed by markers, then manifest.json and _SUCCESS.
+"""The output folder and its committer: per-shard Parquet committed by markers, then manifest.json and _SUCCESS.
 
 Layout under OUTPUT/:
     data/part-000042.parquet      results of shard 42 (explicit schema, written even when empty)
@@ -8,19 +8,18 @@ Layout under OUTPUT/:
     _SUCCESS                      written last of all, when every shard is committed
     _overwrite/                   an --overwrite run's new output, built beside the old one, then copied in
 
-Shard files have deterministic names, so a rerun overwrites a half-written shard instead of duplicating it,
-and skips every shard whose marker exists. On object stores a single PUT is atomic: no renames are needed.
+The model actors write a shard's data and error files (`writer.py`); the driver only writes its marker, from
+the counts the actor sends back. Shard files have deterministic names, so a rerun rewrites an unmarked shard
+instead of duplicating it, and skips every shard whose marker exists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import Shard
@@ -132,15 +131,9 @@ class OutputStore:
                 markers[marker["shard"]] = marker
         return markers
 
-    def write_shard(
-        self, shard: Shard, data: pa.Table, errors: pa.Table, stats: ShardStats, hash_: str
-    ) -> None:
-        """Data and errors first, the marker last: a shard without its marker is redone on a rerun."""
-        name = part_name(shard.index)
-        for folder, table in ((DATA, data), (ERRORS, errors)):
-            self.fs.makedirs(self._p(folder), exist_ok=True)
-            with self.fs.open(self._p(folder, f"{name}.parquet"), "wb") as f:
-                pq.write_table(table, f)
+    def commit(self, shard: Shard, stats: ShardStats, hash_: str) -> None:
+        """Mark a shard committed, once a worker has written its data and error files (`writer.py`): a
+        shard without its marker is redone on a rerun."""
         marker = {
             "shard": shard.index,
             "file": shard.name,
@@ -150,77 +143,8 @@ class OutputStore:
             **stats.__dict__,
         }
         self.fs.makedirs(self._p(MARKERS), exist_ok=True)
-        self.fs.pipe_file(self._p(MARKERS, f"{name}.json"), json.dumps(marker).encode())
+        self.fs.pipe_file(self._p(MARKERS, f"{part_name(shard.index)}.json"), json.dumps(marker).encode())
 
     def publish(self, manifest: dict) -> None:
         self.fs.pipe_file(self._p("manifest.json"), json.dumps(manifest, indent=2).encode())
         self.fs.pipe_file(self._p("_SUCCESS"), b"")
-
-
-class ShardAssembler:
-    """Collects model-stage rows per shard until all of a shard's input rows are back, then splits them."""
-
-    def __init__(self, shards: list[Shard], kind: str, data_schema: pa.Schema, error_schema: pa.Schema):
-        self.shards = {s.index: s for s in shards}
-        self.kind = kind
-        self.data_schema, self.error_schema = data_schema, error_schema
-        self.pending: dict[int, list[pa.Table]] = defaultdict(list)
-        self.seen_rows: dict[int, set[int]] = defaultdict(set)
-
-    def add(self, table: pa.Table) -> list[tuple[Shard, pa.Table, pa.Table, ShardStats]]:
-        """Take one batch of model output; return the shards it completed."""
-        done = []
-        for index in pc.unique(table.column("_shard")).to_pylist():
-            part = table.filter(pc.equal(table.column("_shard"), index))
-            self.pending[index].append(part)
-            self.seen_rows[index].update(part.column("_row").to_pylist())
-            shard = self.shards[index]
-            if len(self.seen_rows[index]) == shard.stop - shard.start:
-                done.append(self._complete(shard))
-        return done
-
-    @property
-    def open_shards(self) -> int:
-        return len(self.pending)
-
-    @property
-    def rows_open(self) -> int:
-        """Input rows of not yet complete shards whose results are here (for progress)."""
-        return sum(len(rows) for rows in self.seen_rows.values())
-
-    def _complete(self, shard: Shard) -> tuple[Shard, pa.Table, pa.Table, ShardStats]:
-        rows = pa.concat_tables(self.pending.pop(shard.index))
-        del self.seen_rows[shard.index]
-        # A retried batch may come back twice: keep one row per (input row, sample).
-        rows = _dedupe(rows, ["_row", "sample_index"] if self.kind == "generate" else ["_row"])
-        failed = pc.is_valid(rows.column("error_kind"))
-        good, bad = rows.filter(pc.invert(failed)), rows.filter(failed)
-        expected = shard.stop - shard.start
-        good_rows = len(pc.unique(good.column("_row")))
-        if good_rows + len(bad) != expected or set(good.column("_row").to_pylist()) & set(
-            bad.column("_row").to_pylist()
-        ):
-            raise RuntimeError(
-                f"shard {shard.index}: {good_rows} results + {len(bad)} errors != {expected} rows"
-            )
-        good = good.sort_by("_row").drop_columns([*INTERNAL, "error_kind", "error_message"])
-        bad = bad.sort_by("_row").drop_columns(INTERNAL)
-        if self.kind == "score":
-            tokens = pc.sum(good.column("token_count")).as_py() or 0
-        elif self.kind == "judge":
-            tokens = pc.sum(pc.list_flatten(good.column("candidate_token_count"))).as_py() or 0
-        else:
-            tokens = sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens"))
-        stats = ShardStats(expected, len(good), len(bad), int(tokens))
-        data = good.select(self.data_schema.names).cast(self.data_schema)
-        errors = bad.select(self.error_schema.names).cast(self.error_schema)
-        return shard, data, errors, stats
-
-
-def _dedupe(table: pa.Table, key: list[str]) -> pa.Table:
-    seen, keep = set(), []
-    for i, k in enumerate(zip(*(table.column(c).to_pylist() for c in key), strict=True)):
-        if k not in seen:
-            seen.add(k)
-            keep.append(i)
-    return table if len(keep) == len(table) else table.take(pa.array(keep, pa.int64()))

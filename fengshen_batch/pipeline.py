@@ -1,11 +1,15 @@
-"""All of the Ray wiring: start or join Ray, and the Ray Data pipeline shards -> rows -> model actors.
+"""All of the Ray wiring: start or join Ray, and the Ray Data pipeline shards -> model actors -> commits.
 
-    from_items(shards) --map_batches(read, CPU task)--> input rows (+ id, _shard, _row)
-                       --map_batches(ModelActor, actor pool, 1 GPU each)--> rows + results / errors
-                       --iter_batches--> the driver, which commits shards as they complete
+    from_items(shards) --map_batches(ModelActor, actor pool, 1 GPU each, one shard per call)-->
+        the actor reads its shard (inputs.read_shard), runs the engine on id + text in slices of
+        `batch_size` rows, writes the shard's data/ and errors/ files (writer.py)
+    --> one small commit record per shard --iter_batches--> the driver, which writes the shard's marker
 
-The actor is thin: it loads one replica in `__init__` and runs the engine on a batch in `__call__` (for
-generation, several batches at once into one engine).
+Data moves where the data is: rows, texts and passthrough columns go from storage to the actor that
+computes on them and back to storage, never through the object store or the driver (whose memory is
+O(shards)). The actor is thin: it loads one replica in `__init__` and runs the engine in `__call__`; for
+generation several shards are in flight in one actor (threaded calls) feeding its one engine, so the engine
+admits the next shard's prompts as the current one's sequences finish.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import pyarrow as pa
 import ray
 
 from .inputs import Shard, read_shard
-from .spec import GenerateJob, ScoreJob, StorageSpec, build_spec
+from .spec import GenerateJob, ScoreJob, build_spec
 
 log = logging.getLogger(__name__)
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
-READ_CPUS = 0.25  # reading is I/O bound; do not let it wait behind the model actors for a whole CPU
+COMMIT_SCHEMA = pa.schema(
+    [("shard", pa.int64()), ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
+     ("tokens", pa.int64())]
+)  # fmt: skip
 
 
 def init_ray(address: str | None, min_cpus: float = 1) -> bool:
@@ -60,21 +67,15 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
 
 
-def _read(batch: pa.Table, storage: dict, id_column: str | None) -> pa.Table:
-    spec = StorageSpec(**storage)
-    tables = [read_shard(Shard(**row), spec, id_column) for row in batch.to_pylist()]
-    return pa.concat_tables(tables)
-
-
 class ModelActor:
     """One model replica on one device (a GPU when the actor was given one, else the CPU).
 
-    Generate jobs: the replica's one engine runs in a background thread; several Ray batches are in flight
-    in this actor at once (threaded calls), each submitting its rows to that engine and waiting for them, so
-    the engine admits the next batch's prompts as the current one's sequences finish.
+    A call takes shard descriptors and returns their commit records; the rows stay in this process.
+    Generate jobs: the replica's one engine runs in a background thread; several shards are in flight in
+    this actor at once (threaded calls), each submitting its prompts to that engine and waiting for them.
     """
 
-    def __init__(self, spec: dict, id_field: str):
+    def __init__(self, spec: dict, id_column: str | None, output: str, schemas: tuple[pa.Schema, pa.Schema]):
         init_at = time.time()
         import torch
 
@@ -93,7 +94,8 @@ class ModelActor:
             trust_remote_code=self.spec.trust_remote_code,
             storage_options=storage_options(self.spec.model, self.spec.storage),
         )
-        self.id_field = id_field
+        self.id_column, self.output = id_column, output
+        self.data_schema, self.error_schema = schemas
         self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
         self.engine = None
         if self.spec.kind == "generate":
@@ -110,14 +112,32 @@ class ModelActor:
         }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .columns import process_table
-
         self.startup.setdefault("first_call_at", time.time())
-        out, budget = process_table(
-            self.replica, self.spec, batch, self.id_field, self.token_budget, self.engine
-        )
-        self.token_budget = budget
+        records = [self._shard(Shard(**row)) for row in batch.to_pylist()]
+        out = pa.Table.from_pylist(records, schema=COMMIT_SCHEMA)
         return out.replace_schema_metadata({STARTUP_KEY: json.dumps(self.startup).encode()})
+
+    def _shard(self, shard: Shard) -> dict:
+        """Read, compute and write one shard; return its commit record."""
+        from .columns import process_table
+        from .inputs import ID_COLUMN
+        from .writer import split_results, write_shard_files
+
+        table = read_shard(shard, self.spec.storage, self.id_column)
+        id_field = self.id_column or ID_COLUMN
+        # Generation: the whole shard into the engine at once (it schedules per step); the other kinds in
+        # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
+        step = max(1, len(table)) if self.engine is not None else self.spec.batch_size
+        parts = []
+        for start in range(0, len(table), step):
+            part, self.token_budget = process_table(
+                self.replica, self.spec, table.slice(start, step), id_field, self.token_budget, self.engine
+            )
+            parts.append(part)
+        rows = pa.concat_tables(parts)
+        data, errors, stats = split_results(shard, rows, self.spec.kind, self.data_schema, self.error_schema)
+        write_shard_files(self.output, self.spec.storage, shard, data, errors)
+        return {"shard": shard.index, **stats.__dict__}
 
 
 def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:
@@ -157,27 +177,26 @@ def run_pipeline(
     spec: ScoreJob | GenerateJob,
     shards: list[Shard],
     id_column: str | None,
-    id_field: str,
     gpus: float,
+    output: str,
+    schemas: tuple[pa.Schema, pa.Schema],
     ray_progress: bool = False,
 ) -> Iterator[pa.Table]:
-    """Stream the model stage's output batches to the caller (the driver), shard rows tagged.
+    """Stream commit records (COMMIT_SCHEMA, one row per shard written under `output`) to the driver.
 
     Ray Data's progress bars only with `ray_progress`: the job draws its own progress line."""
     ray.data.DataContext.get_current().enable_progress_bars = ray_progress
     ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(
-        _read,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"storage": spec.storage.model_dump(), "id_column": id_column},
-        num_cpus=READ_CPUS,
-    )
-    ds = ds.map_batches(
         ModelActor,
-        batch_size=spec.batch_size,
+        batch_size=1,  # one shard per call: the unit of writing, retry and commit
         batch_format="pyarrow",
-        fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "id_field": id_field},
+        fn_constructor_kwargs={
+            "spec": spec.model_dump(mode="json"),
+            "id_column": id_column,
+            "output": output,
+            "schemas": schemas,
+        },  # fmt: skip
         compute=_compute(spec),
         num_gpus=gpus,
         num_cpus=spec.cpus_per_actor,

@@ -52,7 +52,9 @@ class JobBase(BaseModel):
     actors: tuple[int, int] = (1, 1)  # (min, max) replicas; min == max is a fixed pool
     gpus_per_actor: float | None = Field(default=None, ge=0)  # None: 1 if the cluster has GPUs, else 0
     cpus_per_actor: float = Field(default=1, gt=0)
-    batch_size: int = Field(default=256, ge=1, description="rows per batch handed to an actor")
+    batch_size: int = Field(
+        default=256, ge=1, description="scoring, judging: rows per engine call in a shard"
+    )
     # Scoring: padded tokens per forward pass. Generation: prompt tokens prefilled per engine step.
     token_budget: int | None = Field(default=None, ge=16, description="tokens per forward pass")
     dtype: Dtype = "auto"

@@ -1,0 +1,94 @@
+"""Write one shard's results where they are computed: the model actor, not the driver.
+
+The actor that scored or generated a shard splits its rows into `data/` and `errors/` and writes both files
+itself; the driver gets back only a small commit record (counts) and writes the shard's marker
+(`outputs.py`). Rows, passthrough columns and texts never travel to the driver.
+
+File names are deterministic (`part-000042.parquet`), and each file appears whole or not at all: on object
+stores one PUT or a completed multipart upload is atomic; on a local disk the file is written under a hidden
+temporary name in the same folder (`.part-000042.parquet.tmp-*`, which readers skip: pyarrow, Spark and
+Ray Data ignore dot-files) and renamed into place. A shard whose marker is missing is
+redone on a rerun and its files rewritten whole, with the same content. We chose this over Hadoop's
+`_temporary/` + rename because a rename on S3 is a server-side copy of every byte, and the commit would
+wait for it; the cost is that a reader listing `data/` while a job runs can see a finished shard a moment
+before its marker. Read an output once it has `_SUCCESS`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .inputs import Shard
+from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name
+from .spec import StorageSpec
+from .storage import filesystem, join
+
+
+def split_results(
+    shard: Shard, rows: pa.Table, kind: str, data_schema: pa.Schema, error_schema: pa.Schema
+) -> tuple[pa.Table, pa.Table, ShardStats]:
+    """A shard's model output (input columns, results, error columns) -> (data, errors, stats)."""
+    failed = pc.is_valid(rows.column("error_kind"))
+    good, bad = rows.filter(pc.invert(failed)), rows.filter(failed)
+    expected = shard.stop - shard.start
+    good_rows = len(pc.unique(good.column("_row"))) if len(good) else 0
+    if good_rows + len(bad) != expected or set(good.column("_row").to_pylist()) & set(
+        bad.column("_row").to_pylist()
+    ):
+        raise RuntimeError(f"shard {shard.index}: {good_rows} results + {len(bad)} errors != {expected} rows")
+    good = good.sort_by("_row").drop_columns([*INTERNAL, "error_kind", "error_message"])
+    bad = bad.sort_by("_row").drop_columns(INTERNAL)
+    if kind == "score":
+        tokens = pc.sum(good.column("token_count")).as_py() or 0
+    elif kind == "judge":
+        tokens = pc.sum(pc.list_flatten(good.column("candidate_token_count"))).as_py() or 0
+    else:
+        tokens = sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens"))
+    stats = ShardStats(expected, len(good), len(bad), int(tokens))
+    data = good.select(data_schema.names).cast(data_schema)
+    errors = bad.select(error_schema.names).cast(error_schema)
+    return data, errors, stats
+
+
+def write_whole(fs, path: str, table: pa.Table) -> None:
+    """Write `table` to `path` so that no reader ever sees part of it (see the module docstring)."""
+    if not _is_local(fs):
+        # The object exists once its upload completes. A failed write must not complete it: closing the file
+        # (as `with` would, or garbage collection) uploads what is buffered, so abort and mark it closed.
+        f = fs.open(path, "wb")
+        try:
+            pq.write_table(table, f)
+        except BaseException:
+            f.discard()  # aborts a multipart upload already under way
+            f.closed = True
+            raise
+        f.close()
+        return
+    # Not fsspec's autocommit=False: its temporary file is in /tmp, and a move across file systems copies.
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _is_local(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def write_shard_files(output_url: str, storage: StorageSpec, shard: Shard, data: pa.Table, errors: pa.Table):
+    """The shard's data and error files under `output_url` (both written, even when empty)."""
+    fs, root = filesystem(output_url, storage)
+    name = part_name(shard.index)
+    for folder, table in ((DATA, data), (ERRORS, errors)):
+        fs.makedirs(join(root, folder), exist_ok=True)
+        write_whole(fs, join(root, folder, f"{name}.parquet"), table)
