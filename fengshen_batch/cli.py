@@ -241,7 +241,7 @@ def report(output, by, endpoint_url):
     """Rebuild OUTPUT/report/ (summary.json, ppl_histogram.png, report.html) from a finished score job."""
     from .outputs import OutputStore
     from .report import build_report
-    from .spec import StorageSpec
+    from .storage import StorageSpec
 
     store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
     manifest = store.published_manifest()

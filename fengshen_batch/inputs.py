@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .spec import StorageSpec
-from .storage import filesystem, redact_url
+from .storage import StorageSpec, filesystem, redact_url
 
 ID_COLUMN = "id"
 # Columns the job adds; an input column of the same name would be ambiguous.

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .inputs import Shard
-from .spec import StorageSpec
-from .storage import filesystem, join
+from .storage import StorageSpec, filesystem, join
 
 DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
 INTERNAL = ["_shard", "_row"]
@@ -124,12 +124,11 @@ class OutputStore:
         """Markers of committed shards, listed once: {shard index: marker}."""
         if not self.fs.exists(self._p(MARKERS)):
             return {}
-        markers = {}
-        for path in self.fs.find(self._p(MARKERS)):
-            if path.endswith(".json"):
-                marker = json.loads(self.fs.cat_file(path))
-                markers[marker["shard"]] = marker
-        return markers
+        paths = [p for p in self.fs.find(self._p(MARKERS)) if p.endswith(".json")]
+        # One small GET each: in parallel, or a resumed night of 25k shards waits minutes before it starts.
+        with ThreadPoolExecutor(32) as pool:
+            markers = list(pool.map(lambda path: json.loads(self.fs.cat_file(path)), paths))
+        return {m["shard"]: m for m in markers}
 
     def commit(self, shard: Shard, stats: ShardStats, hash_: str) -> None:
         """Mark a shard committed, once a worker has written its data and error files (`writer.py`): a

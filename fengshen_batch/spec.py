@@ -24,21 +24,11 @@ from pydantic import (
 )
 
 from .params import Dtype, EngineParams, GenerateParams, ScoreParams
+from .storage import StorageSpec, redact_url
 
 
 class SpecError(ValueError):
     """A job spec that cannot run; the message names each bad field."""
-
-
-class StorageSpec(BaseModel):
-    """Object-storage settings; anything left out comes from the AWS environment/config as usual."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, Ceph, a moto server in tests)
-    region: str | None = None
-    anonymous: bool = False  # public buckets: unsigned requests
-    profile: str | None = None  # a named profile of ~/.aws/config
 
 
 class JobBase(BaseModel):
@@ -232,8 +222,6 @@ def load_spec(path: str | Path) -> AnyJob:
 
 def spec_record(spec: AnyJob) -> dict:
     """The spec as written into manifests: JSON-safe, with any userinfo in URLs removed."""
-    from .storage import redact_url
-
     record = spec.model_dump(mode="json")
     for key in ("model", "input", "output", "address"):
         if record.get(key):

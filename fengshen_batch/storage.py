@@ -10,8 +10,18 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+from pydantic import BaseModel, ConfigDict
 
-from .spec import StorageSpec
+
+class StorageSpec(BaseModel):
+    """Object-storage settings; anything left out comes from the AWS environment/config as usual."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, Ceph, a moto server in tests)
+    region: str | None = None
+    anonymous: bool = False  # public buckets: unsigned requests
+    profile: str | None = None  # a named profile of ~/.aws/config
 
 
 def protocol(url: str) -> str:

@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 
 from .inputs import Shard
 from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name
-from .spec import StorageSpec
-from .storage import filesystem, join
+from .storage import StorageSpec, filesystem, join
 
 
 def split_results(

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fengshen_batch.inputs import inspect_inputs, make_shards, read_shard
-from fengshen_batch.spec import StorageSpec
+from fengshen_batch.storage import StorageSpec
 
 
 def _files(tmp_path):

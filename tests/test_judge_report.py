@@ -177,7 +177,7 @@ def test_score_report_matches_the_output(tmp_path, replica):
 def test_report_html_opens_in_headless_chromium(tmp_path, replica):
     from fengshen_batch.outputs import OutputStore
     from fengshen_batch.report import build_report
-    from fengshen_batch.spec import StorageSpec
+    from fengshen_batch.storage import StorageSpec
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)

@@ -9,8 +9,7 @@ import pytest
 
 from fengshen_batch import writer
 from fengshen_batch.inputs import Shard
-from fengshen_batch.spec import StorageSpec
-from fengshen_batch.storage import filesystem
+from fengshen_batch.storage import StorageSpec, filesystem
 from tests.helpers import make_bucket
 
 WRITE_TABLE = pq.write_table
