@@ -248,7 +248,8 @@ def report(output, by, endpoint_url):
     if manifest is None:
         raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
     try:
-        summary = build_report(store, manifest, by or manifest["spec"].get("report_by"))
+        summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
+        summary = build_report(store, manifest, by or manifest["spec"].get("report_by"), summaries)
     except ValueError as e:
         raise JobError(str(e)) from None
     click.echo(f"report: {output.rstrip('/')}/report/report.html (corpus ppl {summary['corpus_ppl']:,.2f})")

@@ -9,6 +9,7 @@ read and write the shards; this driver only receives a commit record per shard a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -46,19 +47,29 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
         raise JobError(f"output {redact_url(spec.output)} is inside the input {redact_url(spec.input)}")
 
 
-def _finish_kind(spec, store: OutputStore, manifest: dict) -> None:
+def _finish_kind(spec, store: OutputStore, manifest: dict, summaries: list[dict | None]) -> None:
     """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
-    scoring, accuracy against labels for judging."""
+    scoring (from the shards' merged summaries, no pass over the rows), accuracy against labels for judging."""
     if spec.kind == "score":
-        from .report import apply_buckets, bucket_cutoffs, build_report
+        from .report import build_report, summaries_from_files
+        from .sketch import merge, quantile
 
-        if spec.bucket_quantiles or spec.bucket_thresholds:
-            ppl = store.read(DATA, ["ppl"]).column("ppl").to_numpy()
-            cutoffs = bucket_cutoffs(ppl, spec.bucket_quantiles, spec.bucket_thresholds)
-            if cutoffs:
-                apply_buckets(store, cutoffs)
+        if not all(summaries) or any(s.get("by") != spec.report_by for s in summaries):
+            summaries = summaries_from_files(store, spec.text_column, spec.report_by)  # shards of older runs
+        if spec.bucket_thresholds:  # written with the data
+            manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
+        elif spec.bucket_quantiles:
+            ppl = merge(summaries)["ppl"]
+            cutoffs = [quantile(ppl, q) for q in spec.bucket_quantiles]
+            if None not in cutoffs:
+                from . import pipeline
+
+                counts = pipeline.rebucket(store.url, spec.storage, store.files(DATA), cutoffs)
                 manifest["bucket_cutoffs"] = cutoffs
-        build_report(store, manifest, spec.report_by)
+                for s in summaries:  # the per-shard bucket counts are not known: the total is
+                    s.pop("buckets", None)
+                summaries[0]["buckets"] = counts
+        build_report(store, manifest, spec.report_by, summaries)
     elif spec.kind == "judge" and spec.label_column:
         from .judging import accuracy
 
@@ -144,13 +155,14 @@ def run_job(
                 startup["first_batch"] = time.time() - run_start
                 startup.update(pipeline.actor_startup(batch, run_start))
             for rec in batch.to_pylist():
-                index = rec.pop("shard")
+                index, summary = rec.pop("shard"), rec.pop("summary")
                 if index in stats:  # a retried call may report a shard twice: commit it once
                     continue
                 shard_stats = ShardStats(**rec)
-                target.commit(by_index[index], shard_stats, hash_)
+                extra = {"summary": json.loads(summary)} if summary else {}
+                target.commit(by_index[index], shard_stats, hash_, extra)
                 startup.setdefault("first_shard", time.time() - started)
-                stats[index] = shard_stats.__dict__
+                stats[index] = {**shard_stats.__dict__, **extra}
                 rows_done += shard_stats.rows
                 tokens_done += shard_stats.tokens
                 errors_done += shard_stats.errors
@@ -187,7 +199,7 @@ def run_job(
     }
     if target is not store:
         store.replace_with(target)
-    _finish_kind(spec, store, manifest)
+    _finish_kind(spec, store, manifest, [m.get("summary") for m in stats.values()])
     store.publish(manifest)
     progress(
         f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "

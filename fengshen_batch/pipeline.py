@@ -33,7 +33,7 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
 COMMIT_SCHEMA = pa.schema(
     [("shard", pa.int64()), ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
-     ("tokens", pa.int64())]
+     ("tokens", pa.int64()), ("summary", pa.string())]
 )  # fmt: skip
 
 
@@ -121,7 +121,7 @@ class ModelActor:
         """Read, compute and write one shard; return its commit record."""
         from .columns import process_table
         from .inputs import ID_COLUMN
-        from .writer import split_results, write_shard_files
+        from .writer import split_results, with_buckets, write_shard_files
 
         table = read_shard(shard, self.spec.storage, self.id_column)
         id_field = self.id_column or ID_COLUMN
@@ -136,8 +136,15 @@ class ModelActor:
             parts.append(part)
         rows = pa.concat_tables(parts)
         data, errors, stats = split_results(shard, rows, self.spec.kind, self.data_schema, self.error_schema)
+        summary = None
+        if self.spec.kind == "score":
+            from .sketch import summarize
+
+            if self.spec.bucket_thresholds:  # fixed cutoffs: the bucket is known at write time
+                data = with_buckets(data, list(self.spec.bucket_thresholds))
+            summary = json.dumps(summarize(data, self.spec.text_column, self.spec.report_by))
         write_shard_files(self.output, self.spec.storage, shard, data, errors)
-        return {"shard": shard.index, **stats.__dict__}
+        return {"shard": shard.index, **stats.__dict__, "summary": summary}
 
 
 def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:
@@ -171,6 +178,18 @@ def _compute(spec: ScoreJob | GenerateJob):
         max_concurrent_calls_per_actor=k,
         enable_true_multi_threading=True,
     )
+
+
+def rebucket(output: str, storage, files: list[str], cutoffs: list[float]) -> dict[str, int]:
+    """Rewrite every data file with its bucket column, in parallel Ray tasks; return rows per bucket."""
+    from .writer import rebucket_file
+
+    task = ray.remote(num_cpus=0.25)(rebucket_file)
+    counts: dict[str, int] = {}
+    for file_counts in ray.get([task.remote(output, storage, path, cutoffs) for path in files]):
+        for b, n in file_counts.items():
+            counts[b] = counts.get(b, 0) + n
+    return counts
 
 
 def run_pipeline(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,6 +27,30 @@ import pyarrow.parquet as pq
 from .inputs import Shard
 from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name
 from .storage import StorageSpec, filesystem, join
+
+BUCKETS = ("head", "middle", "tail")  # CCNet's split by perplexity: head <= c0 < middle <= c1 < tail
+
+
+def bucket_column(ppl: pa.ChunkedArray | pa.Array, cutoffs: list[float]) -> pa.Array:
+    idx = np.searchsorted(np.asarray(cutoffs), np.asarray(ppl), side="left")
+    return pa.array([BUCKETS[i] for i in idx], pa.string())
+
+
+def with_buckets(data: pa.Table, cutoffs: list[float]) -> pa.Table:
+    """`data` with its `bucket` column (replaced if there is one)."""
+    if "bucket" in data.column_names:
+        data = data.drop_columns(["bucket"])
+    return data.append_column("bucket", bucket_column(data.column("ppl"), cutoffs))
+
+
+def rebucket_file(output_url: str, storage: StorageSpec, path: str, cutoffs: list[float]) -> dict[str, int]:
+    """Rewrite one data file whole with its `bucket` column (quantile cutoffs are known only after the last
+    shard); return its rows per bucket."""
+    fs, _ = filesystem(output_url, storage)
+    with fs.open(path, "rb") as f:
+        table = with_buckets(pq.read_table(f), cutoffs)
+    write_whole(fs, path, table)
+    return {b: int(pc.sum(pc.equal(table.column("bucket"), b)).as_py() or 0) for b in BUCKETS}
 
 
 def split_results(

@@ -1,0 +1,151 @@
+"""Mergeable summaries of scored rows: the report and the quantile buckets without a pass over the output.
+
+The actor that writes a shard summarises it (`summarize`); the summary rides in the shard's commit record
+into its marker, and the driver merges the markers' summaries (`merge`), in memory O(shards x bins), never
+O(rows). A summary holds:
+- exact sums: rows, tokens, NLL (so the corpus perplexity exp(sum nll / sum tokens) is exact);
+- log-histograms of per-document perplexity and bits per byte, 200 bins per decade: a quantile read from
+  them is the geometric middle of its bin, within 0.6% of the exact quantile (and inside [min, max]);
+- the EXAMPLES lowest- and highest-perplexity documents (exact after merging: each shard keeps its own);
+- the same figures per value of the report's `by` column, nulls as the group "null".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+BINS_PER_DECADE = 200
+EXAMPLES = 20
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+TEXT_CHARS = 300  # of each example document
+
+
+def _histogram(values: np.ndarray) -> dict:
+    """{"bins": {bin: count}, "min", "max"} of positive values (bin b holds [10^(b/B), 10^((b+1)/B)))."""
+    if not len(values):
+        return {"bins": {}, "min": None, "max": None}
+    v = np.maximum(values.astype(np.float64), 1e-300)
+    bins, counts = np.unique(np.floor(np.log10(v) * BINS_PER_DECADE).astype(np.int64), return_counts=True)
+    return {"bins": {str(b): int(c) for b, c in zip(bins, counts, strict=True)},
+            "min": float(v.min()), "max": float(v.max())}  # fmt: skip
+
+
+def _merge_histograms(hists: list[dict]) -> dict:
+    bins: dict[str, int] = {}
+    for h in hists:
+        for b, c in h["bins"].items():
+            bins[b] = bins.get(b, 0) + c
+    lows = [h["min"] for h in hists if h["min"] is not None]
+    highs = [h["max"] for h in hists if h["max"] is not None]
+    return {"bins": bins, "min": min(lows, default=None), "max": max(highs, default=None)}
+
+
+def quantile(hist: dict, q: float) -> float | None:
+    """The q-quantile as numpy computes it (linear between the order statistics around rank q*(n-1)), each
+    order statistic read as the geometric middle of its bin: within half a bin (0.6%) of the exact one."""
+    if not hist["bins"]:
+        return None
+    bins = np.array(sorted(int(b) for b in hist["bins"]), dtype=np.int64)
+    cumulative = np.cumsum([hist["bins"][str(b)] for b in bins])
+    rank = q * (cumulative[-1] - 1)
+
+    def order_statistic(i: int) -> float:  # the i-th smallest value (0-based), to within its bin
+        b = bins[int(np.searchsorted(cumulative, i, side="right"))]
+        return float(min(max(10 ** ((b + 0.5) / BINS_PER_DECADE), hist["min"]), hist["max"]))
+
+    lo = math.floor(rank)
+    low, high = order_statistic(lo), order_statistic(min(lo + 1, int(cumulative[-1]) - 1))
+    return low + (rank - lo) * (high - low)
+
+
+def _figures(table: pa.Table) -> dict:
+    return {
+        "rows": table.num_rows,
+        "tokens": int(pc.sum(table.column("token_count")).as_py() or 0),
+        "nll_sum": float(pc.sum(table.column("nll_sum")).as_py() or 0.0),
+        "ppl": _histogram(table.column("ppl").to_numpy()),
+        "bits_per_byte": _histogram(table.column("bits_per_byte").to_numpy()),
+    }
+
+
+def _merge_figures(figures: list[dict]) -> dict:
+    return {
+        "rows": sum(f["rows"] for f in figures),
+        "tokens": sum(f["tokens"] for f in figures),
+        "nll_sum": math.fsum(f["nll_sum"] for f in figures),
+        "ppl": _merge_histograms([f["ppl"] for f in figures]),
+        "bits_per_byte": _merge_histograms([f["bits_per_byte"] for f in figures]),
+    }
+
+
+def _examples(table: pa.Table, text_column: str | None, lowest: bool) -> list[dict]:
+    order = pc.sort_indices(table, sort_keys=[("ppl", "ascending" if lowest else "descending")])
+    rows = table.take(order[:EXAMPLES]).to_pylist()
+    return [
+        {"id": r["id"], "ppl": r["ppl"], "bits_per_byte": r["bits_per_byte"], "tokens": r["token_count"],
+         "text": ((r.get(text_column) or "") if text_column else "")[:TEXT_CHARS]}
+        for r in rows
+    ]  # fmt: skip
+
+
+def summarize(data: pa.Table, text_column: str | None, by: str | None) -> dict:
+    """The summary of one shard's (or file's) data rows."""
+    summary = {**_figures(data), "low": _examples(data, text_column, True),
+               "high": _examples(data, text_column, False)}  # fmt: skip
+    if "bucket" in data.column_names:
+        values = data.column("bucket").to_pylist()
+        summary["buckets"] = {b: values.count(b) for b in sorted(set(values))}
+    if by:
+        keys = ["null" if v is None else str(v) for v in data.column(by).to_pylist()]
+        groups = {}
+        for key in sorted(set(keys)):
+            mask = pa.array([k == key for k in keys], pa.bool_())
+            groups[key] = _figures(data.filter(mask))
+        summary["by"], summary["groups"] = by, groups
+    return summary
+
+
+def merge(summaries: list[dict]) -> dict:
+    """One summary of many (shards'); the examples stay the EXAMPLES lowest and highest overall."""
+    merged = _merge_figures(summaries)
+
+    def top(key: str, lowest: bool) -> list[dict]:
+        rows = [r for s in summaries for r in s[key]]
+        return sorted(rows, key=lambda r: (r["ppl"] if lowest else -r["ppl"], str(r["id"])))[:EXAMPLES]
+
+    merged["low"], merged["high"] = top("low", True), top("high", False)
+    if any("buckets" in s for s in summaries):
+        merged["buckets"] = {}
+        for s in summaries:
+            for b, n in s.get("buckets", {}).items():
+                merged["buckets"][b] = merged["buckets"].get(b, 0) + n
+    bys = {s.get("by") for s in summaries}
+    if len(bys) == 1 and (by := bys.pop()):
+        keys = sorted({k for s in summaries for k in s["groups"]})
+        merged["by"] = by
+        merged["groups"] = {
+            k: _merge_figures([s["groups"][k] for s in summaries if k in s["groups"]]) for k in keys
+        }
+    return merged
+
+
+def figures(summary: dict) -> dict:
+    """What the report shows of a (merged) summary's figures."""
+    tokens = summary["tokens"]
+    return {
+        "rows": summary["rows"],
+        "tokens": tokens,
+        "corpus_ppl": math.exp(summary["nll_sum"] / tokens) if tokens else None,
+        "ppl_quantiles": _quantiles(summary["ppl"]),
+        "bits_per_byte_quantiles": _quantiles(summary["bits_per_byte"]),
+    }
+
+
+def _quantiles(hist: dict) -> dict[str, float]:
+    if not hist["bins"]:
+        return {}
+    return {f"p{round(q * 100):02d}": quantile(hist, q) for q in QUANTILES}
