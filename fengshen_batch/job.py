@@ -47,29 +47,41 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
         raise JobError(f"output {redact_url(spec.output)} is inside the input {redact_url(spec.input)}")
 
 
-def _finish_kind(spec, store: OutputStore, manifest: dict, summaries: list[dict | None]) -> None:
+class _Summary:
+    """The running merge of the shards' summaries (score jobs): O(bins) in memory, not O(shards)."""
+
+    def __init__(self):
+        self.merged: dict | None = None
+        self.complete = True  # False once a shard has none (committed by an older version)
+
+    def add(self, summary: dict | None) -> None:
+        from .sketch import merge
+
+        if summary is None:
+            self.complete = False
+        else:
+            self.merged = summary if self.merged is None else merge([self.merged, summary])
+
+
+def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None) -> None:
     """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
-    scoring (from the shards' merged summaries, no pass over the rows), accuracy against labels for judging."""
+    scoring (from the shards' merged summary, no pass over the rows), accuracy against labels for judging."""
     if spec.kind == "score":
         from .report import build_report, summaries_from_files
         from .sketch import merge, quantile
 
-        if not all(summaries) or any(s.get("by") != spec.report_by for s in summaries):
-            summaries = summaries_from_files(store, spec.text_column, spec.report_by)  # shards of older runs
+        if summary is None or summary.get("by") != spec.report_by:
+            summary = merge(summaries_from_files(store, spec.text_column, spec.report_by))  # older shards
         if spec.bucket_thresholds:  # written with the data
             manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
         elif spec.bucket_quantiles:
-            ppl = merge(summaries)["ppl"]
-            cutoffs = [quantile(ppl, q) for q in spec.bucket_quantiles]
+            cutoffs = [quantile(summary["ppl"], q) for q in spec.bucket_quantiles]
             if None not in cutoffs:
                 from . import pipeline
 
-                counts = pipeline.rebucket(store.url, spec.storage, store.files(DATA), cutoffs)
+                summary["buckets"] = pipeline.rebucket(store.url, spec.storage, store.files(DATA), cutoffs)
                 manifest["bucket_cutoffs"] = cutoffs
-                for s in summaries:  # the per-shard bucket counts are not known: the total is
-                    s.pop("buckets", None)
-                summaries[0]["buckets"] = counts
-        build_report(store, manifest, spec.report_by, summaries)
+        build_report(store, manifest, spec.report_by, [summary])
     elif spec.kind == "judge" and spec.label_column:
         from .judging import accuracy
 
@@ -143,6 +155,9 @@ def run_job(
     )
     schemas = (data_schema(inputs.schema, spec.kind), error_schema(inputs.schema))
     by_index = {s.index: s for s in shards}
+    summary = _Summary()
+    for marker in committed.values():  # resumed shards: their summaries folded in, not kept
+        summary.add(marker.pop("summary", None))
     stats = dict(committed)
     todo_rows = sum(s.stop - s.start for s in todo)
     display = Display(todo_rows, len(shards), len(committed), progress, live=False if ray_progress else live)
@@ -155,14 +170,16 @@ def run_job(
                 startup["first_batch"] = time.time() - run_start
                 startup.update(pipeline.actor_startup(batch, run_start))
             for rec in batch.to_pylist():
-                index, summary = rec.pop("shard"), rec.pop("summary")
+                index, shard_summary = rec.pop("shard"), rec.pop("summary")
                 if index in stats:  # a retried call may report a shard twice: commit it once
                     continue
                 shard_stats = ShardStats(**rec)
-                extra = {"summary": json.loads(summary)} if summary else {}
+                extra = {"summary": json.loads(shard_summary)} if shard_summary else {}
+                if spec.kind == "score":
+                    summary.add(extra.get("summary"))
                 target.commit(by_index[index], shard_stats, hash_, extra)
                 startup.setdefault("first_shard", time.time() - started)
-                stats[index] = {**shard_stats.__dict__, **extra}
+                stats[index] = shard_stats.__dict__
                 rows_done += shard_stats.rows
                 tokens_done += shard_stats.tokens
                 errors_done += shard_stats.errors
@@ -199,7 +216,7 @@ def run_job(
     }
     if target is not store:
         store.replace_with(target)
-    _finish_kind(spec, store, manifest, [m.get("summary") for m in stats.values()])
+    _finish_kind(spec, store, manifest, summary.merged if summary.complete else None)
     store.publish(manifest)
     progress(
         f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "

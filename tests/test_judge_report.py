@@ -213,3 +213,25 @@ def test_report_html_opens_in_headless_chromium(tmp_path, replica):
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 10_000
     assert "&lt;b&gt;x&lt;/b&gt;" in (out / "report" / "report.html").read_text()  # text is escaped
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_resumed_score_job_reports_from_old_and_new_shards_alike(tmp_path, replica):
+    from tests.helpers import write_texts
+
+    write_texts(tmp_path / "in", files=(12, 9), repeat_every=3)
+    fields = {"kind": "score", "model": replica.source, "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+              "shard_rows": 5, "report_by": "source", "bucket_quantiles": [0.4, 0.8]}  # fmt: skip
+    first = run_job(build_spec(fields), progress=lambda _: None)
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    # an interrupted run: two shards uncommitted, no report, no _SUCCESS; the rerun merges the summaries of
+    # the shards it finds committed with those of the shards it redoes
+    for name in ("part-000001.json", "part-000003.json"):
+        (tmp_path / "out" / "_markers" / name).unlink()
+    for name in ("_SUCCESS", "manifest.json"):
+        (tmp_path / "out" / name).unlink()
+    shutil.rmtree(tmp_path / "out" / "report")
+    again = run_job(build_spec(fields), progress=lambda _: None)
+    assert again["resumed_shards"] == first["shards"] - 2
+    assert again["bucket_cutoffs"] == first["bucket_cutoffs"]
+    assert json.loads((tmp_path / "out" / "report" / "summary.json").read_text()) == summary
