@@ -48,7 +48,7 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
 
 
 class _Summary:
-    """The running merge of the shards' summaries (score jobs): O(bins) in memory, not O(shards)."""
+    """The running merge of the shards' summaries (only score jobs have them): O(bins) in memory, not O(shards)."""
 
     def __init__(self):
         self.merged: dict | None = None
@@ -67,11 +67,10 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
     """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
     scoring (from the shards' merged summary, no pass over the rows), accuracy against labels for judging."""
     if spec.kind == "score":
-        from .report import build_report, summaries_from_files
-        from .sketch import merge, quantile
+        from .report import build_report, merged_summary
+        from .sketch import quantile
 
-        if summary is None or summary.get("by") != spec.report_by:
-            summary = merge(summaries_from_files(store, spec.text_column, spec.report_by))  # older shards
+        summary = merged_summary(store, spec.text_column, spec.report_by, [summary])  # older shards: files
         if spec.bucket_thresholds:  # written with the data
             manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
         elif spec.bucket_quantiles:
@@ -170,14 +169,12 @@ def run_job(
                 startup["first_batch"] = time.time() - run_start
                 startup.update(pipeline.actor_startup(batch, run_start))
             for rec in batch.to_pylist():
-                index, shard_summary = rec.pop("shard"), rec.pop("summary")
+                index, raw = rec.pop("shard"), rec.pop("summary")
                 if index in stats:  # a retried call may report a shard twice: commit it once
                     continue
-                shard_stats = ShardStats(**rec)
-                extra = {"summary": json.loads(shard_summary)} if shard_summary else {}
-                if spec.kind == "score":
-                    summary.add(extra.get("summary"))
-                target.commit(by_index[index], shard_stats, hash_, extra)
+                shard_stats, shard_summary = ShardStats(**rec), json.loads(raw) if raw else None
+                summary.add(shard_summary)
+                target.commit(by_index[index], shard_stats, hash_, shard_summary)
                 startup.setdefault("first_shard", time.time() - started)
                 stats[index] = shard_stats.__dict__
                 rows_done += shard_stats.rows

@@ -217,9 +217,9 @@ def _require_gpt2(model_type: str | None, source: str, trust_remote_code: bool) 
         )
 
 
-def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) -> None:
+def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) -> dict:
     """Read config.json as JSON and refuse what is not a GPT2 causal LM: cheap (no torch, no transformers),
-    so jobs call it before Ray starts."""
+    so jobs call it before Ray starts. Returns the config."""
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
@@ -227,6 +227,7 @@ def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) ->
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {source}/config.json: {type(e).__name__}: {e}") from None
     _require_gpt2(config.get("model_type"), source, trust_remote_code)
+    return config
 
 
 def read_weights(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -275,8 +276,7 @@ def load_replica(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     path = localize(source, cache_dir, storage_options)
-    check_model_dir(path, source, trust_remote_code)
-    config = json.loads((path / "config.json").read_text())
+    config = check_model_dir(path, source, trust_remote_code)
     try:
         if trust_remote_code:
             import transformers

@@ -130,9 +130,9 @@ class OutputStore:
             markers = list(pool.map(lambda path: json.loads(self.fs.cat_file(path)), paths))
         return {m["shard"]: m for m in markers}
 
-    def commit(self, shard: Shard, stats: ShardStats, hash_: str, extra: dict | None = None) -> None:
+    def commit(self, shard: Shard, stats: ShardStats, hash_: str, summary: dict | None = None) -> None:
         """Mark a shard committed, once a worker has written its data and error files (`writer.py`): a
-        shard without its marker is redone on a rerun."""
+        shard without its marker is redone on a rerun. A score job's marker also keeps the shard's summary."""
         marker = {
             "shard": shard.index,
             "file": shard.name,
@@ -140,7 +140,7 @@ class OutputStore:
             "stop": shard.stop,
             "spec_hash": hash_,
             **stats.__dict__,
-            **(extra or {}),
+            **({"summary": summary} if summary else {}),
         }
         self.fs.makedirs(self._p(MARKERS), exist_ok=True)
         self.fs.pipe_file(self._p(MARKERS, f"{part_name(shard.index)}.json"), json.dumps(marker).encode())

@@ -24,7 +24,7 @@ from dataclasses import asdict
 import pyarrow as pa
 import ray
 
-from .inputs import Shard, read_shard
+from .inputs import ID_COLUMN, Shard, read_shard
 from .spec import GenerateJob, ScoreJob, build_spec
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class ModelActor:
             storage_options=storage_options(self.spec.model, self.spec.storage),
         )
         self.id_column, self.output = id_column, output
+        self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
         self.data_schema, self.error_schema = schemas
         self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
         self.engine = None
@@ -120,18 +121,21 @@ class ModelActor:
     def _shard(self, shard: Shard) -> dict:
         """Read, compute and write one shard; return its commit record."""
         from .columns import process_table
-        from .inputs import ID_COLUMN
         from .writer import split_results, with_buckets, write_shard_files
 
         table = read_shard(shard, self.spec.storage, self.id_column)
-        id_field = self.id_column or ID_COLUMN
         # Generation: the whole shard into the engine at once (it schedules per step); the other kinds in
         # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
         step = max(1, len(table)) if self.engine is not None else self.spec.batch_size
         parts = []
         for start in range(0, len(table), step):
             part, self.token_budget = process_table(
-                self.replica, self.spec, table.slice(start, step), id_field, self.token_budget, self.engine
+                self.replica,
+                self.spec,
+                table.slice(start, step),
+                self.id_field,
+                self.token_budget,
+                self.engine,
             )
             parts.append(part)
         rows = pa.concat_tables(parts)

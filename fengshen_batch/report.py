@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.parquet as pq
 
-from .outputs import DATA, ERRORS, OutputStore
+from .outputs import DATA, OutputStore
 from .sketch import BINS_PER_DECADE, figures, merge, summarize
 from .writer import BUCKETS
 
@@ -109,10 +109,14 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 def _file_summary(store: OutputStore, path: str, text_column: str | None, by: str | None) -> dict:
     columns = ["id", "nll_sum", "token_count", "ppl", "bits_per_byte"]
     columns += [c for c in dict.fromkeys((text_column, by, "bucket")) if c and c not in columns]
-    schema = pq.read_schema(store.fs.open(path, "rb"))
-    if by and by not in schema.names:
-        raise ValueError(f"column {by!r} is not in the output (columns: {', '.join(schema.names)})")
-    table = pq.read_table(store.fs.open(path, "rb"), columns=[c for c in columns if c in schema.names])
+    with store.fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if "ppl" not in names:
+            raise ValueError(f"{store.url} is not the output of a score job (no ppl column)")
+        if by and by not in names:
+            raise ValueError(f"column {by!r} is not in the output (columns: {', '.join(names)})")
+        table = pf.read(columns=[c for c in columns if c in names])
     return summarize(table, text_column, by)
 
 
@@ -121,26 +125,31 @@ def summaries_from_files(store: OutputStore, text_column: str | None, by: str | 
     files = store.files(DATA)
     if not files:
         raise ValueError(f"no data files under {store.url}/{DATA}: is this a score job's output?")
-    if "ppl" not in pq.read_schema(store.fs.open(files[0], "rb")).names:
-        raise ValueError(f"{store.url} is not the output of a score job (no ppl column)")
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(lambda p: _file_summary(store, p, text_column, by), files))
+
+
+def merged_summary(
+    store: OutputStore, text_column: str | None, by: str | None, summaries: list | None, need_buckets=False
+) -> dict:
+    """The shards' own summaries merged, if every shard has one made for `by` (and, with `need_buckets`,
+    bucket counts: quantile buckets are added to the files after their shards were summarised); else the
+    data files' summaries, read in parallel."""
+    fresh = bool(summaries) and all(s is not None and s.get("by") == by for s in summaries)
+    if fresh and need_buckets and not any("buckets" in s for s in summaries):
+        fresh = False
+    return merge(summaries if fresh else summaries_from_files(store, text_column, by))
 
 
 def build_report(
     store: OutputStore, manifest: dict, by: str | None = None, summaries: list | None = None
 ) -> dict:
-    """Write OUTPUT/report/ from per-shard summaries (the markers' own, or read from the data files in
-    parallel when there are none or they were made for another `by`); return the summary."""
+    """Write OUTPUT/report/ from per-shard summaries (see `merged_summary`); return the summary."""
     spec = manifest["spec"]
-    text_column = spec.get("text_column")
-    stale = not summaries or any(s is None or s.get("by") != by for s in summaries)
-    if manifest.get("bucket_cutoffs") and not any(s and "buckets" in s for s in summaries or []):
-        stale = True  # quantile buckets were added to the files after their shards were summarised
-    if stale:
-        summaries = summaries_from_files(store, text_column, by)
-    merged = merge(summaries)
-    errors = sum(pq.read_metadata(store.fs.open(p, "rb")).num_rows for p in store.files(ERRORS))
+    merged = merged_summary(
+        store, spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs"))
+    )
+    errors = manifest.get("counts", {}).get("error_rows", 0)  # the committed shards' count
     summary = {"model": manifest.get("model", ""), "input": spec.get("input", ""), **figures(merged),
                "errors": errors}  # fmt: skip
     if by:

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .writer import bucket_counts
+
 BINS_PER_DECADE = 200
 EXAMPLES = 20
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -97,8 +99,7 @@ def summarize(data: pa.Table, text_column: str | None, by: str | None) -> dict:
     summary = {**_figures(data), "low": _examples(data, text_column, True),
                "high": _examples(data, text_column, False)}  # fmt: skip
     if "bucket" in data.column_names:
-        values = data.column("bucket").to_pylist()
-        summary["buckets"] = {b: values.count(b) for b in sorted(set(values))}
+        summary["buckets"] = bucket_counts(data.column("bucket"))
     if by:
         keys = ["null" if v is None else str(v) for v in data.column(by).to_pylist()]
         groups = {}

@@ -274,7 +274,7 @@ def plan(
     return Plan(sid, entrypoint, runtime_env, metadata, note)
 
 
-def _submit_job(client, address: str, **kwargs) -> None:
+def _submit_job(client, **kwargs) -> None:
     """client.submit_job, retried while a head that has just started brings up its job agent."""
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
@@ -322,7 +322,7 @@ def probe_image(
     code = f"import {module} as m; print({_PROBE_MARK!r}, getattr(m, '__version__', 'unknown'))"
     try:
         _submit_job(
-            client, address, entrypoint=f'python -c "{code}"', submission_id=probe_id,
+            client, entrypoint=f'python -c "{code}"', submission_id=probe_id,
             runtime_env={"env_vars": env_vars}, entrypoint_num_cpus=0,
         )  # fmt: skip
     except Exception as e:
@@ -365,9 +365,13 @@ def submit(
     """Submit the spec; return (submission id, whether this call created the job)."""
     job = plan(spec_path, address, submission_id=submission_id, working_dir=working_dir, package=package)
     client = _client(address)
-    if (state := existing_status(client, job.submission_id, address)) is not None:
+
+    def already(state) -> tuple[str, bool]:
         echo(f"job {job.submission_id} was already submitted ({state}); not submitting it again")
         return job.submission_id, False
+
+    if (state := existing_status(client, job.submission_id, address)) is not None:
+        return already(state)
     note = job.note
     if package == "image":
         version = probe_image(client, address, job.runtime_env["env_vars"])
@@ -376,15 +380,13 @@ def submit(
     echo(f"package: {note}")
     try:
         _submit_job(
-            client, address, entrypoint=job.entrypoint, submission_id=job.submission_id,
+            client, entrypoint=job.entrypoint, submission_id=job.submission_id,
             runtime_env=job.runtime_env, metadata=job.metadata,
             entrypoint_num_cpus=1,  # the driver only coordinates: no GPU
         )  # fmt: skip
     except Exception as e:
         if "already exists" in str(e):  # submitted by someone else since the check above
-            state = client.get_job_status(job.submission_id)
-            echo(f"job {job.submission_id} was already submitted ({state}); not submitting it again")
-            return job.submission_id, False
+            return already(client.get_job_status(job.submission_id))
         raise SubmitError(_explain(e, address)) from None
     echo(f"submitted {job.submission_id} to {address}")
     return job.submission_id, True

@@ -33,7 +33,13 @@ BUCKETS = ("head", "middle", "tail")  # CCNet's split by perplexity: head <= c0 
 
 def bucket_column(ppl: pa.ChunkedArray | pa.Array, cutoffs: list[float]) -> pa.Array:
     idx = np.searchsorted(np.asarray(cutoffs), np.asarray(ppl), side="left")
-    return pa.array([BUCKETS[i] for i in idx], pa.string())
+    return pa.array(np.asarray(BUCKETS, dtype=object)[idx], pa.string())
+
+
+def bucket_counts(bucket: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """Rows per bucket, every bucket named (0 where empty)."""
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(bucket).to_pylist()}
+    return {b: counts.get(b, 0) for b in BUCKETS}
 
 
 def with_buckets(data: pa.Table, cutoffs: list[float]) -> pa.Table:
@@ -50,7 +56,7 @@ def rebucket_file(output_url: str, storage: StorageSpec, path: str, cutoffs: lis
     with fs.open(path, "rb") as f:
         table = with_buckets(pq.read_table(f), cutoffs)
     write_whole(fs, path, table)
-    return {b: int(pc.sum(pc.equal(table.column("bucket"), b)).as_py() or 0) for b in BUCKETS}
+    return bucket_counts(table.column("bucket"))
 
 
 def split_results(
