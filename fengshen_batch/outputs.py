@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .inputs import Shard
-from .storage import StorageSpec, filesystem, join
+from .storage import StorageSpec, filesystem, join, write_whole
 
 DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
 INTERNAL = ["_shard", "_row"]
@@ -143,8 +143,11 @@ class OutputStore:
             **({"summary": summary} if summary else {}),
         }
         self.fs.makedirs(self._p(MARKERS), exist_ok=True)
-        self.fs.pipe_file(self._p(MARKERS, f"{part_name(shard.index)}.json"), json.dumps(marker).encode())
+        # Whole or not at all: a driver killed mid-write must not leave a marker a rerun cannot read.
+        data = json.dumps(marker).encode()
+        write_whole(self.fs, self._p(MARKERS, f"{part_name(shard.index)}.json"), lambda f: f.write(data))
 
     def publish(self, manifest: dict) -> None:
-        self.fs.pipe_file(self._p("manifest.json"), json.dumps(manifest, indent=2).encode())
+        data = json.dumps(manifest, indent=2).encode()
+        write_whole(self.fs, self._p("manifest.json"), lambda f: f.write(data))
         self.fs.pipe_file(self._p("_SUCCESS"), b"")

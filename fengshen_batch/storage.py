@@ -7,6 +7,10 @@ botocore. The spec's `storage:` block only sets the endpoint, region, anonymous 
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Callable
+from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -63,3 +67,38 @@ def redact_url(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def write_whole(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Create `path` by `write(file)` so that no reader ever sees part of it: shard files, markers, manifests.
+
+    On object stores the object exists once its upload completes, and a failed write must not complete it:
+    closing the file (as `with` would, or garbage collection) uploads what is buffered, so it is aborted and
+    marked closed. On a local disk the bytes go to a hidden temporary file in the same folder, renamed into
+    place (not fsspec's autocommit=False: its temporary file is in /tmp, and a move across file systems
+    copies).
+    """
+    if not _is_local(fs):
+        f = fs.open(path, "wb")
+        try:
+            write(f)
+        except BaseException:
+            f.discard()  # aborts a multipart upload already under way
+            f.closed = True
+            raise
+        f.close()
+        return
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols

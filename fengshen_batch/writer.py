@@ -4,10 +4,9 @@ The actor that scored or generated a shard splits its rows into `data/` and `err
 itself; the driver gets back only a small commit record (counts) and writes the shard's marker
 (`outputs.py`). Rows, passthrough columns and texts never travel to the driver.
 
-File names are deterministic (`part-000042.parquet`), and each file appears whole or not at all: on object
-stores one PUT or a completed multipart upload is atomic; on a local disk the file is written under a hidden
-temporary name in the same folder (`.part-000042.parquet.tmp-*`, which readers skip: pyarrow, Spark and
-Ray Data ignore dot-files) and renamed into place. A shard whose marker is missing is
+File names are deterministic (`part-000042.parquet`), and each file appears whole or not at all
+(`storage.write_whole`: one completed upload on object stores; on a local disk a hidden temporary file in
+the same folder, `.part-000042.parquet.tmp-*`, which pyarrow, Spark and Ray Data skip, renamed into place). A shard whose marker is missing is
 redone on a rerun and its files rewritten whole, with the same content. We chose this over Hadoop's
 `_temporary/` + rename because a rename on S3 is a server-side copy of every byte, and the commit would
 wait for it; the cost is that a reader listing `data/` while a job runs can see a finished shard a moment
@@ -16,9 +15,6 @@ before its marker. Read an output once it has `_SUCCESS`.
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .inputs import Shard
 from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name
-from .storage import StorageSpec, filesystem, join
+from .storage import StorageSpec, filesystem, join, write_whole
 
 BUCKETS = ("head", "middle", "tail")  # CCNet's split by perplexity: head <= c0 < middle <= c1 < tail
 
@@ -55,7 +51,7 @@ def rebucket_file(output_url: str, storage: StorageSpec, path: str, cutoffs: lis
     fs, _ = filesystem(output_url, storage)
     with fs.open(path, "rb") as f:
         table = with_buckets(pq.read_table(f), cutoffs)
-    write_whole(fs, path, table)
+    write_whole(fs, path, lambda f: pq.write_table(table, f))
     return bucket_counts(table.column("bucket"))
 
 
@@ -85,40 +81,10 @@ def split_results(
     return data, errors, stats
 
 
-def write_whole(fs, path: str, table: pa.Table) -> None:
-    """Write `table` to `path` so that no reader ever sees part of it (see the module docstring)."""
-    if not _is_local(fs):
-        # The object exists once its upload completes. A failed write must not complete it: closing the file
-        # (as `with` would, or garbage collection) uploads what is buffered, so abort and mark it closed.
-        f = fs.open(path, "wb")
-        try:
-            pq.write_table(table, f)
-        except BaseException:
-            f.discard()  # aborts a multipart upload already under way
-            f.closed = True
-            raise
-        f.close()
-        return
-    # Not fsspec's autocommit=False: its temporary file is in /tmp, and a move across file systems copies.
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _is_local(fs) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
-
-
 def write_shard_files(output_url: str, storage: StorageSpec, shard: Shard, data: pa.Table, errors: pa.Table):
     """The shard's data and error files under `output_url` (both written, even when empty)."""
     fs, root = filesystem(output_url, storage)
     name = part_name(shard.index)
     for folder, table in ((DATA, data), (ERRORS, errors)):
         fs.makedirs(join(root, folder), exist_ok=True)
-        write_whole(fs, join(root, folder, f"{name}.parquet"), table)
+        write_whole(fs, join(root, folder, f"{name}.parquet"), lambda f, t=table: pq.write_table(t, f))
