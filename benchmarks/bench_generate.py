@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py --device cuda            # GPT2-3.5B shape, random weights, bf16
     python benchmarks/bench_generate.py --device cpu             # the small config in float32 (~5 min on 2 cores)
     python benchmarks/bench_generate.py --device cpu --quick     # a smoke test (< 60 s)
+    python benchmarks/bench_generate.py --sampler-only           # the sampler's share of a 3.5B decode step
 
 Workloads (the same rows for every system; random token ids 1..vocab-1 as prompts, EOS id 0 not ignored,
 sampling at temperature 0.8 and top-p 0.95):
@@ -406,7 +407,7 @@ def bench_workload(name: str, replica, w: dict, p: dict, device, systems: set[st
     return res
 
 
-def sampling_share(replica, device, rows: int = 256) -> dict:
+def sampling_share(replica, device, rows: int = 256, prompt: int | None = None, kv_gb: float = 2.0) -> dict:
     """The sampler's cost next to the model's decode step, both at `rows` running sequences: one decode step
     of the model runner, then what the engine does to its logits (sampling at t=0.8/top-p 0.95 plus the NLL
     log-softmax). The random model's logits are flat, which forces the full-vocabulary path (a sort); logits
@@ -416,8 +417,8 @@ def sampling_share(replica, device, rows: int = 256) -> dict:
     from fengshen_batch.engine.sequence import Request
 
     params = GenerateParams(max_new_tokens=16, temperature=TEMPERATURE, top_p=TOP_P)
-    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=rows), token_budget=1 << 16)
-    prompt = min(128, replica.max_length // 2)
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=rows, cpu_kv_cache_gb=kv_gb), token_budget=1 << 16)
+    prompt = prompt or min(128, replica.max_length // 2)
     for i in range(rows):
         engine.add(Request(i, [1 + i % 97] * prompt, [sample_key(0, str(i), 0)], 16))
     while engine.scheduler.waiting or engine.scheduler.prefilling:
@@ -445,6 +446,32 @@ def sampling_share(replica, device, rows: int = 256) -> dict:
         out[f"sampler_ms_{name}"] = ms
         out[f"sampler_share_{name}"] = ms / (ms + model_ms)
         out[f"redraw_fraction_{name}"] = None if redraw is None else float(redraw.float().mean())
+    return out
+
+
+def sampling_share_35b(device, dtype, rows: int = 256, prompt: int = 16) -> dict:
+    """`sampling_share` against the GPT2-3.5B shape's decode step (its width, heads and vocabulary of 50,304).
+    On a CPU the full 30 layers would take minutes to prefill, so the step is measured with 1 and 2 layers and
+    extrapolated linearly in the layer count (a decode step is embeddings + layers + LM head, each layer the
+    same work); the sampler works on the LM head's logits, which do not depend on the depth."""
+    runs = {}
+    for layers in (1, 2):
+        # n_positions 64 (prompt + 16 new tokens fit): a slot per sequence at 1,024 positions would need 6 GB
+        # of KV cache per layer here; the decode step's work does not depend on it
+        replica = build({**GPT2_35B, "n_layer": layers, "n_positions": 64}, device, dtype)
+        runs[layers] = sampling_share(replica, device, rows, prompt, kv_gb=2.0)
+        assert runs[layers]["rows"] == rows, runs[layers]
+        del replica
+        gc.collect()
+    per_layer = runs[2]["decode_model_ms"] - runs[1]["decode_model_ms"]
+    model_ms = runs[1]["decode_model_ms"] + (GPT2_35B["n_layer"] - 1) * per_layer
+    out = {"rows": rows, "prompt_tokens": prompt, "decode_model_ms_1_layer": runs[1]["decode_model_ms"],
+           "decode_model_ms_2_layers": runs[2]["decode_model_ms"], "decode_model_ms_30_layers_extrapolated": model_ms}
+    for name in ("flat", "peaked"):
+        ms = (runs[1][f"sampler_ms_{name}"] + runs[2][f"sampler_ms_{name}"]) / 2
+        out[f"sampler_ms_{name}"] = ms
+        out[f"sampler_share_{name}"] = ms / (ms + model_ms)
+        out[f"redraw_fraction_{name}"] = runs[1][f"redraw_fraction_{name}"]
     return out
 
 
@@ -535,6 +562,45 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _provenance(device) -> dict:
+    """Which machine, code and library versions a result file's figures are for."""
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=ROOT)  # fmt: skip
+    # the working tree may differ from HEAD: a digest of the code that ran says which engine these figures are for
+    code = hashlib.sha1()
+    for f in sorted((ROOT / "fengshen_batch").rglob("*.py")):
+        code.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return {
+        "device": name.lower().replace(" ", "-"), "date": dt.date.today().isoformat(),
+        "git_sha": sha.stdout.strip() or None, "git_dirty": bool(dirty.stdout.strip()),
+        "code_sha1": code.hexdigest()[:12],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version(), "numpy": np.__version__},
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def sampler_only(device, dtype, out_dir: str) -> None:
+    """`--sampler-only`: writes results/sampler-<device>-<date>.json."""
+    wall0 = time.perf_counter()
+    res = {**_provenance(device), "dtype": str(dtype).removeprefix("torch."),
+           "sampling": {"temperature": TEMPERATURE, "top_p": TOP_P},
+           "sampling_at_256_35b_shape": sampling_share_35b(device, dtype)}  # fmt: skip
+    res["target"] = {"sampler_share": "<= 0.10 of a decode step at 256 sequences",
+                     "met": all(res["sampling_at_256_35b_shape"][f"sampler_share_{k}"] <= 0.10
+                                for k in ("flat", "peaked"))}  # fmt: skip
+    res["wall_s"] = time.perf_counter() - wall0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"sampler-{res['device']}-{dt.date.today().strftime('%Y%m%d')}.json"
+    path.write_text(json.dumps(res, indent=2, default=str))
+    print(json.dumps(res["sampling_at_256_35b_shape"], indent=1), f"\n-> {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -548,6 +614,8 @@ def main() -> None:
         help="torch threads (default: the cores this process may use). On a CPU shared with other "
         "work, 2 OpenMP threads on 2 cores stall at every op's barrier; 1 thread is the steadier figure",
     )
+    ap.add_argument("--sampler-only", action="store_true",
+                    help="only the sampler's share of a GPT2-3.5B-shaped decode step at 256 sequences")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     wall0 = time.perf_counter()
@@ -561,6 +629,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
+    if args.sampler_only:
+        return sampler_only(device, dtype, args.out)
     rng = np.random.default_rng(0)
     replica = build(cfg, device, dtype)
     workloads = {
@@ -593,23 +663,10 @@ def main() -> None:
     if args.quick:
         for t in targets.values():
             t["note"] = "quick: a smoke test on a few rows, not a measurement of the target"
-    import transformers
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
-    slug = name.lower().replace(" ", "-")
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=ROOT)  # fmt: skip
-    # the working tree may differ from HEAD: a digest of the code that ran says which engine these figures are for
-    code = hashlib.sha1()
-    for f in sorted((ROOT / "fengshen_batch").rglob("*.py")):
-        code.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    prov = _provenance(device)
+    slug = prov["device"]
     result = {
-        "device": slug, "date": dt.date.today().isoformat(), "git_sha": sha.stdout.strip() or None,
-        "git_dirty": bool(dirty.stdout.strip()), "code_sha1": code.hexdigest()[:12], "quick": args.quick,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(), "numpy": np.__version__},
-        "threads": torch.get_num_threads(), "cores": cores, "config": cfg, "dtype": p["dtype"],
+        **prov, "quick": args.quick, "cores": cores, "config": cfg, "dtype": p["dtype"],
         "sampling": {"temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0, "eos_id": EOS, "ignore_eos": False},
         "plan": {k: v for k, v in p.items() if k != "cfg"}, "results": results, "targets": targets,
         "sampling_at_256": sampling,
