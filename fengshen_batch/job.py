@@ -48,24 +48,30 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
 
 
 class _Summary:
-    """The running merge of the shards' summaries (only score jobs have them): O(bins) in memory, not O(shards)."""
+    """The running merge of the shards' summaries: sketches of score jobs, label counts of judge jobs with
+    labels. O(bins) in memory, not O(shards)."""
 
-    def __init__(self):
+    def __init__(self, kind: str):
+        if kind == "score":
+            from .sketch import merge
+        else:
+            from .judging import merge_counts as merge
+        self.merge = merge
         self.merged: dict | None = None
         self.complete = True  # False once a shard has none (committed by an older version)
 
     def add(self, summary: dict | None) -> None:
-        from .sketch import merge
-
         if summary is None:
             self.complete = False
         else:
-            self.merged = summary if self.merged is None else merge([self.merged, summary])
+            self.merged = summary if self.merged is None else self.merge([self.merged, summary])
 
 
 def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None) -> None:
     """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
     scoring (from the shards' merged summary, no pass over the rows), accuracy against labels for judging."""
+    took = manifest.setdefault("finish_seconds", {})  # each step between the last shard and _SUCCESS
+    t = time.time()
     if spec.kind == "score":
         from .report import build_report, merged_summary
         from .sketch import quantile
@@ -80,14 +86,20 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
 
                 summary["buckets"] = pipeline.rebucket(store.url, spec.storage, store.files(DATA), cutoffs)
                 manifest["bucket_cutoffs"] = cutoffs
+                took["buckets"] = round(time.time() - t, 3)
+                t = time.time()
         build_report(store, manifest, spec.report_by, [summary])
+        took["report"] = round(time.time() - t, 3)
     elif spec.kind == "judge" and spec.label_column:
-        from .judging import accuracy
+        from .judging import accuracy, label_counts
 
-        columns = ["statements", "candidate_nll_sum", "candidate_token_count", spec.label_column]
-        columns += [spec.answers_column] if spec.answers_column else []
-        rows = store.read(DATA, columns).to_pylist()
-        manifest["judge"] = accuracy(rows, spec.label_column, spec.answers_column, spec.criterion)
+        if summary is None:  # shards committed by a version that did not count: read their labels back
+            columns = ["statements", "candidate_nll_sum", "candidate_token_count", spec.label_column]
+            columns += [spec.answers_column] if spec.answers_column else []
+            rows = store.read(DATA, columns).to_pylist()
+            summary = label_counts(rows, spec.label_column, spec.answers_column)
+        manifest["judge"] = accuracy(summary, spec.criterion)
+        took["accuracy"] = round(time.time() - t, 3)
 
 
 def run_job(
@@ -154,7 +166,7 @@ def run_job(
     )
     schemas = (data_schema(inputs.schema, spec.kind), error_schema(inputs.schema))
     by_index = {s.index: s for s in shards}
-    summary = _Summary()
+    summary = _Summary(spec.kind)
     for marker in committed.values():  # resumed shards: their summaries folded in, not kept
         summary.add(marker.pop("summary", None))
     stats = dict(committed)
@@ -212,7 +224,9 @@ def run_job(
         "versions": _versions(),
     }
     if target is not store:
+        t = time.time()
         store.replace_with(target)
+        manifest["finish_seconds"] = {"replace_old_output": round(time.time() - t, 3)}
     _finish_kind(spec, store, manifest, summary.merged if summary.complete else None)
     store.publish(manifest)
     progress(

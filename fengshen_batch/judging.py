@@ -166,8 +166,10 @@ def statement_lists(
     return rows
 
 
-def accuracy(rows: list[dict], label_column: str, answers_column: str | None, criterion: str) -> dict:
-    """Accuracy of the choices against labels, for the job's criterion and for each criterion."""
+def label_counts(rows: list[dict], label_column: str, answers_column: str | None) -> dict:
+    """Labelled rows and correct choices per criterion among `rows` (one shard's data): the actor computes
+    them where the rows are, and the driver adds up the shards' counts (`merge_counts`) instead of reading
+    the output back after the job."""
     correct = dict.fromkeys(CRITERIA, 0)
     labelled = 0
     for row in rows:
@@ -185,8 +187,21 @@ def accuracy(rows: list[dict], label_column: str, answers_column: str | None, cr
             )
         ]
         for name in CRITERIA:
-            correct[name] += choose(scores, name)[0] == target
-    per = {name: (correct[name] / labelled if labelled else None) for name in CRITERIA}
+            correct[name] += int(choose(scores, name)[0] == target)
+    return {"labelled": labelled, "correct": correct}
+
+
+def merge_counts(counts: list[dict]) -> dict:
+    return {
+        "labelled": sum(c["labelled"] for c in counts),
+        "correct": {name: sum(c["correct"][name] for c in counts) for name in CRITERIA},
+    }
+
+
+def accuracy(counts: dict, criterion: str) -> dict:
+    """Accuracy of the choices against labels, for the job's criterion and for each criterion."""
+    labelled = counts["labelled"]
+    per = {name: (counts["correct"][name] / labelled if labelled else None) for name in CRITERIA}
     return {
         "criterion": criterion,
         "accuracy": per[criterion],

@@ -132,7 +132,7 @@ class OutputStore:
 
     def commit(self, shard: Shard, stats: ShardStats, hash_: str, summary: dict | None = None) -> None:
         """Mark a shard committed, once a worker has written its data and error files (`writer.py`): a
-        shard without its marker is redone on a rerun. A score job's marker also keeps the shard's summary."""
+        shard without its marker is redone on a rerun. A marker also keeps the shard's summary (score: sketches; judge: label counts)."""
         marker = {
             "shard": shard.index,
             "file": shard.name,

@@ -7,16 +7,19 @@
 
 Data moves where the data is: rows, texts and passthrough columns go from storage to the actor that
 computes on them and back to storage, never through the object store or the driver (whose memory is
-O(shards)). The actor is thin: it loads one replica in `__init__` and runs the engine in `__call__`; for
-generation several shards are in flight in one actor (threaded calls) feeding its one engine, so the engine
-admits the next shard's prompts as the current one's sequences finish.
+O(shards)). The actor is thin: it loads one replica in `__init__` and runs the engine in `__call__`. Several
+shards are in flight in one actor (threaded calls): for generation they feed its one engine, which admits
+the next shard's prompts as the current one's sequences finish; for scoring and judging one shard computes
+while the next is read (or the last written).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -99,6 +102,7 @@ class ModelActor:
         self.data_schema, self.error_schema = schemas
         self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
         self.engine = None
+        self.compute_lock = threading.Lock()
         if self.spec.kind == "generate":
             from .engine.llm_engine import EngineThread, LLMEngine
 
@@ -128,25 +132,37 @@ class ModelActor:
         # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
         step = max(1, len(table)) if self.engine is not None else self.spec.batch_size
         parts = []
-        for start in range(0, len(table), step):
-            part, self.token_budget = process_table(
-                self.replica,
-                self.spec,
-                table.slice(start, step),
-                self.id_field,
-                self.token_budget,
-                self.engine,
-            )
-            parts.append(part)
+        # Scoring and judging: one call computes while the other reads or writes its shard (the lock keeps
+        # the replica to one call at a time). Generation: the engine thread interleaves the calls' prompts.
+        with self.compute_lock if self.engine is None else contextlib.nullcontext():
+            for start in range(0, len(table), step):
+                part, self.token_budget = process_table(
+                    self.replica,
+                    self.spec,
+                    table.slice(start, step),
+                    self.id_field,
+                    self.token_budget,
+                    self.engine,
+                )
+                parts.append(part)
         rows = pa.concat_tables(parts)
         data, errors, stats = split_results(shard, rows, self.spec.kind, self.data_schema, self.error_schema)
-        summary = None
+        summary = None  # what the driver adds up across shards instead of reading the output back
         if self.spec.kind == "score":
             from .sketch import summarize
 
             if self.spec.bucket_thresholds:  # fixed cutoffs: the bucket is known at write time
                 data = with_buckets(data, list(self.spec.bucket_thresholds))
             summary = json.dumps(summarize(data, self.spec.text_column, self.spec.report_by))
+        elif self.spec.kind == "judge" and self.spec.label_column:
+            from .judging import label_counts
+
+            columns = ["statements", "candidate_nll_sum", "candidate_token_count", self.spec.label_column]
+            columns += [self.spec.answers_column] if self.spec.answers_column else []
+            counts = label_counts(
+                data.select(columns).to_pylist(), self.spec.label_column, self.spec.answers_column
+            )
+            summary = json.dumps(counts)
         write_shard_files(self.output, self.spec.storage, shard, data, errors)
         return {"shard": shard.index, **stats.__dict__, "summary": summary}
 
@@ -168,14 +184,19 @@ def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:
     }
 
 
+SHARDS_IN_FLIGHT = 2  # scoring and judging, per actor: one computing, one being read or written
+
+
 def _compute(spec: ScoreJob | GenerateJob):
     """The actor pool. A batch job wants every replica it may have from the start; the pool shrinks to
-    `min` when idle. Generate jobs run `max_concurrent_batches` calls per actor at once (one engine each)."""
+    `min` when idle. Several calls run in each actor at once (threads): generate jobs
+    `max_concurrent_batches` into one engine; the other kinds SHARDS_IN_FLIGHT, so that reading and writing
+    shards overlaps the model's work instead of leaving the device idle."""
     lo, hi = spec.actors
     sizes = {"size": lo} if lo == hi else {"min_size": lo, "max_size": hi, "initial_size": hi}
-    if spec.kind != "generate" or spec.max_concurrent_batches == 1:
+    k = spec.max_concurrent_batches if spec.kind == "generate" else SHARDS_IN_FLIGHT
+    if k == 1:
         return ray.data.ActorPoolStrategy(**sizes)
-    k = spec.max_concurrent_batches
     return ray.data.ActorPoolStrategy(
         **sizes,
         max_tasks_in_flight_per_actor=k,

@@ -16,7 +16,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from fengshen_batch.job import run_job
-from fengshen_batch.judging import CRITERIA, accuracy, declarative, judge
+from fengshen_batch.judging import CRITERIA, accuracy, declarative, judge, label_counts, merge_counts
 from fengshen_batch.spec import SpecError, build_spec
 
 TEMPLATES = [
@@ -98,8 +98,10 @@ def test_accuracy_counts_labels_by_index_or_text():
         {"statements": ["p", "q"], "candidate_nll_sum": [1.0, 2.0], "candidate_token_count": [1, 1], "label": None},
     ]  # fmt: skip
     # row 0: nll picks 0, ppl picks 0 (e^0.5 < e^5); row 1: nll picks 0 (3 < 6), ppl picks 1 (e^2 < e^3)
-    got = accuracy(rows, "label", None, "ppl")
+    got = accuracy(label_counts(rows, "label", None), "ppl")
     assert got["labelled_rows"] == 2
+    # counted by shard and added up: the same figures
+    assert accuracy(merge_counts([label_counts(rows[i : i + 1], "label", None) for i in range(3)]), "ppl") == got
     assert (
         got["per_criterion"]["nll"] == 0.5 and got["per_criterion"]["ppl"] == 1.0 and got["accuracy"] == 1.0
     )
@@ -115,8 +117,10 @@ def test_judge_job_with_labels(tmp_path, replica):
     })  # fmt: skip
     pq.write_table(table, tmp_path / "in" / "qa.parquet")
     spec = build_spec({"kind": "judge", "model": replica.source, "input": str(tmp_path / "in"),
-                       "output": str(tmp_path / "out"), "answers_column": "answers", "label_column": "label"})  # fmt: skip
+                       "output": str(tmp_path / "out"), "answers_column": "answers", "label_column": "label",
+                       "shard_rows": 2})  # fmt: skip
     manifest = run_job(spec, progress=lambda _: None)
+    assert manifest["shards"] > 1  # accuracy is added up from the shards' counts
     data = pq.read_table(tmp_path / "out" / "data").to_pylist()
     assert len(data) == len(QUESTIONS) and manifest["counts"]["error_rows"] == 1
     expected, _ = judge(replica, [[declarative(q, a) for a in answers] for q, answers, _ in QUESTIONS], "ppl")
