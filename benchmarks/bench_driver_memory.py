@@ -3,7 +3,7 @@
 Before workers wrote their shards, every result row travelled to the driver, whose peak RSS grew with the
 data (issue 14: 783 MB at 40k rows, 2,093 MB at 320k). Now only per-shard commit records and summaries do.
 Each size runs in a fresh driver process (`fengshen-batch run`, embedded local Ray, the tiny GPT2, 1 CPU
-actor); its peak RSS is read from the process itself (ru_maxrss of the driver, not of Ray's processes).
+actor); its peak RSS is read from the process itself (VmHWM of the driver, not of Ray's processes).
 
     python benchmarks/bench_driver_memory.py --rows 40000 320000
 writes benchmarks/results/driver-memory-cpu-<cores>c-<yyyymmdd>.json.
@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fengshen_batch.tiny_model import build_tiny_gpt2  # noqa: E402
 
-# The driver, with its peak RSS printed at exit (resource.getrusage: kilobytes on Linux).
+# The driver, with its peak RSS printed at exit. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+# across exec, so a child would report at least its parent's (this script's) peak.
 DRIVER = (
-    "import resource, sys; from fengshen_batch.cli import main\n"
+    "import sys; from fengshen_batch.cli import main\n"
     "try:\n    main(['run', sys.argv[1]], standalone_mode=False)\n"
-    "finally:\n    print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)\n"
+    "finally:\n    print('PEAK_RSS_MB', [int(x.split()[1]) / 1024 for x in open('/proc/self/status') "
+    "if x.startswith('VmHWM')][0], flush=True)\n"
 )
 
 

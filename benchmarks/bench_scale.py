@@ -13,7 +13,7 @@ Systems, each in a fresh process on an embedded local Ray started the same way (
     bare  `ray.data.read_parquet -> map_batches(scorer actor pool: scoring.score_texts on 256 rows a call,
           appending nll_sum, token_count, ppl) -> write_parquet`: the same engine, none of the bookkeeping.
 
-Recorded per run: wall time from process start to exit, the driver's peak RSS (ru_maxrss), and for the job
+Recorded per run: wall time from process start to exit, the driver's peak RSS (VmHWM), and for the job
 the manifest's start-up phases, its time to the last committed shard and each step after it.
 
     python benchmarks/bench_scale.py --rows 2000000 200000 --buckets
@@ -46,16 +46,18 @@ FILES = 400
 ACTORS = 2
 BATCH = 256  # rows per scoring call: the job's default batch_size
 
-# The job's driver, with its peak RSS printed at exit (kilobytes on Linux).
+# The job's driver, with its peak RSS printed at exit. VmHWM, not getrusage's ru_maxrss: Linux carries
+# ru_maxrss across exec, so a child would report at least its parent's peak (this script holds the input).
 JOB = (
-    "import resource, sys; from fengshen_batch.cli import main\n"
+    "import sys; from fengshen_batch.cli import main\n"
     "try:\n    main(['run', sys.argv[1]], standalone_mode=False)\n"
-    "finally:\n    print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)\n"
+    "finally:\n    print('PEAK_RSS_MB', [int(x.split()[1]) / 1024 for x in open('/proc/self/status') "
+    "if x.startswith('VmHWM')][0], flush=True)\n"
 )
 
 # The bare pipeline: what a user would write with Ray Data and our scoring call, nothing else.
 BARE = """
-import resource, sys, time
+import sys, time
 import pyarrow as pa
 import ray
 from fengshen_batch import pipeline
@@ -94,7 +96,8 @@ try:
     ds.write_parquet(dst)
     ray.shutdown()
 finally:
-    print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+    print("PEAK_RSS_MB", [int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM")][0],
+          flush=True)
 """
 
 WORDS = [

@@ -45,6 +45,14 @@ _RAY_PROGRESS = click.option(
 )
 
 
+_TOKEN_LOGPROBS = click.option(
+    "--token-logprobs",
+    is_flag=True,
+    default=None,
+    help="Write token_ids and token_logprobs (natural log, temperature 1) columns. Large: off by default.",
+)
+
+
 def _job_options(fn):
     options = [
         click.option(
@@ -144,6 +152,17 @@ def main():
     type=int,
     help="New tokens scored per window after the first (default: the model context, lm-eval's windows). Smaller: more context per token, more compute.",
 )
+@click.option(
+    "--reference-model",
+    help="Also score every text with this model (any --model source): ref_* columns and bpb_diff "
+    "(Moore-Lewis filtering).",
+)
+@click.option(
+    "--bucket-by",
+    type=click.Choice(["ppl", "bits_per_byte", "bpb_diff"]),
+    help="The column buckets cut (with bucket_quantiles/bucket_thresholds in a spec). Default ppl.",
+)
+@_TOKEN_LOGPROBS
 @_report_errors
 def score(overwrite, ray_progress, **opts):
     """Perplexity of every text (lm-eval loglikelihood_rolling semantics)."""
@@ -152,7 +171,27 @@ def score(overwrite, ray_progress, **opts):
 
 @main.command()
 @_job_options
-@click.option("--prompt-column", help="Column holding the prompt. Default `prompt`.")
+@click.option(
+    "--prompt-column",
+    help="Column holding the prompt (with --prompt-template: the column the filled prompt is written to). "
+    "Default `prompt`.",
+)
+@click.option(
+    "--prompt-template",
+    help="Build each prompt from the row's columns, Python format syntax: 'Write a {style} article about "
+    "{topic}.' ({{ }} for literal braces). A null in a named column is that row's error.",
+)
+@click.option(
+    "--keep-prompt/--no-keep-prompt",
+    default=None,
+    help="With --prompt-template: write the filled prompt to the output (default) or not.",
+)
+@click.option(
+    "--keep-best",
+    type=int,
+    help="Keep the K of --num-return-sequences samples with the lowest NLL per token (best-of-n).",
+)
+@_TOKEN_LOGPROBS
 @click.option("--max-new-tokens", type=int, help="Tokens to generate at most. Default 64.")
 @click.option(
     "--max-new-tokens-column",

@@ -8,90 +8,110 @@ input row once per sample. The writer splits good rows into `data/` and failed o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import torch
 
-from .generation import generate
+from .generation import generate, keep_best
 from .judging import Judgment, judge, statement_lists
 from .loading import Replica
 from .results import RowError, Sample, ScoreResult
-from .schemas import ERROR_FIELDS, RESULT_FIELDS
+from .schemas import ERROR_FIELDS, result_fields
 from .scoring import score_texts
+
+
+@dataclass
+class Replicas:
+    """What one actor computes with: its model, the generation engine over it (generate jobs), and the
+    reference model (score jobs with one)."""
+
+    model: Replica
+    engine: object | None = None  # LLMEngine or EngineThread
+    reference: Replica | None = None
+
 
 log = logging.getLogger(__name__)
 
 
-def _score_values(r: ScoreResult) -> list[tuple]:
-    return [(r.nll_sum, r.token_count, r.ppl, r.byte_count, r.bits_per_byte)]
+def _score_rows(r: ScoreResult) -> list[dict]:
+    row = {"nll_sum": r.nll_sum, "token_count": r.token_count, "ppl": r.ppl, "byte_count": r.byte_count,
+           "bits_per_byte": r.bits_per_byte, "token_ids": r.token_ids, "token_logprobs": r.token_logprobs}  # fmt: skip
+    if (ref := r.reference) is not None:
+        row |= {"ref_nll_sum": ref.nll_sum, "ref_token_count": ref.token_count, "ref_ppl": ref.ppl,
+                "ref_bits_per_byte": ref.bits_per_byte, "bpb_diff": r.bits_per_byte - ref.bits_per_byte}  # fmt: skip
+    return [row]
 
 
-def _generate_values(samples: list[Sample]) -> list[tuple]:
+def _generate_rows(samples: list[Sample]) -> list[dict]:
     return [
-        (
-            s.sample_index,
-            s.generation,
-            s.prompt_tokens,
-            s.generated_tokens,
-            s.finish_reason,
-            s.generation_nll_sum,
-        )
+        {"sample_index": s.sample_index, "generation": s.generation, "prompt_tokens": s.prompt_tokens,
+         "generated_tokens": s.generated_tokens, "finish_reason": s.finish_reason,
+         "generation_nll_sum": s.generation_nll_sum, "token_ids": s.token_ids, "token_logprobs": s.token_logprobs}
         for s in samples
-    ]
+    ]  # fmt: skip
 
 
-def _judge_values(j: Judgment) -> list[tuple]:
+def _judge_rows(j: Judgment) -> list[dict]:
     scores = j.scores
-    return [
-        (
-            j.statements,
-            [s.nll_sum for s in scores],
-            [s.token_count for s in scores],
-            [s.ppl for s in scores],
-            j.choice,
-            j.margin,
-            j.verdict,
-        )
-    ]
+    return [{"statements": j.statements, "candidate_nll_sum": [s.nll_sum for s in scores],
+             "candidate_token_count": [s.token_count for s in scores], "candidate_ppl": [s.ppl for s in scores],
+             "choice": j.choice, "margin": j.margin, "verdict": j.verdict}]  # fmt: skip
 
 
-# Per kind: one tuple of values (in RESULT_FIELDS order) per output row of a good input row.
-VALUES = {"score": _score_values, "generate": _generate_values, "judge": _judge_values}
+# Per kind: the output rows (result values by column name) of one good input row.
+ROWS = {"score": _score_rows, "generate": _generate_rows, "judge": _judge_rows}
 
 
-def _columns(kind: str, results: list) -> tuple[list[int], dict[str, list], list[RowError | None]]:
-    """(input row of each output row, result columns, row error of each output row)."""
-    fields, values_of = RESULT_FIELDS[kind], VALUES[kind]
-    take, cols, errors = [], {f.name: [] for f in fields}, []
+def _columns(
+    spec, results: list, extra: dict[str, list]
+) -> tuple[list[int], dict[str, list], list[RowError | None]]:
+    """(input row of each output row, result columns, row error of each output row). `extra`: columns with
+    one value per input row (the filled-in prompt)."""
+    rows_of = ROWS[spec.kind]
+    take, cols, errors = [], {f.name: [] for f in result_fields(spec)}, []
     for i, r in enumerate(results):
         failed = isinstance(r, RowError)
-        for values in [(None,) * len(fields)] if failed else values_of(r):
+        for values in [{}] if failed else rows_of(r):
             take.append(i)
             errors.append(r if failed else None)
-            for f, v in zip(fields, values, strict=True):
-                cols[f.name].append(v)
+            for name, column in cols.items():
+                column.append(extra[name][i] if name in extra else values.get(name))
     return take, cols, errors
 
 
-def _run_engine(replica: Replica, spec, items: list, ids: list[str], budget: int, engine) -> tuple[list, int]:
+def _with_reference(main: list, ref: list) -> list:
+    """Each text's result under the model with its result under the reference attached; a text the
+    reference cannot score is a row error too."""
+    return [m if isinstance(m, RowError) else r if isinstance(r, RowError) else replace(m, reference=r)
+            for m, r in zip(main, ref, strict=True)]  # fmt: skip
+
+
+def _run_engine(replicas: Replicas, spec, items: list, ids: list[str], budget: int) -> tuple[list, int]:
+    replica = replicas.model
     if spec.kind == "score":
-        return score_texts(replica, items, spec.params(), budget)
+        results, budget = score_texts(replica, items, spec.params(), budget, spec.token_logprobs)
+        if replicas.reference is not None:
+            ref, budget = score_texts(replicas.reference, items, spec.params(), budget)
+            results = _with_reference(results, ref)
+        return results, budget
     if spec.kind == "judge":
         return judge(replica, items, spec.criterion, spec.threshold, spec.params(), budget)
     prompts, limits = zip(*items, strict=True) if items else ((), ())
-    return generate(replica, prompts, ids, spec.params(), limits, engine), budget
+    results = generate(replica, prompts, ids, spec.params(), limits, replicas.engine)
+    if spec.keep_best:
+        results = [r if isinstance(r, RowError) else keep_best(r, spec.keep_best) for r in results]
+    return results, budget
 
 
-def run_rows(
-    replica: Replica, spec, items: list, ids: list[str], budget: int, engine=None
-) -> tuple[list, int]:
+def run_rows(replicas: Replicas, spec, items: list, ids: list[str], budget: int) -> tuple[list, int]:
     """The engine on a batch; if the batch fails, row by row, so that one bad row cannot fail the job.
 
     CUDA out-of-memory is not a row's fault: it propagates (after the engine's own back-off) and Ray
-    retries the batch. `engine`: the replica's generation engine (generate jobs).
+    retries the batch.
     """
     try:
-        return _run_engine(replica, spec, items, ids, budget, engine)
+        return _run_engine(replicas, spec, items, ids, budget)
     except torch.OutOfMemoryError:
         raise
     except Exception:
@@ -99,7 +119,7 @@ def run_rows(
     results = []
     for item, row_id in zip(items, ids, strict=True):
         try:
-            (result,), budget = _run_engine(replica, spec, [item], [row_id], budget, engine)
+            (result,), budget = _run_engine(replicas, spec, [item], [row_id], budget)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -108,11 +128,24 @@ def run_rows(
     return results, budget
 
 
+def fill_template(template: str, columns: list[str], row: dict) -> str | RowError:
+    """The row's prompt from `template` (str.format over its columns); a null in a named column, or a value
+    its format spec cannot take, is the row's error."""
+    missing = [c for c in columns if row[c] is None]
+    if missing:
+        return RowError("null_template_field", f"template column {missing[0]!r} is null in this row")
+    try:
+        return template.format(**row)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return RowError("bad_template_value", f"prompt_template: {type(e).__name__}: {e}"[:2000])
+
+
 def process_table(
-    replica: Replica, spec, table: pa.Table, id_field: str, token_budget: int, engine=None
+    replicas: Replicas, spec, table: pa.Table, id_field: str, token_budget: int
 ) -> tuple[pa.Table, int]:
     """Run the engine on one batch; return (input rows + result and error columns, the budget that fit)."""
     ids = [str(i) for i in table.column(id_field).to_pylist()]
+    extra: dict[str, list] = {}
     if spec.kind == "judge":
 
         def column(name):
@@ -123,16 +156,23 @@ def process_table(
             column(spec.answers_column), spec.template,
         )  # fmt: skip
     elif spec.kind == "generate":
-        prompts = table.column(spec.text_field).to_pylist()
+        if spec.prompt_template:
+            names = spec.template_columns()
+            rows = table.select(names).to_pylist()
+            prompts = [fill_template(spec.prompt_template, names, row) for row in rows]
+            if spec.keep_prompt:
+                extra[spec.prompt_column] = [p if isinstance(p, str) else None for p in prompts]
+        else:
+            prompts = table.column(spec.text_field).to_pylist()
         column = spec.max_new_tokens_column
         limits = table.column(column).to_pylist() if column else [None] * len(prompts)
         items = list(zip(prompts, limits, strict=True))
     else:
         items = table.column(spec.text_field).to_pylist()
-    results, budget = run_rows(replica, spec, items, ids, token_budget, engine)
-    take, cols, errors = _columns(spec.kind, results)
+    results, budget = run_rows(replicas, spec, items, ids, token_budget)
+    take, cols, errors = _columns(spec, results, extra)
     out = table.take(pa.array(take, pa.int64()))
-    for f in RESULT_FIELDS[spec.kind]:
+    for f in result_fields(spec):
         out = out.append_column(f, pa.array(cols[f.name], f.type))
     out = out.append_column(ERROR_FIELDS[0], pa.array([e and e.kind for e in errors], pa.string()))
     out = out.append_column(ERROR_FIELDS[1], pa.array([e and e.message for e in errors], pa.string()))

@@ -42,7 +42,7 @@ def finish_sample(
         n, text, reason = lo, text[:cut], "stop"
     else:
         n, reason = len(tokens), "stop" if ended_by_eos else "length"
-    return Sample(index, text, prompt_len, n, reason, float(sum(nll[:n])))
+    return Sample(index, text, prompt_len, n, reason, float(sum(nll[:n])), tokens[:n], [-x for x in nll[:n]])
 
 
 def row_limit(value: object, default: int, context: int) -> int | RowError:
@@ -89,8 +89,9 @@ def generate(
     max_new_tokens: Sequence[object] | None = None,
     engine: LLMEngine | EngineThread | None = None,
 ) -> list[list[Sample] | RowError]:
-    """`num_return_sequences` samples per prompt (or the row's error), in input order."""
-    token_lists = [check_text(p) or replica.encode(p) for p in prompts]
+    """`num_return_sequences` samples per prompt (or the row's error), in input order. A prompt may be a
+    RowError already (a template that could not be filled): it passes through."""
+    token_lists = [p if isinstance(p, RowError) else check_text(p) or replica.encode(p) for p in prompts]
     return generate_tokens(replica, token_lists, row_ids, params, max_new_tokens, engine)
 
 
@@ -146,3 +147,10 @@ def _engine_of(engine: LLMEngine | EngineThread) -> LLMEngine:
 def _slots_for(prompts: Sequence[object], params: GenerateParams) -> int:
     """A one-off engine needs no more slots than the call has samples."""
     return max(1, min(256, len(prompts) * params.num_return_sequences))
+
+
+def keep_best(samples: list[Sample], k: int) -> list[Sample]:
+    """The k samples with the lowest NLL per token (ties: the lower sample index), in sample-index order:
+    best-of-n's rejection step. Each keeps its original sample_index."""
+    best = sorted(samples, key=lambda s: (s.nll_per_token, s.sample_index))[:k]
+    return sorted(best, key=lambda s: s.sample_index)

@@ -88,10 +88,10 @@ def _check_columns(schema: pa.Schema, strings, lists, others, numbers=()) -> Non
     for column in [*strings, *lists, *others, *numbers]:
         if column not in schema.names:
             kind = (
-                "text" if column in strings else "list" if column in lists
-                else "max_new_tokens" if column in numbers else "label"
+                "text " if column in strings else "list " if column in lists
+                else "max_new_tokens " if column in numbers else ""
             )  # fmt: skip
-            raise InputError(f"{kind} column {column!r} not in the input (columns: {names})")
+            raise InputError(f"{kind}column {column!r} not in the input (columns: {names})")
     for column in numbers:
         t = schema.field(column).type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):

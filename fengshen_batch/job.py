@@ -17,9 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source
-from .outputs import DATA, OutputStore, ShardStats, spec_hash
+from .outputs import DATA, OutputStore, ShardStats, spec_hash, sum_counts
 from .progress import Display, quiet_ray
-from .schemas import data_schema, error_schema
+from .schemas import data_schema, error_schema, result_fields
 from .spec import GenerateJob, ScoreJob, spec_record
 from .storage import filesystem, redact_url, storage_options
 
@@ -48,14 +48,14 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
 
 
 class _Summary:
-    """The running merge of the shards' summaries: sketches of score jobs, label counts of judge jobs with
-    labels. O(bins) in memory, not O(shards)."""
+    """The running merge of the shards' summaries: sketches of score jobs, a judge job's counts of correct
+    answers. O(bins) in memory, not O(shards)."""
 
     def __init__(self, kind: str):
         if kind == "score":
             from .sketch import merge
         else:
-            from .judging import merge_counts as merge
+            merge = sum_counts
         self.merge = merge
         self.merged: dict | None = None
         self.complete = True  # False once a shard has none (committed by an older version)
@@ -80,11 +80,12 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
         if spec.bucket_thresholds:  # written with the data
             manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
         elif spec.bucket_quantiles:
-            cutoffs = [quantile(summary["ppl"], q) for q in spec.bucket_quantiles]
+            cutoffs = [quantile(summary[spec.bucket_by], q) for q in spec.bucket_quantiles]
             if None not in cutoffs:
                 from . import pipeline
 
-                summary["buckets"] = pipeline.rebucket(store.url, spec.storage, store.files(DATA), cutoffs)
+                files = store.files(DATA)
+                summary["buckets"] = pipeline.rebucket(store.url, spec.storage, files, cutoffs, spec.bucket_by)
                 manifest["bucket_cutoffs"] = cutoffs
                 took["buckets"] = round(time.time() - t, 3)
                 t = time.time()
@@ -100,6 +101,10 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
             summary = label_counts(rows, spec.label_column, spec.answers_column)
         manifest["judge"] = accuracy(summary, spec.criterion)
         took["accuracy"] = round(time.time() - t, 3)
+    elif spec.kind == "generate" and spec.keep_best:
+        # samples generated and not kept: each good row made n samples and kept k of them
+        n, k = spec.num_return_sequences, spec.keep_best
+        manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
 
 
 def run_job(
@@ -124,7 +129,14 @@ def run_job(
         tuple(spec.number_columns()),
     )  # fmt: skip
     _check_output_location(spec)
-    check_model_source(spec.model, storage_options(spec.model, spec.storage), spec.trust_remote_code)
+    clash = [f.name for f in result_fields(spec) if f.name in inputs.schema.names]
+    if clash:
+        raise JobError(
+            f"the input already has a column {clash[0]!r}, which this job writes; rename or drop it in the input"
+        )
+    for source in (spec.model, getattr(spec, "reference_model", None)):
+        if source:
+            check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
     shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
@@ -164,7 +176,7 @@ def run_job(
     gpus = (
         spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if pipeline.cluster_gpus() else 0.0)
     )
-    schemas = (data_schema(inputs.schema, spec.kind), error_schema(inputs.schema))
+    schemas = (data_schema(inputs.schema, spec), error_schema(inputs.schema))
     by_index = {s.index: s for s in shards}
     summary = _Summary(spec.kind)
     for marker in committed.values():  # resumed shards: their summaries folded in, not kept

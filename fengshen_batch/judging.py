@@ -168,7 +168,7 @@ def statement_lists(
 
 def label_counts(rows: list[dict], label_column: str, answers_column: str | None) -> dict:
     """Labelled rows and correct choices per criterion among `rows` (one shard's data): the actor computes
-    them where the rows are, and the driver adds up the shards' counts (`merge_counts`) instead of reading
+    them where the rows are, and the driver adds up the shards' counts (`outputs.sum_counts`) instead of reading
     the output back after the job."""
     correct = dict.fromkeys(CRITERIA, 0)
     labelled = 0
@@ -189,13 +189,6 @@ def label_counts(rows: list[dict], label_column: str, answers_column: str | None
         for name in CRITERIA:
             correct[name] += int(choose(scores, name)[0] == target)
     return {"labelled": labelled, "correct": correct}
-
-
-def merge_counts(counts: list[dict]) -> dict:
-    return {
-        "labelled": sum(c["labelled"] for c in counts),
-        "correct": {name: sum(c["correct"][name] for c in counts) for name in CRITERIA},
-    }
 
 
 def accuracy(counts: dict, criterion: str) -> dict:

@@ -53,6 +53,16 @@ def spec_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sum_counts(counts: list[dict]) -> dict:
+    """Shards' counts added up key by key (nested dicts of numbers, e.g. a judge job's correct answers per
+    criterion): the driver's running total instead of a pass over the output."""
+    total: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = sum_counts([total.get(k, {}), v]) if isinstance(v, dict) else total.get(k, 0) + v
+    return total
+
+
 def part_name(index: int) -> str:
     return f"part-{index:06d}"
 

@@ -90,24 +90,31 @@ class ModelActor:
         on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not on_gpu:
             torch.set_num_threads(max(1, int(self.spec.cpus_per_actor)))
-        self.replica = load_replica(
-            self.spec.model,
-            device="cuda" if on_gpu else "cpu",
-            dtype=self.spec.dtype,
-            trust_remote_code=self.spec.trust_remote_code,
-            storage_options=storage_options(self.spec.model, self.spec.storage),
-        )
+        from .columns import Replicas
+
+        def load(source: str):
+            return load_replica(
+                source,
+                device="cuda" if on_gpu else "cpu",
+                dtype=self.spec.dtype,
+                trust_remote_code=self.spec.trust_remote_code,
+                storage_options=storage_options(source, self.spec.storage),
+            )
+
+        reference = getattr(self.spec, "reference_model", None)
+        self.replicas = Replicas(load(self.spec.model), reference=load(reference) if reference else None)
         self.id_column, self.output = id_column, output
         self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
         self.data_schema, self.error_schema = schemas
         self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
-        self.engine = None
         self.compute_lock = threading.Lock()
         if self.spec.kind == "generate":
             from .engine.llm_engine import EngineThread, LLMEngine
 
-            self.engine = EngineThread(
-                LLMEngine(self.replica, self.spec.params(), self.spec.engine_params(), self.spec.token_budget)
+            self.replicas.engine = EngineThread(
+                LLMEngine(
+                    self.replicas.model, self.spec.params(), self.spec.engine_params(), self.spec.token_budget
+                )
             )
         # Wall-clock times (the driver compares them with its own; one machine, or NTP-synced nodes).
         self.startup = {
@@ -130,19 +137,15 @@ class ModelActor:
         table = read_shard(shard, self.spec.storage, self.id_column)
         # Generation: the whole shard into the engine at once (it schedules per step); the other kinds in
         # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
-        step = max(1, len(table)) if self.engine is not None else self.spec.batch_size
+        generating = self.replicas.engine is not None
+        step = max(1, len(table)) if generating else self.spec.batch_size
         parts = []
         # Scoring and judging: one call computes while the other reads or writes its shard (the lock keeps
         # the replica to one call at a time). Generation: the engine thread interleaves the calls' prompts.
-        with self.compute_lock if self.engine is None else contextlib.nullcontext():
+        with contextlib.nullcontext() if generating else self.compute_lock:
             for start in range(0, len(table), step):
                 part, self.token_budget = process_table(
-                    self.replica,
-                    self.spec,
-                    table.slice(start, step),
-                    self.id_field,
-                    self.token_budget,
-                    self.engine,
+                    self.replicas, self.spec, table.slice(start, step), self.id_field, self.token_budget
                 )
                 parts.append(part)
         rows = pa.concat_tables(parts)
@@ -152,7 +155,7 @@ class ModelActor:
             from .sketch import summarize
 
             if self.spec.bucket_thresholds:  # fixed cutoffs: the bucket is known at write time
-                data = with_buckets(data, list(self.spec.bucket_thresholds))
+                data = with_buckets(data, list(self.spec.bucket_thresholds), self.spec.bucket_by)
             summary = json.dumps(summarize(data, self.spec.text_column, self.spec.report_by))
         elif self.spec.kind == "judge" and self.spec.label_column:
             from .judging import label_counts
@@ -205,14 +208,21 @@ def _compute(spec: ScoreJob | GenerateJob):
     )
 
 
-def rebucket(output: str, storage, files: list[str], cutoffs: list[float]) -> dict[str, int]:
-    """Rewrite every data file with its bucket column, in parallel Ray tasks; return rows per bucket."""
-    from .writer import rebucket_file
+def rebucket(output: str, storage, files: list[str], cutoffs: list[float], column: str) -> dict[str, int]:
+    """Rewrite every data file with its bucket column, in parallel Ray tasks; return rows per bucket.
 
-    task = ray.remote(num_cpus=0.25)(rebucket_file)
+    Two tasks per cluster CPU, each rewriting a slice of the files (a few threads each, for object-store
+    latency): a task per file would start a worker process per concurrent task, which costs more than
+    rewriting a shard's file (25 ms for 7 MB here)."""
+    from .writer import rebucket_files
+
+    tasks = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    task = ray.remote(num_cpus=1)(rebucket_files)
     counts: dict[str, int] = {}
-    for file_counts in ray.get([task.remote(output, storage, path, cutoffs) for path in files]):
-        for b, n in file_counts.items():
+    for part in ray.get(
+        [task.remote(output, storage, files[i::tasks], cutoffs, column) for i in range(tasks)]
+    ):
+        for b, n in part.items():
             counts[b] = counts.get(b, 0) + n
     return counts
 

@@ -78,6 +78,7 @@ def _html(summary: dict, low: list[dict], high: list[dict]) -> str:
                ("corpus perplexity", summary["corpus_ppl"])]  # fmt: skip
     figures += [(f"ppl {k}", v) for k, v in summary["ppl_quantiles"].items()]
     figures += [(f"bits/byte {k}", v) for k, v in summary["bits_per_byte_quantiles"].items()]
+    figures += [(f"bpb_diff {k}", v) for k, v in summary.get("bpb_diff_quantiles", {}).items()]
     stats = "".join(f"<tr><th>{html.escape(k)}</th><td>{fmt(v)}</td></tr>" for k, v in figures)
     groups = ""
     if summary.get("by"):
@@ -108,7 +109,7 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 
 def _file_summary(store: OutputStore, path: str, text_column: str | None, by: str | None) -> dict:
     columns = ["id", "nll_sum", "token_count", "ppl", "bits_per_byte"]
-    columns += [c for c in dict.fromkeys((text_column, by, "bucket")) if c and c not in columns]
+    columns += [c for c in dict.fromkeys((text_column, by, "bucket", "bpb_diff")) if c and c not in columns]
     with store.fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names

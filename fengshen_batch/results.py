@@ -20,6 +20,10 @@ class ScoreResult:
     nll_sum: float  # natural log, summed over every token of the text (float64)
     token_count: int
     byte_count: int  # UTF-8 bytes of the text
+    # With token logprobs asked for: the text's token ids and the natural-log probability of each, in order
+    token_ids: list[int] | None = None
+    token_logprobs: list[float] | None = None
+    reference: ScoreResult | None = None  # the same text under the job's reference model
 
     @property
     def ppl(self) -> float:
@@ -39,6 +43,13 @@ class Sample:
     generated_tokens: int  # tokens produced, up to and including EOS or the one completing a stop string
     finish_reason: Literal["stop", "length"]
     generation_nll_sum: float  # -log p of the produced tokens at temperature 1, unwarped
+    token_ids: list[int] | None = None  # the generated_tokens tokens
+    token_logprobs: list[float] | None = None  # log p of each at temperature 1, before any warping
+
+    @property
+    def nll_per_token(self) -> float:
+        """The fluency that best-of-n ranks samples by (lower is better)."""
+        return self.generation_nll_sum / max(1, self.generated_tokens)
 
 
 def check_text(text: object) -> RowError | None:

@@ -7,6 +7,7 @@ all texts are scored together in token-budget batches and summed back per text i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,8 +49,11 @@ def rolling_windows(
 
 
 @torch.inference_mode()
-def window_logprobs(replica: Replica, windows: Sequence[tuple[list[int], int]]) -> list[float]:
-    """Sum of target log-probs (float64) for each window of one batch.
+def window_logprobs(
+    replica: Replica, windows: Sequence[tuple[list[int], int]], per_token: bool = False
+) -> list[float] | list[list[float]]:
+    """Sum of target log-probs (float64) for each window of one batch; with `per_token`, each window's
+    target log-probs themselves, in order.
 
     Rows are right-padded and run without an attention mask (see `GPT2.hidden`).
     """
@@ -72,6 +76,13 @@ def window_logprobs(replica: Replica, windows: Sequence[tuple[list[int], int]]) 
         sl = slice(start, start + LOGIT_CHUNK_ROWS)
         logits = model.logits(h[sl])  # (chunk, V) float32
         logprobs[sl] = logits.log_softmax(-1).gather(1, tgt[sl, None]).squeeze(1).double()
+    if per_token:  # rows were laid out window by window: split them back
+        flat = logprobs.tolist()
+        out, at = [], 0
+        for _, n_scored in windows:
+            out.append(flat[at : at + n_scored])
+            at += n_scored
+        return out
     sums = torch.zeros(B, dtype=torch.float64, device=device)
     sums.index_add_(0, torch.tensor(rows, device=device), logprobs)
     return sums.tolist()
@@ -82,8 +93,11 @@ def score_tokens(
     token_lists: Sequence[list[int] | RowError],
     params: ScoreParams | None = None,
     token_budget: int = 16384,
-) -> tuple[list[tuple[float, int] | RowError], int]:
-    """(nll_sum, token_count) of each token list (row errors pass through); and the token budget that fit."""
+    token_logprobs: bool = False,
+) -> tuple[list[tuple[float, int, list[float] | None] | RowError], int]:
+    """(nll_sum, token_count, the log-prob of each token or None) of each token list (row errors pass
+    through); and the token budget that fit. Each token is scored in exactly one window, so with
+    `token_logprobs` the windows' log-probs concatenated are the text's, one per token."""
     params = params or ScoreParams()
     results: list[tuple[float, int] | RowError | None] = [None] * len(token_lists)
     windows: list[tuple[list[int], int]] = []
@@ -99,16 +113,20 @@ def score_tokens(
             windows.append(w)
             owner.append(i)
 
-    sums, budget = run_packed(
+    per_window, budget = run_packed(
         [len(seq) - 1 for seq, _ in windows],
         token_budget,
-        lambda idx: window_logprobs(replica, [windows[j] for j in idx]),
+        lambda idx: window_logprobs(replica, [windows[j] for j in idx], token_logprobs),
     )
     nll: dict[int, float] = {}
-    for i, logprob in zip(owner, sums, strict=True):
+    tokens: dict[int, list[float]] = {}
+    for i, logprob in zip(owner, per_window, strict=True):  # a text's windows in order
+        if token_logprobs:
+            tokens.setdefault(i, []).extend(logprob)
+            logprob = math.fsum(logprob)
         nll[i] = nll.get(i, 0.0) - logprob
     for i in nll:
-        results[i] = (nll[i], len(token_lists[i]))
+        results[i] = (nll[i], len(token_lists[i]), tokens.get(i))
     return results, budget
 
 
@@ -117,12 +135,15 @@ def score_texts(
     texts: Sequence[object],
     params: ScoreParams | None = None,
     token_budget: int = 16384,
+    token_logprobs: bool = False,
 ) -> tuple[list[ScoreResult | RowError], int]:
-    """Score each text; return (one result or row error per text, in order; the token budget that fit)."""
+    """Score each text; return (one result or row error per text, in order; the token budget that fit).
+    `token_logprobs`: each result also carries its token ids and their log-probs."""
     token_lists = [check_text(t) or replica.encode(t) for t in texts]
-    scored, budget = score_tokens(replica, token_lists, params, token_budget)
+    scored, budget = score_tokens(replica, token_lists, params, token_budget, token_logprobs)
     results = [
-        r if isinstance(r, RowError) else ScoreResult(r[0], r[1], len(text.encode("utf-8")))
-        for text, r in zip(texts, scored, strict=True)
-    ]
+        r if isinstance(r, RowError)
+        else ScoreResult(r[0], r[1], len(text.encode("utf-8")), ids if token_logprobs else None, r[2])
+        for text, ids, r in zip(texts, token_lists, scored, strict=True)
+    ]  # fmt: skip
     return results, budget

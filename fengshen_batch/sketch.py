@@ -6,6 +6,7 @@ O(rows). A summary holds:
 - exact sums: rows, tokens, NLL (so the corpus perplexity exp(sum nll / sum tokens) is exact);
 - log-histograms of per-document perplexity and bits per byte, 200 bins per decade: a quantile read from
   them is the geometric middle of its bin, within 0.6% of the exact quantile (and inside [min, max]);
+  with a reference model, a linear histogram of bpb_diff (bins of 0.001 bits per byte);
 - the EXAMPLES lowest- and highest-perplexity documents (exact after merging: each shard keeps its own);
 - the same figures per value of the report's `by` column, nulls as the group "null".
 """
@@ -24,16 +25,23 @@ BINS_PER_DECADE = 200
 EXAMPLES = 20
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 TEXT_CHARS = 300  # of each example document
+BPB_DIFF_WIDTH = 0.001  # bits per byte: the linear bins of bpb_diff (signed, so no log scale)
 
 
-def _histogram(values: np.ndarray) -> dict:
-    """{"bins": {bin: count}, "min", "max"} of positive values (bin b holds [10^(b/B), 10^((b+1)/B)))."""
+def _histogram(values: np.ndarray, width: float | None = None) -> dict:
+    """{"bins": {bin: count}, "min", "max"} of positive values (bin b holds [10^(b/B), 10^((b+1)/B))); with
+    `width`, of any values on a linear scale (bin b holds [b * width, (b + 1) * width)), for signed figures."""
     if not len(values):
-        return {"bins": {}, "min": None, "max": None}
-    v = np.maximum(values.astype(np.float64), 1e-300)
-    bins, counts = np.unique(np.floor(np.log10(v) * BINS_PER_DECADE).astype(np.int64), return_counts=True)
+        return {"bins": {}, "min": None, "max": None, **({"width": width} if width else {})}
+    v = values.astype(np.float64)
+    if width:
+        raw = np.floor(v / width)
+    else:
+        v = np.maximum(v, 1e-300)
+        raw = np.floor(np.log10(v) * BINS_PER_DECADE)
+    bins, counts = np.unique(raw.astype(np.int64), return_counts=True)
     return {"bins": {str(b): int(c) for b, c in zip(bins, counts, strict=True)},
-            "min": float(v.min()), "max": float(v.max())}  # fmt: skip
+            "min": float(v.min()), "max": float(v.max()), **({"width": width} if width else {})}  # fmt: skip
 
 
 def _merge_histograms(hists: list[dict]) -> dict:
@@ -43,12 +51,21 @@ def _merge_histograms(hists: list[dict]) -> dict:
             bins[b] = bins.get(b, 0) + c
     lows = [h["min"] for h in hists if h["min"] is not None]
     highs = [h["max"] for h in hists if h["max"] is not None]
-    return {"bins": bins, "min": min(lows, default=None), "max": max(highs, default=None)}
+    width = {"width": hists[0]["width"]} if hists and "width" in hists[0] else {}
+    return {"bins": bins, "min": min(lows, default=None), "max": max(highs, default=None), **width}
+
+
+def _middle(hist: dict, b: int) -> float:
+    """A bin's middle: arithmetic on a linear histogram, geometric on a log one."""
+    if "width" in hist:
+        return (b + 0.5) * hist["width"]
+    return 10 ** ((b + 0.5) / BINS_PER_DECADE)
 
 
 def quantile(hist: dict, q: float) -> float | None:
     """The q-quantile as numpy computes it (linear between the order statistics around rank q*(n-1)), each
-    order statistic read as the geometric middle of its bin: within half a bin (0.6%) of the exact one."""
+    order statistic read as the middle of its bin: within half a bin (0.6% on the log scale, width / 2 on
+    a linear one) of the exact one."""
     if not hist["bins"]:
         return None
     bins = np.array(sorted(int(b) for b in hist["bins"]), dtype=np.int64)
@@ -57,7 +74,7 @@ def quantile(hist: dict, q: float) -> float | None:
 
     def order_statistic(i: int) -> float:  # the i-th smallest value (0-based), to within its bin
         b = bins[int(np.searchsorted(cumulative, i, side="right"))]
-        return float(min(max(10 ** ((b + 0.5) / BINS_PER_DECADE), hist["min"]), hist["max"]))
+        return float(min(max(_middle(hist, b), hist["min"]), hist["max"]))
 
     lo = math.floor(rank)
     low, high = order_statistic(lo), order_statistic(min(lo + 1, int(cumulative[-1]) - 1))
@@ -65,23 +82,29 @@ def quantile(hist: dict, q: float) -> float | None:
 
 
 def _figures(table: pa.Table) -> dict:
-    return {
+    out = {
         "rows": table.num_rows,
         "tokens": int(pc.sum(table.column("token_count")).as_py() or 0),
         "nll_sum": float(pc.sum(table.column("nll_sum")).as_py() or 0.0),
         "ppl": _histogram(table.column("ppl").to_numpy()),
         "bits_per_byte": _histogram(table.column("bits_per_byte").to_numpy()),
     }
+    if "bpb_diff" in table.column_names:  # a reference model scored the texts too
+        out["bpb_diff"] = _histogram(table.column("bpb_diff").to_numpy(), BPB_DIFF_WIDTH)
+    return out
 
 
 def _merge_figures(figures: list[dict]) -> dict:
-    return {
+    out = {
         "rows": sum(f["rows"] for f in figures),
         "tokens": sum(f["tokens"] for f in figures),
         "nll_sum": math.fsum(f["nll_sum"] for f in figures),
         "ppl": _merge_histograms([f["ppl"] for f in figures]),
         "bits_per_byte": _merge_histograms([f["bits_per_byte"] for f in figures]),
     }
+    if any("bpb_diff" in f for f in figures):
+        out["bpb_diff"] = _merge_histograms([f["bpb_diff"] for f in figures if "bpb_diff" in f])
+    return out
 
 
 def _examples(table: pa.Table, text_column: str | None, lowest: bool) -> list[dict]:
@@ -143,6 +166,7 @@ def figures(summary: dict) -> dict:
         "corpus_ppl": math.exp(summary["nll_sum"] / tokens) if tokens else None,
         "ppl_quantiles": _quantiles(summary["ppl"]),
         "bits_per_byte_quantiles": _quantiles(summary["bits_per_byte"]),
+        **({"bpb_diff_quantiles": _quantiles(summary["bpb_diff"])} if "bpb_diff" in summary else {}),
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import string
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -104,6 +106,11 @@ class ScoreJob(JobBase, ScoreParams):
     # corpus's perplexities, or at these fixed perplexities.
     bucket_quantiles: tuple[float, float] | None = None
     bucket_thresholds: tuple[float, float] | None = None
+    bucket_by: Literal["ppl", "bits_per_byte", "bpb_diff"] = "ppl"  # the column buckets cut
+    # A second model scoring every text in the same pass (Moore-Lewis filtering): ref_* columns and
+    # bpb_diff = bits_per_byte - ref_bits_per_byte. Any source `model` accepts.
+    reference_model: str | None = Field(default=None, min_length=1)
+    token_logprobs: bool = False  # token_ids and token_logprobs columns (large: off by default)
 
     @model_validator(mode="after")
     def _buckets(self):
@@ -112,9 +119,13 @@ class ScoreJob(JobBase, ScoreParams):
         q = self.bucket_quantiles
         if q and not 0 < q[0] < q[1] < 1:
             raise ValueError("bucket_quantiles needs 0 < LOW < HIGH < 1")
+        if self.bucket_by == "bpb_diff" and not self.reference_model:
+            raise ValueError("bucket_by: bpb_diff needs a reference_model")
         t = self.bucket_thresholds
-        if t and not 0 < t[0] < t[1]:
-            raise ValueError("bucket_thresholds needs 0 < LOW < HIGH (perplexities)")
+        if t and self.bucket_by == "bpb_diff" and not t[0] < t[1]:
+            raise ValueError("bucket_thresholds needs LOW < HIGH")
+        if t and self.bucket_by != "bpb_diff" and not 0 < t[0] < t[1]:
+            raise ValueError(f"bucket_thresholds needs 0 < LOW < HIGH ({self.bucket_by} values)")
         return self
 
     def input_columns(self) -> tuple[list[str], list[str], list[str]]:
@@ -127,11 +138,47 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
     TEXT_FIELD_KEY: ClassVar[str] = "prompt_column"
 
     kind: Literal["generate"]
+    # The input column of prompts; with a prompt_template, the output column of the filled-in prompts.
     prompt_column: str = "prompt"
+    # Python format syntax over the input's columns ("Write a {style} article about {topic}."); a null in a
+    # named column is that row's error. The filled prompt is written unless keep_prompt is false.
+    prompt_template: str | None = Field(default=None, min_length=1)
+    keep_prompt: bool = True
+    # Keep the K samples of each prompt with the lowest NLL per token (best-of-n); the rest are counted.
+    keep_best: int | None = Field(default=None, ge=1)
+    token_logprobs: bool = False  # token_ids and token_logprobs of each generation (large: off by default)
     # An integer column of per-row output limits; null takes max_new_tokens. A bad value is that row's error.
     max_new_tokens_column: str | None = None
     # Ray batches in flight per replica, all feeding its one engine, so it never drains between batches.
     max_concurrent_batches: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _template_and_best_of_n(self):
+        if self.prompt_template is not None:
+            self.template_columns()
+        if self.keep_best is not None and self.keep_best >= self.num_return_sequences:
+            raise ValueError(
+                f"keep_best ({self.keep_best}) must be below num_return_sequences ({self.num_return_sequences})"
+            )
+        return self
+
+    def template_columns(self) -> list[str]:
+        """The input columns `prompt_template` names, in order of first use."""
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"prompt_template is not a valid format string: {e}") from None
+        names = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]
+        if any(n == "" or n.isdigit() for n in names):
+            raise ValueError("prompt_template fields must name input columns, e.g. {topic}; not {} or {0}")
+        if not names:
+            raise ValueError("prompt_template names no column (use {column}; {{ and }} for literal braces)")
+        return list(dict.fromkeys(names))
+
+    def input_columns(self) -> tuple[list[str], list[str], list[str]]:
+        if self.prompt_template is not None:
+            return [], [], self.template_columns()
+        return [self.prompt_column], [], []
 
     def number_columns(self) -> list[str]:
         return [self.max_new_tokens_column] if self.max_new_tokens_column else []

@@ -115,17 +115,17 @@ def test_driver_killed_at_random_points_then_rerun_resumes(tmp_path, replica, ra
 def test_a_row_the_engine_cannot_process_becomes_an_error_row(replica, monkeypatch):
     real = columns._run_engine
 
-    def poisoned(rep, spec, texts, ids, budget, engine):
+    def poisoned(replicas, spec, texts, ids, budget):
         if "POISON" in texts:
             raise ValueError("cannot process this row")
-        return real(rep, spec, texts, ids, budget, engine)
+        return real(replicas, spec, texts, ids, budget)
 
     monkeypatch.setattr(columns, "_run_engine", poisoned)
     spec = build_spec({"kind": "score", "model": "m", "input": "i", "output": "o"})
     table = pa.table(
         {"id": ["a", "b", "c"], "text": ["北京", "POISON", "ok"], "_shard": [0] * 3, "_row": [0, 1, 2]}
     )
-    out, _ = columns.process_table(replica, spec, table, "id", 1000)
+    out, _ = columns.process_table(columns.Replicas(replica), spec, table, "id", 1000)
     assert out.column("error_kind").to_pylist() == [None, "engine_error", None]
     assert "cannot process this row" in out.column("error_message")[1].as_py()
     expected, _ = score_texts(replica, ["北京", "ok"])

@@ -16,7 +16,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from fengshen_batch.job import run_job
-from fengshen_batch.judging import CRITERIA, accuracy, declarative, judge, label_counts, merge_counts
+from fengshen_batch.judging import CRITERIA, accuracy, declarative, judge, label_counts
+from fengshen_batch.outputs import sum_counts
 from fengshen_batch.spec import SpecError, build_spec
 
 TEMPLATES = [
@@ -101,7 +102,7 @@ def test_accuracy_counts_labels_by_index_or_text():
     got = accuracy(label_counts(rows, "label", None), "ppl")
     assert got["labelled_rows"] == 2
     # counted by shard and added up: the same figures
-    assert accuracy(merge_counts([label_counts(rows[i : i + 1], "label", None) for i in range(3)]), "ppl") == got
+    assert accuracy(sum_counts([label_counts(rows[i : i + 1], "label", None) for i in range(3)]), "ppl") == got
     assert (
         got["per_criterion"]["nll"] == 0.5 and got["per_criterion"]["ppl"] == 1.0 and got["accuracy"] == 1.0
     )

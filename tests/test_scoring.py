@@ -120,12 +120,12 @@ def test_out_of_memory_halves_the_budget_and_retries(replica, monkeypatch):
     real = scoring.window_logprobs
     calls = []
 
-    def flaky(rep, windows):
+    def flaky(rep, windows, per_token=False):
         cost = len(windows) * max(len(s) - 1 for s, _ in windows)
         calls.append(cost)
         if cost > 150:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(rep, windows)
+        return real(rep, windows, per_token)
 
     expected, _ = score_texts(replica, TEXTS, token_budget=10_000)
     monkeypatch.setattr(scoring, "window_logprobs", flaky)
