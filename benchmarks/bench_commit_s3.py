@@ -45,20 +45,20 @@ def main() -> None:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing-secret"}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="b")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="commit-bench")
         fs = s3fs.S3FileSystem(
             key="testing", secret="testing-secret", client_kwargs={"endpoint_url": endpoint}
         )
         payload = os.urandom(int(args.mb * 2**20))
 
         def whole(i: int) -> None:
-            write_whole(fs, f"b/whole/data/part-{i:06d}.parquet", lambda f: f.write(payload))
+            write_whole(fs, f"commit-bench/whole/data/part-{i:06d}.parquet", lambda f: f.write(payload))
 
         def temporary_then_rename(i: int) -> None:
-            tmp = f"b/hadoop/_temporary/attempt-0/part-{i:06d}.parquet"
+            tmp = f"commit-bench/hadoop/_temporary/attempt-0/part-{i:06d}.parquet"
             with fs.open(tmp, "wb") as f:
                 f.write(payload)
-            fs.mv(tmp, f"b/hadoop/data/part-{i:06d}.parquet")  # copy + delete
+            fs.mv(tmp, f"commit-bench/hadoop/data/part-{i:06d}.parquet")  # copy + delete
 
         results = {}
         for name, fn in (
