@@ -68,6 +68,16 @@ def _job_options(fn):
             "--output", required=True, help="Output folder/prefix: data/, errors/, manifest.json, _SUCCESS."
         ),
         click.option("--id-column", help="Row id column. Default: `id` if present, else FILE:ROW."),
+        click.option(
+            "--drop-column",
+            "drop_columns",
+            multiple=True,
+            help="Leave this input column out of the job and its output (e.g. an old `ppl`). Repeatable.",
+        ),
+        click.option(
+            "--result-prefix",
+            help="Prefix of every result column (new_ -> new_ppl, ...), e.g. beside an input's old results.",
+        ),
         click.option("--actors", help="Model replicas: N, or MIN,MAX to autoscale. Default 1."),
         click.option(
             "--gpus-per-actor",

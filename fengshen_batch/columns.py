@@ -140,10 +140,32 @@ def fill_template(template: str, columns: list[str], row: dict) -> str | RowErro
         return RowError("bad_template_value", f"prompt_template: {type(e).__name__}: {e}"[:2000])
 
 
+def id_errors(ids: list) -> list[RowError | None]:
+    """A null id, or an id seen earlier in the same rows (a shard), is that row's error: results are
+    joined and samples seeded by id, so it must name one row."""
+    seen: set = set()
+    out: list[RowError | None] = []
+    for i in ids:
+        if i is None:
+            out.append(RowError("null_id", "the row's id is null"))
+        elif i in seen:
+            out.append(RowError("duplicate_id", f"id {str(i)[:200]!r} appears earlier in this shard"))
+        else:
+            seen.add(i)
+            out.append(None)
+    return out
+
+
 def process_table(
-    replicas: Replicas, spec, table: pa.Table, id_field: str, token_budget: int
+    replicas: Replicas,
+    spec,
+    table: pa.Table,
+    id_field: str,
+    token_budget: int,
+    row_errors: list[RowError | None] | None = None,
 ) -> tuple[pa.Table, int]:
-    """Run the engine on one batch; return (input rows + result and error columns, the budget that fit)."""
+    """Run the engine on one batch; return (input rows + result and error columns, the budget that fit).
+    `row_errors`: rows already known bad (their RowError), which the engine never sees."""
     ids = [str(i) for i in table.column(id_field).to_pylist()]
     extra: dict[str, list] = {}
     if spec.kind == "judge":
@@ -169,7 +191,16 @@ def process_table(
         items = list(zip(prompts, limits, strict=True))
     else:
         items = table.column(spec.text_field).to_pylist()
-    results, budget = run_rows(replicas, spec, items, ids, token_budget)
+    if row_errors and any(row_errors):
+        good = [i for i, e in enumerate(row_errors) if e is None]
+        found, budget = run_rows(
+            replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget
+        )
+        results = list(row_errors)
+        for i, r in zip(good, found, strict=True):
+            results[i] = r
+    else:
+        results, budget = run_rows(replicas, spec, items, ids, token_budget)
     take, cols, errors = _columns(spec, results, extra)
     out = table.take(pa.array(take, pa.int64()))
     for f in result_fields(spec):

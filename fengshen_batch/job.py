@@ -19,11 +19,12 @@ from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source
 from .outputs import DATA, OutputStore, ShardStats, spec_hash, sum_counts
 from .progress import Display, quiet_ray
-from .schemas import data_schema, error_schema, result_fields
+from .schemas import JUDGE_FIELDS, data_schema, error_schema, result_names
 from .spec import GenerateJob, ScoreJob, spec_record
 from .storage import filesystem, redact_url, storage_options
 
 log = logging.getLogger(__name__)
+JUDGE_NAMES = {f.name for f in JUDGE_FIELDS}
 
 
 class JobError(RuntimeError):
@@ -45,6 +46,33 @@ def _check_output_location(spec: ScoreJob | GenerateJob) -> None:
     b = out_fs.unstrip_protocol(out_path).rstrip("/")
     if b == a or b.startswith(a + "/"):
         raise JobError(f"output {redact_url(spec.output)} is inside the input {redact_url(spec.input)}")
+
+
+def _check_result_names(spec, input_names: list[str], read: list[str]) -> None:
+    """An input column named like a result (re-scoring last night's output, a CCNet corpus with its own
+    `perplexity` beside `ppl`) is refused before anything starts, with the two ways out."""
+    results = result_names(spec)
+    both = [c for c in read if c in results]
+    if both:
+        raise JobError(
+            f"input column {both[0]!r} is read by this job and is also one of its result names: rename it"
+        )
+    clash = [n for n in results if n in input_names]
+    if clash and not spec.result_prefix:
+        names = ", ".join(clash)
+        raise JobError(
+            f"the input already has {'columns' if len(clash) > 1 else 'a column'} {names}, which this job "
+            f"writes: leave the input's out with drop_columns: [{names}] "
+            f"({' '.join('--drop-column ' + c for c in clash)}), or name the results apart with "
+            "result_prefix: new_ (--result-prefix new_)"
+        )
+    prefixed = [
+        spec.result_prefix + n
+        for n in results
+        if spec.result_prefix and spec.result_prefix + n in input_names
+    ]
+    if prefixed:
+        raise JobError(f"the input already has a column {prefixed[0]!r}: choose another result_prefix")
 
 
 class _Summary:
@@ -76,7 +104,10 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
         from .report import build_report, merged_summary
         from .sketch import quantile
 
-        summary = merged_summary(store, spec.text_column, spec.report_by, [summary])  # older shards: files
+        # older shards (no summary in their markers): from the files
+        summary = merged_summary(
+            store, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix or ""
+        )
         if spec.bucket_thresholds:  # written with the data
             manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
         elif spec.bucket_quantiles:
@@ -85,7 +116,10 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
                 from . import pipeline
 
                 files = store.files(DATA)
-                summary["buckets"] = pipeline.rebucket(store.url, spec.storage, files, cutoffs, spec.bucket_by)
+                prefix = spec.result_prefix or ""
+                summary["buckets"] = pipeline.rebucket(
+                    store.url, spec.storage, files, cutoffs, prefix + spec.bucket_by, prefix + "bucket"
+                )
                 manifest["bucket_cutoffs"] = cutoffs
                 took["buckets"] = round(time.time() - t, 3)
                 t = time.time()
@@ -97,7 +131,9 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
         if summary is None:  # shards committed by a version that did not count: read their labels back
             columns = ["statements", "candidate_nll_sum", "candidate_token_count", spec.label_column]
             columns += [spec.answers_column] if spec.answers_column else []
-            rows = store.read(DATA, columns).to_pylist()
+            prefix = spec.result_prefix or ""
+            table = store.read(DATA, [prefix + c if c in JUDGE_NAMES else c for c in columns])
+            rows = table.rename_columns(columns).to_pylist()
             summary = label_counts(rows, spec.label_column, spec.answers_column)
         manifest["judge"] = accuracy(summary, spec.criterion)
         took["accuracy"] = round(time.time() - t, 3)
@@ -126,18 +162,14 @@ def run_job(
     strings, lists, others = spec.input_columns()
     inputs = inspect_inputs(
         spec.input, spec.storage, strings[0] if strings else None, spec.id_column, tuple(lists), tuple(others),
-        tuple(spec.number_columns()),
+        tuple(spec.number_columns()), spec.drop_columns,
     )  # fmt: skip
     _check_output_location(spec)
-    clash = [f.name for f in result_fields(spec) if f.name in inputs.schema.names]
-    if clash:
-        raise JobError(
-            f"the input already has a column {clash[0]!r}, which this job writes; rename or drop it in the input"
-        )
+    _check_result_names(spec, inputs.schema.names, [c for c in [*strings, *lists, *others] if c])
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:
             check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
-    shards = make_shards(inputs.files, spec.shard_rows)
+    shards = make_shards(inputs.files, spec.shard_rows, spec.drop_columns)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
     published = store.published_manifest()
@@ -196,6 +228,7 @@ def run_job(
                 index, raw = rec.pop("shard"), rec.pop("summary")
                 if index in stats:  # a retried call may report a shard twice: commit it once
                     continue
+                rec["error_kinds"] = json.loads(rec["error_kinds"] or "{}")
                 shard_stats, shard_summary = ShardStats(**rec), json.loads(raw) if raw else None
                 summary.add(shard_summary)
                 target.commit(by_index[index], shard_stats, hash_, shard_summary)
@@ -225,6 +258,8 @@ def run_job(
             "input_rows": inputs.rows,
             "result_rows": totals["results"],
             "error_rows": totals["errors"],
+            # per error_kind; shards committed by a version that did not count them are left out
+            "error_kinds": sum_counts([m.get("error_kinds", {}) for m in stats.values()]),
             "tokens": totals["tokens"],
         },
         "shards": len(shards),

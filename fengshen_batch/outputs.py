@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,6 +73,7 @@ class ShardStats:
     results: int  # output rows in data/ (samples, for generation)
     errors: int  # input rows in errors/
     tokens: int  # tokens the model processed
+    error_kinds: dict[str, int] = field(default_factory=dict)  # rows in errors/ per error_kind
 
 
 class OutputStore:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import ray
 
 from .inputs import ID_COLUMN, Shard, read_shard
+from .schemas import internal_schemas
 from .spec import GenerateJob, ScoreJob, build_spec
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
 COMMIT_SCHEMA = pa.schema(
     [("shard", pa.int64()), ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
-     ("tokens", pa.int64()), ("summary", pa.string())]
+     ("tokens", pa.int64()), ("error_kinds", pa.string()), ("summary", pa.string())]
 )  # fmt: skip
 
 
@@ -105,7 +106,8 @@ class ModelActor:
         self.replicas = Replicas(load(self.spec.model), reference=load(reference) if reference else None)
         self.id_column, self.output = id_column, output
         self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
-        self.data_schema, self.error_schema = schemas
+        self.data_schema, self.error_schema = schemas  # as written
+        self.renamed, self.internal_data, self.internal_errors = internal_schemas(self.spec, *schemas)
         self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
         self.compute_lock = threading.Lock()
         if self.spec.kind == "generate":
@@ -131,10 +133,13 @@ class ModelActor:
 
     def _shard(self, shard: Shard) -> dict:
         """Read, compute and write one shard; return its commit record."""
-        from .columns import process_table
+        from .columns import id_errors, process_table
         from .writer import split_results, with_buckets, write_shard_files
 
         table = read_shard(shard, self.spec.storage, self.id_column)
+        table = table.rename_columns([self.renamed.get(n, n) for n in table.column_names])
+        # ids from the input are checked across the whole shard (derived ones are unique by construction)
+        bad_ids = id_errors(table.column(self.id_field).to_pylist()) if self.id_column else None
         # Generation: the whole shard into the engine at once (it schedules per step); the other kinds in
         # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
         generating = self.replicas.engine is not None
@@ -145,11 +150,14 @@ class ModelActor:
         with contextlib.nullcontext() if generating else self.compute_lock:
             for start in range(0, len(table), step):
                 part, self.token_budget = process_table(
-                    self.replicas, self.spec, table.slice(start, step), self.id_field, self.token_budget
-                )
+                    self.replicas, self.spec, table.slice(start, step), self.id_field, self.token_budget,
+                    bad_ids[start : start + step] if bad_ids else None,
+                )  # fmt: skip
                 parts.append(part)
         rows = pa.concat_tables(parts)
-        data, errors, stats = split_results(shard, rows, self.spec.kind, self.data_schema, self.error_schema)
+        data, errors, stats = split_results(
+            shard, rows, self.spec.kind, self.internal_data, self.internal_errors
+        )
         summary = None  # what the driver adds up across shards instead of reading the output back
         if self.spec.kind == "score":
             from .sketch import summarize
@@ -166,8 +174,18 @@ class ModelActor:
                 data.select(columns).to_pylist(), self.spec.label_column, self.spec.answers_column
             )
             summary = json.dumps(counts)
+        # the names the files have: input columns as they were, results with the spec's result_prefix
+        names = self.data_schema.names + [(self.spec.result_prefix or "") + "bucket"] * (
+            "bucket" in data.column_names
+        )
+        data, errors = data.rename_columns(names), errors.rename_columns(self.error_schema.names)
         write_shard_files(self.output, self.spec.storage, shard, data, errors)
-        return {"shard": shard.index, **stats.__dict__, "summary": summary}
+        return {
+            "shard": shard.index,
+            **stats.__dict__,
+            "error_kinds": json.dumps(stats.error_kinds),
+            "summary": summary,
+        }
 
 
 def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:
@@ -208,7 +226,9 @@ def _compute(spec: ScoreJob | GenerateJob):
     )
 
 
-def rebucket(output: str, storage, files: list[str], cutoffs: list[float], column: str) -> dict[str, int]:
+def rebucket(
+    output: str, storage, files: list[str], cutoffs: list[float], column: str, bucket: str = "bucket"
+) -> dict[str, int]:
     """Rewrite every data file with its bucket column, in parallel Ray tasks; return rows per bucket.
 
     Two tasks per cluster CPU, each rewriting a slice of the files (a few threads each, for object-store
@@ -220,7 +240,7 @@ def rebucket(output: str, storage, files: list[str], cutoffs: list[float], colum
     task = ray.remote(num_cpus=1)(rebucket_files)
     counts: dict[str, int] = {}
     for part in ray.get(
-        [task.remote(output, storage, files[i::tasks], cutoffs, column) for i in range(tasks)]
+        [task.remote(output, storage, files[i::tasks], cutoffs, column, bucket) for i in range(tasks)]
     ):
         for b, n in part.items():
             counts[b] = counts.get(b, 0) + n

@@ -107,39 +107,53 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 """
 
 
-def _file_summary(store: OutputStore, path: str, text_column: str | None, by: str | None) -> dict:
-    columns = ["id", "nll_sum", "token_count", "ppl", "bits_per_byte"]
-    columns += [c for c in dict.fromkeys((text_column, by, "bucket", "bpb_diff")) if c and c not in columns]
+def _file_summary(
+    store: OutputStore, path: str, text_column: str | None, by: str | None, prefix: str
+) -> dict:
+    results = ["nll_sum", "token_count", "ppl", "bits_per_byte", "bucket", "bpb_diff"]
+    inputs = [c for c in dict.fromkeys(("id", text_column, by)) if c]
     with store.fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        if "ppl" not in names:
-            raise ValueError(f"{store.url} is not the output of a score job (no ppl column)")
+        if prefix + "ppl" not in names:
+            raise ValueError(f"{store.url} is not the output of a score job (no {prefix}ppl column)")
         if by and by not in names:
             raise ValueError(f"column {by!r} is not in the output (columns: {', '.join(names)})")
-        table = pf.read(columns=[c for c in columns if c in names])
-    return summarize(table, text_column, by)
+        canonical = {prefix + c: c for c in results if prefix + c in names}
+        table = pf.read(columns=list(dict.fromkeys([*inputs, *canonical])))
+    out = table.rename_columns([canonical.get(n, n) for n in table.column_names])
+    for c in inputs:  # a column that is both, e.g. `--by bucket`, is also kept under its own name
+        if c not in out.column_names:
+            out = out.append_column(c, table.column(c))
+    return summarize(out, text_column, by)
 
 
-def summaries_from_files(store: OutputStore, text_column: str | None, by: str | None) -> list[dict]:
+def summaries_from_files(
+    store: OutputStore, text_column: str | None, by: str | None, prefix: str = ""
+) -> list[dict]:
     """Per-file summaries of OUTPUT/data, read in parallel (the report rebuilt for another column)."""
     files = store.files(DATA)
     if not files:
         raise ValueError(f"no data files under {store.url}/{DATA}: is this a score job's output?")
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda p: _file_summary(store, p, text_column, by), files))
+        return list(pool.map(lambda p: _file_summary(store, p, text_column, by, prefix), files))
 
 
 def merged_summary(
-    store: OutputStore, text_column: str | None, by: str | None, summaries: list | None, need_buckets=False
+    store: OutputStore,
+    text_column: str | None,
+    by: str | None,
+    summaries: list | None,
+    need_buckets=False,
+    prefix: str = "",
 ) -> dict:
     """The shards' own summaries merged, if every shard has one made for `by` (and, with `need_buckets`,
     bucket counts: quantile buckets are added to the files after their shards were summarised); else the
-    data files' summaries, read in parallel."""
+    data files' summaries (results named with `prefix`), read in parallel."""
     fresh = bool(summaries) and all(s is not None and s.get("by") == by for s in summaries)
     if fresh and need_buckets and not any("buckets" in s for s in summaries):
         fresh = False
-    return merge(summaries if fresh else summaries_from_files(store, text_column, by))
+    return merge(summaries if fresh else summaries_from_files(store, text_column, by, prefix))
 
 
 def build_report(
@@ -148,8 +162,9 @@ def build_report(
     """Write OUTPUT/report/ from per-shard summaries (see `merged_summary`); return the summary."""
     spec = manifest["spec"]
     merged = merged_summary(
-        store, spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs"))
-    )
+        store, spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs")),
+        spec.get("result_prefix") or "",
+    )  # fmt: skip
     errors = manifest.get("counts", {}).get("error_rows", 0)  # the committed shards' count
     summary = {"model": manifest.get("model", ""), "input": spec.get("input", ""), **figures(merged),
                "errors": errors}  # fmt: skip

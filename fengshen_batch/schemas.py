@@ -40,7 +40,10 @@ REFERENCE_FIELDS = [
     pa.field("bpb_diff", pa.float64()),  # bits_per_byte - ref_bits_per_byte: lower = more like the target
 ]
 # token_logprobs: true (score and generate jobs)
-TOKEN_FIELDS = [pa.field("token_ids", pa.list_(pa.int32())), pa.field("token_logprobs", pa.list_(pa.float32()))]
+TOKEN_FIELDS = [
+    pa.field("token_ids", pa.list_(pa.int32())),
+    pa.field("token_logprobs", pa.list_(pa.float32())),
+]
 ERROR_FIELDS = [pa.field("error_kind", pa.string()), pa.field("error_message", pa.string())]
 
 KIND_FIELDS = {"score": SCORE_FIELDS, "generate": GENERATE_FIELDS, "judge": JUDGE_FIELDS}
@@ -58,8 +61,41 @@ def result_fields(spec) -> list[pa.Field]:
     return fields
 
 
+INPUT_ALIAS = "_input."  # an input column named like a result, while an actor processes the shard
+
+
+def result_names(spec) -> list[str]:
+    """Every column name a job writes besides its input's (the `bucket` column included), before any
+    `result_prefix`."""
+    names = [f.name for f in result_fields(spec)]
+    if spec.kind == "score" and (spec.bucket_quantiles or spec.bucket_thresholds):
+        names.append("bucket")
+    return names
+
+
 def data_schema(input_schema: pa.Schema, spec) -> pa.Schema:
-    return pa.schema([*input_schema, *result_fields(spec)])
+    """The data files' schema: input columns, then the results named with the spec's `result_prefix`."""
+    prefix = spec.result_prefix or ""
+    return pa.schema([*input_schema, *(f.with_name(prefix + f.name) for f in result_fields(spec))])
+
+
+def internal_schemas(spec, data: pa.Schema, errors: pa.Schema) -> tuple[dict[str, str], pa.Schema, pa.Schema]:
+    """How an actor names columns while it processes a shard: results by their own names (the engine and
+    the summaries use those), an input column that has one of those names as INPUT_ALIAS + name. Returns
+    (input renames, internal data schema, internal error schema); the files get `data`'s and `errors`'
+    names back, position by position."""
+    inputs = list(data)[: len(data) - len(result_fields(spec))]
+    taken = set(result_names(spec))
+    renamed = {f.name: INPUT_ALIAS + f.name for f in inputs if f.name in taken}
+
+    def alias(f: pa.Field) -> pa.Field:
+        return f.with_name(renamed.get(f.name, f.name))
+
+    internal_data = pa.schema([*map(alias, inputs), *result_fields(spec)])
+    internal_errors = pa.schema(
+        [alias(f) if i < len(errors) - len(ERROR_FIELDS) else f for i, f in enumerate(errors)]
+    )
+    return renamed, internal_data, internal_errors
 
 
 def error_schema(input_schema: pa.Schema) -> pa.Schema:

@@ -54,8 +54,17 @@ class JobBase(BaseModel):
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else an embedded local Ray
     storage: StorageSpec = StorageSpec()
     trust_remote_code: bool = False
+    # Input columns left out of the job and its output (e.g. last night's `ppl` when re-scoring).
+    drop_columns: tuple[str, ...] = ()
+    # Prefix of every result column (`new_` -> new_ppl, ...): re-scoring an output beside its old results.
+    result_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     # For `fengshen-batch submit`: Ray runtime_env of the job (pip, env_vars, ...); never credentials.
     runtime_env: dict = Field(default_factory=dict)
+
+    @field_validator("drop_columns", mode="before")
+    @classmethod
+    def _columns_list(cls, value):
+        return (value,) if isinstance(value, str) else value
 
     @field_validator("actors", mode="before")
     @classmethod

@@ -38,27 +38,29 @@ def bucket_counts(bucket: pa.ChunkedArray | pa.Array) -> dict[str, int]:
     return {b: counts.get(b, 0) for b in BUCKETS}
 
 
-def with_buckets(data: pa.Table, cutoffs: list[float], column: str = "ppl") -> pa.Table:
-    """`data` with its `bucket` column cut from `column` (replaced if there is one)."""
-    if "bucket" in data.column_names:
-        data = data.drop_columns(["bucket"])
-    return data.append_column("bucket", bucket_column(data.column(column), cutoffs))
+def with_buckets(
+    data: pa.Table, cutoffs: list[float], column: str = "ppl", bucket: str = "bucket"
+) -> pa.Table:
+    """`data` with its bucket column (named `bucket`) cut from `column` (replaced if there is one)."""
+    if bucket in data.column_names:
+        data = data.drop_columns([bucket])
+    return data.append_column(bucket, bucket_column(data.column(column), cutoffs))
 
 
 def rebucket_file(
-    output_url: str, storage: StorageSpec, path: str, cutoffs: list[float], column: str = "ppl"
+    output_url: str, storage: StorageSpec, path: str, cutoffs: list[float], column: str, bucket: str
 ) -> dict[str, int]:
-    """Rewrite one data file whole with its `bucket` column (quantile cutoffs are known only after the last
+    """Rewrite one data file whole with its bucket column (quantile cutoffs are known only after the last
     shard); return its rows per bucket."""
     fs, _ = filesystem(output_url, storage)
     with fs.open(path, "rb") as f:
-        table = with_buckets(pq.read_table(f), cutoffs, column)
+        table = with_buckets(pq.read_table(f), cutoffs, column, bucket)
     write_whole(fs, path, lambda f: pq.write_table(table, f))
-    return bucket_counts(table.column("bucket"))
+    return bucket_counts(table.column(bucket))
 
 
 def rebucket_files(
-    output_url: str, storage: StorageSpec, paths: list[str], cutoffs: list[float], column: str
+    output_url: str, storage: StorageSpec, paths: list[str], cutoffs: list[float], column: str, bucket: str
 ) -> dict[str, int]:
     """`rebucket_file` on each of `paths` (4 at a time: pyarrow and the object store release the GIL);
     the rows per bucket of all of them."""
@@ -66,7 +68,7 @@ def rebucket_files(
 
     counts = dict.fromkeys(BUCKETS, 0)
     with ThreadPoolExecutor(4) as pool:
-        for part in pool.map(lambda p: rebucket_file(output_url, storage, p, cutoffs, column), paths):
+        for part in pool.map(lambda p: rebucket_file(output_url, storage, p, cutoffs, column, bucket), paths):
             for b, n in part.items():
                 counts[b] += n
     return counts
@@ -92,7 +94,12 @@ def split_results(
         tokens = pc.sum(pc.list_flatten(good.column("candidate_token_count"))).as_py() or 0
     else:
         tokens = sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens"))
-    stats = ShardStats(expected, len(good), len(bad), int(tokens))
+    kinds = (
+        {c["values"]: c["counts"] for c in pc.value_counts(bad.column("error_kind")).to_pylist()}
+        if len(bad)
+        else {}
+    )
+    stats = ShardStats(expected, len(good), len(bad), int(tokens), kinds)
     data = good.select(data_schema.names).cast(data_schema)
     errors = bad.select(error_schema.names).cast(error_schema)
     return data, errors, stats

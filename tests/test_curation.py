@@ -163,7 +163,7 @@ def test_an_input_column_named_like_a_result_is_refused(tmp_path, replica):
     pq.write_table(pa.table({"text": ["a b c"], "ppl": [3.0]}), tmp_path / "in" / "t.parquet")
     spec = build_spec({"kind": "score", "model": str(replica.source), "input": str(tmp_path / "in"),
                        "output": str(tmp_path / "out")})  # fmt: skip
-    with pytest.raises(JobError, match="'ppl'"):
+    with pytest.raises(JobError, match="a column ppl, which this job writes"):
         run_job(spec, progress=lambda _: None)
 
 

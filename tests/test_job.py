@@ -121,7 +121,12 @@ def test_local_generate_job_equals_the_engine(tmp_path, replica):
     assert (tmp_path / "out" / "_SUCCESS").exists()
     assert manifest["counts"]["input_rows"] == 13 and manifest["counts"]["result_rows"] == 22
     assert manifest["counts"]["error_rows"] == 2
-    assert 0 < manifest["startup"]["first_batch"] < manifest["startup"]["first_shard"] <= manifest["wall_seconds"]
+    assert (
+        0
+        < manifest["startup"]["first_batch"]
+        < manifest["startup"]["first_shard"]
+        <= manifest["wall_seconds"]
+    )
     errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
     assert {e["error_kind"] for e in errors} == {"bad_max_new_tokens"} and {e["n"] for e in errors} == {0}
     table = pq.read_table(tmp_path / "out" / "data").sort_by(
@@ -173,6 +178,7 @@ def test_output_schema_is_stable_when_every_row_fails(tmp_path, replica):
         "input_rows": 5,
         "result_rows": 2,
         "error_rows": 3,
+        "error_kinds": {"empty_text": 2, "null_text": 1},
         "tokens": manifest["counts"]["tokens"],
     }
     parts = sorted((tmp_path / "out" / "data").iterdir())

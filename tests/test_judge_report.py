@@ -102,7 +102,9 @@ def test_accuracy_counts_labels_by_index_or_text():
     got = accuracy(label_counts(rows, "label", None), "ppl")
     assert got["labelled_rows"] == 2
     # counted by shard and added up: the same figures
-    assert accuracy(sum_counts([label_counts(rows[i : i + 1], "label", None) for i in range(3)]), "ppl") == got
+    assert (
+        accuracy(sum_counts([label_counts(rows[i : i + 1], "label", None) for i in range(3)]), "ppl") == got
+    )
     assert (
         got["per_criterion"]["nll"] == 0.5 and got["per_criterion"]["ppl"] == 1.0 and got["accuracy"] == 1.0
     )

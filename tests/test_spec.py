@@ -149,3 +149,15 @@ def test_debug_shows_the_traceback(tmp_path):
     res = _cli(["score", "--model", "m", "--input", str(tmp_path / "nope"), "--output", "o", "--debug"])
     assert res.exit_code != 0 and isinstance(res.exception, Exception)
     assert "input not found" in str(res.exception)
+
+
+def test_drop_columns_and_result_prefix_from_the_command_line():
+    from fengshen_batch.cli import _spec_fields
+
+    opts = {"model": "m", "input_": "i", "output": "o", "drop_columns": ("ppl", "nll_sum"),
+            "result_prefix": "new_", "endpoint_url": None, "region": None, "anonymous": None}  # fmt: skip
+    spec = build_spec(_spec_fields("score", opts))
+    assert spec.drop_columns == ("ppl", "nll_sum") and spec.result_prefix == "new_"
+    assert build_spec({"kind": "score", **BASE, "drop_columns": "ppl"}).drop_columns == ("ppl",)
+    with pytest.raises(SpecError, match="result_prefix"):
+        build_spec({"kind": "score", **BASE, "result_prefix": "new ppl"})

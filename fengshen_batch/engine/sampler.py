@@ -95,7 +95,9 @@ def sample_full(logits, keys, steps, params: GenerateParams, u: torch.Tensor | N
         return _draw(probs, vocab, u, 1.0)[0]
     if params.top_k and params.top_k < probs.shape[-1]:
         p, idx = torch.topk(probs, params.top_k, dim=-1)
-        return _draw(p / p.sum(-1, keepdim=True), idx, u, params.top_p)[0]  # top-p sees the top-k distribution
+        return _draw(p / p.sum(-1, keepdim=True), idx, u, params.top_p)[
+            0
+        ]  # top-p sees the top-k distribution
     p, idx = torch.sort(probs, dim=-1, descending=True)
     return _draw(p, idx, u, params.top_p)[0]
 

@@ -17,7 +17,11 @@ from .sequence import Sequence
 def _byte_decoder() -> dict[str, int]:
     """GPT2's byte-level alphabet inverted: the printable stand-in of each byte -> the byte. Printable
     Latin-1 bytes stand for themselves; the other 68 bytes take the code points from 256 on, in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {chr(b): b for b in printable}
     others = [b for b in range(256) if b not in set(printable)]
     table.update({chr(256 + n): b for n, b in enumerate(others)})

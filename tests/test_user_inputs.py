@@ -1,0 +1,152 @@
+"""Inputs as users have them: outputs of earlier runs, pandas categories, bad ids, hive partitions, nulls."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from fengshen_batch.generation import generate
+from fengshen_batch.job import JobError, run_job
+from fengshen_batch.loading import load_replica
+from fengshen_batch.params import GenerateParams
+from fengshen_batch.scoring import score_texts
+from fengshen_batch.spec import build_spec
+from fengshen_batch.tiny_model import SAMPLE_LINES
+
+TEXTS = SAMPLE_LINES[:6]
+
+
+def _spec(replica, tmp_path, **fields):
+    return build_spec({"kind": "score", "model": str(replica.source), "input": str(tmp_path / "in"),
+                       "output": str(tmp_path / "out"), **fields})  # fmt: skip
+
+
+def _data(path) -> list[dict]:
+    return sorted(pq.read_table(path / "data").to_pylist(), key=lambda r: r["id"])
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_input_with_result_columns_is_refused_then_dropped_or_prefixed(tmp_path, replica):
+    """Re-scoring last night's output (which has ppl, nll_sum, ... and a CCNet-style `perplexity`)."""
+    (tmp_path / "in").mkdir()
+    old = [float(i) for i in range(len(TEXTS))]
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(TEXTS))], "text": TEXTS, "ppl": old,
+                             "nll_sum": old, "perplexity": old}), tmp_path / "in" / "last.parquet")  # fmt: skip
+    with pytest.raises(
+        JobError, match=r"columns nll_sum, ppl, .*drop_columns: \[nll_sum, ppl\].*result_prefix"
+    ):
+        run_job(_spec(replica, tmp_path), progress=lambda _: None)
+    assert not (tmp_path / "out").exists()  # refused before anything started
+    expected, _ = score_texts(replica, TEXTS)
+
+    run_job(_spec(replica, tmp_path, drop_columns=["ppl", "nll_sum"]), progress=lambda _: None)
+    dropped = _data(tmp_path / "out")
+    assert [r["ppl"] for r in dropped] == [e.ppl for e in expected]
+    assert [r["perplexity"] for r in dropped] == old  # the other passthrough column stays
+
+    prefixed = tmp_path / "prefixed"
+    spec = _spec(replica, tmp_path, output=str(prefixed), result_prefix="new_", bucket_quantiles=[0.3, 0.7])
+    manifest = run_job(spec, progress=lambda _: None)
+    rows = _data(prefixed)
+    assert [r["ppl"] for r in rows] == old and [r["nll_sum"] for r in rows] == old  # the input's, untouched
+    assert [r["new_ppl"] for r in rows] == [e.ppl for e in expected]
+    assert [r["new_nll_sum"] for r in rows] == [e.nll_sum for e in expected]
+    low, high = manifest["bucket_cutoffs"]
+    assert [r["new_bucket"] for r in rows] == [
+        "head" if r["new_ppl"] <= low else "middle" if r["new_ppl"] <= high else "tail" for r in rows
+    ]
+    summary = json.loads((prefixed / "report" / "summary.json").read_text())
+    counts = {b: sum(r["new_bucket"] == b for r in rows) for b in ("head", "middle", "tail")}
+    assert summary["rows"] == len(TEXTS) and summary["buckets"] == counts
+
+    # the report rebuilt from the files reads the prefixed columns
+    from fengshen_batch.outputs import OutputStore
+    from fengshen_batch.report import build_report
+    from fengshen_batch.storage import StorageSpec
+
+    rebuilt = build_report(OutputStore(str(prefixed), StorageSpec()), manifest, by="perplexity")
+    assert rebuilt["corpus_ppl"] == pytest.approx(summary["corpus_ppl"])
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_dictionary_encoded_text_is_read_and_dictionary_passthrough_kept(tmp_path, replica):
+    (tmp_path / "in").mkdir()
+    source = pa.array(["web", "books", "web", "news", "web", "books"]).dictionary_encode()
+    table = pa.table({"text": pa.array(TEXTS).dictionary_encode(), "source": source})  # pandas `category`
+    pq.write_table(table, tmp_path / "in" / "cat.parquet")
+    run_job(_spec(replica, tmp_path, report_by="source"), progress=lambda _: None)
+    out = pq.read_table(tmp_path / "out" / "data")
+    assert pa.types.is_dictionary(out.schema.field("source").type)
+    expected, _ = score_texts(replica, TEXTS)
+    assert out.column("nll_sum").to_pylist() == [e.nll_sum for e in expected]
+    assert out.column("source").to_pylist() == source.to_pylist()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_null_and_repeated_ids_go_to_errors(tmp_path, replica):
+    (tmp_path / "in").mkdir()
+    ids = ["a", None, "b", "a", "c", "b"]
+    pq.write_table(pa.table({"doc": ids, "prompt": TEXTS}), tmp_path / "in" / "p.parquet")
+    spec = build_spec({"kind": "generate", "model": str(replica.source), "input": str(tmp_path / "in"),
+                       "output": str(tmp_path / "out"), "id_column": "doc", "max_new_tokens": 4, "seed": 1,
+                       "temperature": 0.9, "shard_rows": 4})  # fmt: skip
+    manifest = run_job(spec, progress=lambda _: None)
+    data = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    # shards of 4 rows: ["a", None, "b", "a"] and ["c", "b"]; ids are checked within a shard
+    assert [r["doc"] for r in data] == ["a", "b", "c", "b"]
+    assert [(e["doc"], e["error_kind"]) for e in errors] == [(None, "null_id"), ("a", "duplicate_id")]
+    assert errors[1]["prompt"] == TEXTS[3]  # the later row is the one refused
+    assert manifest["counts"]["error_kinds"] == {"null_id": 1, "duplicate_id": 1}
+    alone = generate(replica, [TEXTS[0]], ["a"], spec.params())[0][0]
+    assert data[0]["generation"] == alone.generation
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_hive_partitions_become_columns_and_report_groups_add_up(tmp_path, replica):
+    for i, folder in enumerate(["source=web", "source=books", "source=__HIVE_DEFAULT_PARTITION__"]):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        texts = TEXTS[2 * i : 2 * i + 2]
+        pq.write_table(pa.table({"text": texts}), tmp_path / "in" / folder / "part-0.parquet")
+    manifest = run_job(_spec(replica, tmp_path, report_by="source"), progress=lambda _: None)
+    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    # the same columns pyarrow's own hive partitioning reads (as strings here, in every file alike)
+    reference = ds.dataset(tmp_path / "in", format="parquet", partitioning="hive").to_table()
+    pairs = zip(reference.column("text").to_pylist(), reference.column("source").to_pylist(), strict=True)
+    assert {(r["text"], r["source"]) for r in rows} == set(pairs) and len(rows) == len(reference)
+    assert {r["source"] for r in rows} == {"web", "books", None}
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert set(summary["groups"]) == {"web", "books", "null"}
+    assert (
+        sum(g["rows"] for g in summary["groups"].values())
+        == summary["rows"]
+        == manifest["counts"]["result_rows"]
+    )
+
+
+def test_partition_folders_must_agree(tmp_path):
+    from fengshen_batch.inputs import InputError, inspect_inputs
+    from fengshen_batch.storage import StorageSpec
+
+    (tmp_path / "in" / "lang=zh").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "in" / "lang=zh" / "x.parquet")
+    pq.write_table(pa.table({"text": ["b"]}), tmp_path / "in" / "y.parquet")
+    with pytest.raises(InputError, match="key=value folders"):
+        inspect_inputs(str(tmp_path / "in"), StorageSpec(), "text", None)
+
+
+def test_no_deprecated_apis_on_our_side(tiny_model_dir):
+    """Loading, scoring and generating warn of nothing (transformers' past_key_values deprecation was the
+    one users saw from every actor): the job keeps working on the next transformers release."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        replica = load_replica(str(tiny_model_dir), device="cpu", dtype="float32")
+        generate(replica, TEXTS[:2], ["a", "b"], GenerateParams(max_new_tokens=6, temperature=0.8, seed=2))
+        score_texts(replica, TEXTS[:2])
+    bad = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not bad, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in bad]
