@@ -172,7 +172,9 @@ def bench_generation(replica, cfg, peak, bw, device, rng, quick) -> dict:
         ids = [str(i) for i in range(b)]
         engine = LLMEngine(replica, params, EngineParams(max_num_seqs=b))
         t = timed(
-            lambda ids=ids, engine=engine: generate_tokens(replica, prompts[: len(ids)], ids, params, engine=engine),
+            lambda ids=ids, engine=engine: generate_tokens(
+                replica, prompts[: len(ids)], ids, params, engine=engine
+            ),
             device,
         )
         tps = b * new / t
@@ -271,7 +273,9 @@ def bench_pipeline(model_dir: Path, cfg, device, dtype_name, quick) -> dict:
     # the job's own rate excludes driver start-up but includes replica start-up and all I/O;
     # `steady` takes out the replica start-up too (time to the first result), which long jobs amortise
     job_s = manifest["counts"]["tokens"] / manifest["tokens_per_second"]
-    first_batch = manifest["startup"].get("first_batch", 0.0)  # the first batch's work counts as start-up here
+    first_batch = manifest["startup"].get(
+        "first_batch", 0.0
+    )  # the first batch's work counts as start-up here
     steady_s = job_s - first_batch
     steady = engine_s / steady_s if steady_s > 0.25 * job_s else None  # else start-up is most of the job
     return {"efficiency": engine_s / job_s, "efficiency_steady": steady, "engine_seconds": engine_s,

@@ -45,7 +45,9 @@ def main() -> None:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing-secret"}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="commit-bench")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
+            Bucket="commit-bench"
+        )
         fs = s3fs.S3FileSystem(
             key="testing", secret="testing-secret", client_kwargs={"endpoint_url": endpoint}
         )

@@ -417,7 +417,9 @@ def sampling_share(replica, device, rows: int = 256, prompt: int | None = None, 
     from fengshen_batch.engine.sequence import Request
 
     params = GenerateParams(max_new_tokens=16, temperature=TEMPERATURE, top_p=TOP_P)
-    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=rows, cpu_kv_cache_gb=kv_gb), token_budget=1 << 16)
+    engine = LLMEngine(
+        replica, params, EngineParams(max_num_seqs=rows, cpu_kv_cache_gb=kv_gb), token_budget=1 << 16
+    )
     prompt = prompt or min(128, replica.max_length // 2)
     for i in range(rows):
         engine.add(Request(i, [1 + i % 97] * prompt, [sample_key(0, str(i), 0)], 16))
@@ -438,10 +440,16 @@ def sampling_share(replica, device, rows: int = 256, prompt: int | None = None, 
         return (time.perf_counter() - start) / n * 1e3
 
     model_ms = timed(lambda: engine.runner.decode(plan))
-    out = {"rows": len(plan.seqs), "span": max(s.position for s in plan.seqs) + 1, "decode_model_ms": model_ms}
+    out = {
+        "rows": len(plan.seqs),
+        "span": max(s.position for s in plan.seqs) + 1,
+        "decode_model_ms": model_ms,
+    }
     for name, lg in (("flat", logits), ("peaked", logits * 20)):
         redraw = sample(lg, keys, steps, params)[1]
-        full = bool(redraw is not None and redraw.float().mean() > 0.5)  # the engine's switch to the full path
+        full = bool(
+            redraw is not None and redraw.float().mean() > 0.5
+        )  # the engine's switch to the full path
         ms = timed(lambda lg=lg, full=full: (sample(lg, keys, steps, params, full=full), lg.log_softmax(-1)))
         out[f"sampler_ms_{name}"] = ms
         out[f"sampler_share_{name}"] = ms / (ms + model_ms)
@@ -465,8 +473,13 @@ def sampling_share_35b(device, dtype, rows: int = 256, prompt: int = 16) -> dict
         gc.collect()
     per_layer = runs[2]["decode_model_ms"] - runs[1]["decode_model_ms"]
     model_ms = runs[1]["decode_model_ms"] + (GPT2_35B["n_layer"] - 1) * per_layer
-    out = {"rows": rows, "prompt_tokens": prompt, "decode_model_ms_1_layer": runs[1]["decode_model_ms"],
-           "decode_model_ms_2_layers": runs[2]["decode_model_ms"], "decode_model_ms_30_layers_extrapolated": model_ms}
+    out = {
+        "rows": rows,
+        "prompt_tokens": prompt,
+        "decode_model_ms_1_layer": runs[1]["decode_model_ms"],
+        "decode_model_ms_2_layers": runs[2]["decode_model_ms"],
+        "decode_model_ms_30_layers_extrapolated": model_ms,
+    }
     for name in ("flat", "peaked"):
         ms = (runs[1][f"sampler_ms_{name}"] + runs[2][f"sampler_ms_{name}"]) / 2
         out[f"sampler_ms_{name}"] = ms
@@ -614,8 +627,11 @@ def main() -> None:
         help="torch threads (default: the cores this process may use). On a CPU shared with other "
         "work, 2 OpenMP threads on 2 cores stall at every op's barrier; 1 thread is the steadier figure",
     )
-    ap.add_argument("--sampler-only", action="store_true",
-                    help="only the sampler's share of a GPT2-3.5B-shaped decode step at 256 sequences")
+    ap.add_argument(
+        "--sampler-only",
+        action="store_true",
+        help="only the sampler's share of a GPT2-3.5B-shaped decode step at 256 sequences",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     wall0 = time.perf_counter()

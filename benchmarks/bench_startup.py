@@ -70,7 +70,9 @@ def _run_once(tree: Path, spec: Path, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", required=True, help="git commit to compare with (checked out to a temp dir)")
+    ap.add_argument(
+        "--baseline", required=True, help="git commit to compare with (checked out to a temp dir)"
+    )
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, help="result file (default benchmarks/results/startup-...)")
     args = ap.parse_args()
@@ -103,18 +105,25 @@ def main() -> None:
         "workload": "the demo's score job: tiny GPT2, 12 texts in 2 files (2 shards), 1 CPU replica, "
         "embedded local Ray; each run a fresh process",
         "baseline_commit": args.baseline,
-        "this_tree_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip(),  # fmt: skip
+        "this_tree_commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),  # fmt: skip
         "runs": args.runs,
         "median_first_shard_s": {name: median(name, "first_shard_s") for name in runs},
         "median_exit_s": {name: median(name, "exit_s") for name in runs},
-        "ratio_first_shard": round(median("this_tree", "first_shard_s") / median("baseline", "first_shard_s"), 3),
+        "ratio_first_shard": round(
+            median("this_tree", "first_shard_s") / median("baseline", "first_shard_s"), 3
+        ),
         "this_tree_median_phases_s": {
-            k: round(statistics.median(p[k] for p in phases if k in p), 3) for k in (phases[0] if phases else {})
+            k: round(statistics.median(p[k] for p in phases if k in p), 3)
+            for k in (phases[0] if phases else {})
         },
         "all_runs": runs,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"startup-cpu-{os.cpu_count()}c-{dt.date.today():%Y%m%d}.json"
+    out = (
+        args.out
+        or ROOT / "benchmarks" / "results" / f"startup-cpu-{os.cpu_count()}c-{dt.date.today():%Y%m%d}.json"
+    )
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "all_runs"}, indent=2))
     print(f"wrote {out}")
