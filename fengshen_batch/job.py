@@ -106,8 +106,9 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
 
         # older shards (no summary in their markers): from the files
         summary = merged_summary(
-            store, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix or ""
-        )
+            store, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix or "",
+            id_column=spec.id_column or "id",
+        )  # fmt: skip
         if spec.bucket_thresholds:  # written with the data
             manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
         elif spec.bucket_quantiles:

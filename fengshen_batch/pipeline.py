@@ -164,7 +164,7 @@ class ModelActor:
 
             if self.spec.bucket_thresholds:  # fixed cutoffs: the bucket is known at write time
                 data = with_buckets(data, list(self.spec.bucket_thresholds), self.spec.bucket_by)
-            summary = json.dumps(summarize(data, self.spec.text_column, self.spec.report_by))
+            summary = json.dumps(summarize(data, self.spec.text_column, self.spec.report_by, self.id_field))
         elif self.spec.kind == "judge" and self.spec.label_column:
             from .judging import label_counts
 

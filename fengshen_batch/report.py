@@ -108,10 +108,10 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 
 
 def _file_summary(
-    store: OutputStore, path: str, text_column: str | None, by: str | None, prefix: str
+    store: OutputStore, path: str, text_column: str | None, by: str | None, prefix: str, id_column: str
 ) -> dict:
     results = ["nll_sum", "token_count", "ppl", "bits_per_byte", "bucket", "bpb_diff"]
-    inputs = [c for c in dict.fromkeys(("id", text_column, by)) if c]
+    inputs = [c for c in dict.fromkeys((id_column, text_column, by)) if c]
     with store.fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
@@ -125,18 +125,18 @@ def _file_summary(
     for c in inputs:  # a column that is both, e.g. `--by bucket`, is also kept under its own name
         if c not in out.column_names:
             out = out.append_column(c, table.column(c))
-    return summarize(out, text_column, by)
+    return summarize(out, text_column, by, id_column)
 
 
 def summaries_from_files(
-    store: OutputStore, text_column: str | None, by: str | None, prefix: str = ""
+    store: OutputStore, text_column: str | None, by: str | None, prefix: str = "", id_column: str = "id"
 ) -> list[dict]:
     """Per-file summaries of OUTPUT/data, read in parallel (the report rebuilt for another column)."""
     files = store.files(DATA)
     if not files:
         raise ValueError(f"no data files under {store.url}/{DATA}: is this a score job's output?")
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda p: _file_summary(store, p, text_column, by, prefix), files))
+        return list(pool.map(lambda p: _file_summary(store, p, text_column, by, prefix, id_column), files))
 
 
 def merged_summary(
@@ -146,6 +146,7 @@ def merged_summary(
     summaries: list | None,
     need_buckets=False,
     prefix: str = "",
+    id_column: str = "id",
 ) -> dict:
     """The shards' own summaries merged, if every shard has one made for `by` (and, with `need_buckets`,
     bucket counts: quantile buckets are added to the files after their shards were summarised); else the
@@ -153,7 +154,7 @@ def merged_summary(
     fresh = bool(summaries) and all(s is not None and s.get("by") == by for s in summaries)
     if fresh and need_buckets and not any("buckets" in s for s in summaries):
         fresh = False
-    return merge(summaries if fresh else summaries_from_files(store, text_column, by, prefix))
+    return merge(summaries if fresh else summaries_from_files(store, text_column, by, prefix, id_column))
 
 
 def build_report(
@@ -163,7 +164,7 @@ def build_report(
     spec = manifest["spec"]
     merged = merged_summary(
         store, spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs")),
-        spec.get("result_prefix") or "",
+        spec.get("result_prefix") or "", spec.get("id_column") or "id",
     )  # fmt: skip
     errors = manifest.get("counts", {}).get("error_rows", 0)  # the committed shards' count
     summary = {"model": manifest.get("model", ""), "input": spec.get("input", ""), **figures(merged),

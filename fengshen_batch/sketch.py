@@ -107,20 +107,20 @@ def _merge_figures(figures: list[dict]) -> dict:
     return out
 
 
-def _examples(table: pa.Table, text_column: str | None, lowest: bool) -> list[dict]:
+def _examples(table: pa.Table, text_column: str | None, lowest: bool, id_column: str) -> list[dict]:
     order = pc.sort_indices(table, sort_keys=[("ppl", "ascending" if lowest else "descending")])
     rows = table.take(order[:EXAMPLES]).to_pylist()
     return [
-        {"id": r["id"], "ppl": r["ppl"], "bits_per_byte": r["bits_per_byte"], "tokens": r["token_count"],
+        {"id": r[id_column], "ppl": r["ppl"], "bits_per_byte": r["bits_per_byte"], "tokens": r["token_count"],
          "text": ((r.get(text_column) or "") if text_column else "")[:TEXT_CHARS]}
         for r in rows
     ]  # fmt: skip
 
 
-def summarize(data: pa.Table, text_column: str | None, by: str | None) -> dict:
-    """The summary of one shard's (or file's) data rows."""
-    summary = {**_figures(data), "low": _examples(data, text_column, True),
-               "high": _examples(data, text_column, False)}  # fmt: skip
+def summarize(data: pa.Table, text_column: str | None, by: str | None, id_column: str = "id") -> dict:
+    """The summary of one shard's (or file's) data rows; `id_column` names the example documents."""
+    summary = {**_figures(data), "low": _examples(data, text_column, True, id_column),
+               "high": _examples(data, text_column, False, id_column)}  # fmt: skip
     if "bucket" in data.column_names:
         summary["buckets"] = bucket_counts(data.column("bucket"))
     if by:

@@ -77,9 +77,14 @@ def test_an_input_with_result_columns_is_refused_then_dropped_or_prefixed(tmp_pa
 def test_dictionary_encoded_text_is_read_and_dictionary_passthrough_kept(tmp_path, replica):
     (tmp_path / "in").mkdir()
     source = pa.array(["web", "books", "web", "news", "web", "books"]).dictionary_encode()
-    table = pa.table({"text": pa.array(TEXTS).dictionary_encode(), "source": source})  # pandas `category`
+    table = pa.table({"doc": [f"doc-{i}" for i in range(len(TEXTS))], "text": pa.array(TEXTS).dictionary_encode(),
+                      "source": source})  # pandas `category`; ids in a column of another name  # fmt: skip
     pq.write_table(table, tmp_path / "in" / "cat.parquet")
-    run_job(_spec(replica, tmp_path, report_by="source"), progress=lambda _: None)
+    run_job(_spec(replica, tmp_path, report_by="source", id_column="doc"), progress=lambda _: None)
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["rows"] == len(TEXTS) and set(summary["groups"]) == {"web", "books", "news"}
+    page = (tmp_path / "out" / "report" / "report.html").read_text()
+    assert all(f"doc-{i}" in page for i in range(len(TEXTS)))  # the example documents by their ids
     out = pq.read_table(tmp_path / "out" / "data")
     assert pa.types.is_dictionary(out.schema.field("source").type)
     expected, _ = score_texts(replica, TEXTS)
