@@ -20,6 +20,8 @@ from .results import RowError, Sample, ScoreResult
 from .schemas import ERROR_FIELDS, result_fields
 from .scoring import score_texts
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Replicas:
@@ -29,9 +31,6 @@ class Replicas:
     model: Replica
     engine: object | None = None  # LLMEngine or EngineThread
     reference: Replica | None = None
-
-
-log = logging.getLogger(__name__)
 
 
 def _score_rows(r: ScoreResult) -> list[dict]:
@@ -191,16 +190,11 @@ def process_table(
         items = list(zip(prompts, limits, strict=True))
     else:
         items = table.column(spec.text_field).to_pylist()
-    if row_errors and any(row_errors):
-        good = [i for i, e in enumerate(row_errors) if e is None]
-        found, budget = run_rows(
-            replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget
-        )
-        results = list(row_errors)
-        for i, r in zip(good, found, strict=True):
-            results[i] = r
-    else:
-        results, budget = run_rows(replicas, spec, items, ids, token_budget)
+    results = list(row_errors or [None] * len(items))
+    good = [i for i, e in enumerate(results) if e is None]
+    found, budget = run_rows(replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget)
+    for i, r in zip(good, found, strict=True):
+        results[i] = r
     take, cols, errors = _columns(spec, results, extra)
     out = table.take(pa.array(take, pa.int64()))
     for f in result_fields(spec):

@@ -46,11 +46,9 @@ class Shard:
     start: int  # first row in the file
     stop: int  # one past the last row
     partitions: tuple[tuple[str, str | None], ...] = ()
-    drop: tuple[str, ...] = ()  # input columns left out (spec `drop_columns`)
 
     def __post_init__(self):  # after a trip through Arrow (Ray Data) the pairs come back as lists
         object.__setattr__(self, "partitions", tuple(tuple(p) for p in self.partitions))
-        object.__setattr__(self, "drop", tuple(self.drop))
 
 
 @dataclass(frozen=True)
@@ -200,22 +198,24 @@ def inspect_inputs(
     return Inputs(files, schema, id_column)
 
 
-def make_shards(files: list[InputFile], shard_rows: int, drop: tuple[str, ...] = ()) -> list[Shard]:
+def make_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
     shards = []
     for f in files:
         for start in range(0, f.rows, shard_rows):
             stop = min(start + shard_rows, f.rows)
-            shards.append(Shard(len(shards), f.url, f.name, start, stop, f.partitions, tuple(drop)))
+            shards.append(Shard(len(shards), f.url, f.name, start, stop, f.partitions))
     return shards
 
 
-def read_shard(shard: Shard, storage: StorageSpec, id_column: str | None) -> pa.Table:
-    """The shard's rows (less dropped columns, plus its partition keys), with `id` (derived where the
+def read_shard(
+    shard: Shard, storage: StorageSpec, id_column: str | None, drop: tuple[str, ...] = ()
+) -> pa.Table:
+    """The shard's rows (less the `drop` columns, plus its partition keys), with `id` (derived where the
     input has none), `_shard` and `_row` columns added."""
     fs, path = filesystem(shard.url, storage)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        columns = [c for c in pf.schema_arrow.names if c not in shard.drop] if shard.drop else None
+        columns = [c for c in pf.schema_arrow.names if c not in drop] if drop else None
         groups, first, offset = [], None, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -228,7 +228,7 @@ def read_shard(shard: Shard, storage: StorageSpec, id_column: str | None) -> pa.
         )
     table = table.replace_schema_metadata(None)
     for key, value in shard.partitions:
-        if key not in shard.drop:
+        if key not in drop:
             table = table.append_column(key, pa.array([value] * len(table), pa.string()))
     rows = pa.array(range(shard.start, shard.stop), pa.int64())
     if id_column is None:

@@ -106,7 +106,7 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
 
         # older shards (no summary in their markers): from the files
         summary = merged_summary(
-            store, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix or "",
+            store, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix,
             id_column=spec.id_column or "id",
         )  # fmt: skip
         if spec.bucket_thresholds:  # written with the data
@@ -117,7 +117,7 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
                 from . import pipeline
 
                 files = store.files(DATA)
-                prefix = spec.result_prefix or ""
+                prefix = spec.result_prefix
                 summary["buckets"] = pipeline.rebucket(
                     store.url, spec.storage, files, cutoffs, prefix + spec.bucket_by, prefix + "bucket"
                 )
@@ -132,8 +132,7 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
         if summary is None:  # shards committed by a version that did not count: read their labels back
             columns = ["statements", "candidate_nll_sum", "candidate_token_count", spec.label_column]
             columns += [spec.answers_column] if spec.answers_column else []
-            prefix = spec.result_prefix or ""
-            table = store.read(DATA, [prefix + c if c in JUDGE_NAMES else c for c in columns])
+            table = store.read(DATA, [spec.result_prefix + c if c in JUDGE_NAMES else c for c in columns])
             rows = table.rename_columns(columns).to_pylist()
             summary = label_counts(rows, spec.label_column, spec.answers_column)
         manifest["judge"] = accuracy(summary, spec.criterion)
@@ -170,7 +169,7 @@ def run_job(
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:
             check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
-    shards = make_shards(inputs.files, spec.shard_rows, spec.drop_columns)
+    shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
     published = store.published_manifest()

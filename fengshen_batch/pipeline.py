@@ -136,7 +136,7 @@ class ModelActor:
         from .columns import id_errors, process_table
         from .writer import split_results, with_buckets, write_shard_files
 
-        table = read_shard(shard, self.spec.storage, self.id_column)
+        table = read_shard(shard, self.spec.storage, self.id_column, self.spec.drop_columns)
         table = table.rename_columns([self.renamed.get(n, n) for n in table.column_names])
         # ids from the input are checked across the whole shard (derived ones are unique by construction)
         bad_ids = id_errors(table.column(self.id_field).to_pylist()) if self.id_column else None
@@ -175,7 +175,7 @@ class ModelActor:
             )
             summary = json.dumps(counts)
         # the names the files have: input columns as they were, results with the spec's result_prefix
-        names = self.data_schema.names + [(self.spec.result_prefix or "") + "bucket"] * (
+        names = self.data_schema.names + [self.spec.result_prefix + "bucket"] * (
             "bucket" in data.column_names
         )
         data, errors = data.rename_columns(names), errors.rename_columns(self.error_schema.names)
@@ -234,17 +234,13 @@ def rebucket(
     Two tasks per cluster CPU, each rewriting a slice of the files (a few threads each, for object-store
     latency): a task per file would start a worker process per concurrent task, which costs more than
     rewriting a shard's file (25 ms for 7 MB here)."""
+    from .outputs import sum_counts
     from .writer import rebucket_files
 
     tasks = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(num_cpus=1)(rebucket_files)
-    counts: dict[str, int] = {}
-    for part in ray.get(
-        [task.remote(output, storage, files[i::tasks], cutoffs, column, bucket) for i in range(tasks)]
-    ):
-        for b, n in part.items():
-            counts[b] = counts.get(b, 0) + n
-    return counts
+    parts = [task.remote(output, storage, files[i::tasks], cutoffs, column, bucket) for i in range(tasks)]
+    return sum_counts(ray.get(parts))
 
 
 def run_pipeline(

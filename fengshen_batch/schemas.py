@@ -75,8 +75,9 @@ def result_names(spec) -> list[str]:
 
 def data_schema(input_schema: pa.Schema, spec) -> pa.Schema:
     """The data files' schema: input columns, then the results named with the spec's `result_prefix`."""
-    prefix = spec.result_prefix or ""
-    return pa.schema([*input_schema, *(f.with_name(prefix + f.name) for f in result_fields(spec))])
+    return pa.schema(
+        [*input_schema, *(f.with_name(spec.result_prefix + f.name) for f in result_fields(spec))]
+    )
 
 
 def internal_schemas(spec, data: pa.Schema, errors: pa.Schema) -> tuple[dict[str, str], pa.Schema, pa.Schema]:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .outputs import sum_counts
 from .writer import bucket_counts
 
 BINS_PER_DECADE = 200
@@ -45,10 +46,7 @@ def _histogram(values: np.ndarray, width: float | None = None) -> dict:
 
 
 def _merge_histograms(hists: list[dict]) -> dict:
-    bins: dict[str, int] = {}
-    for h in hists:
-        for b, c in h["bins"].items():
-            bins[b] = bins.get(b, 0) + c
+    bins = sum_counts([h["bins"] for h in hists])
     lows = [h["min"] for h in hists if h["min"] is not None]
     highs = [h["max"] for h in hists if h["max"] is not None]
     width = {"width": hists[0]["width"]} if hists and "width" in hists[0] else {}
@@ -143,10 +141,7 @@ def merge(summaries: list[dict]) -> dict:
 
     merged["low"], merged["high"] = top("low", True), top("high", False)
     if any("buckets" in s for s in summaries):
-        merged["buckets"] = {}
-        for s in summaries:
-            for b, n in s.get("buckets", {}).items():
-                merged["buckets"][b] = merged["buckets"].get(b, 0) + n
+        merged["buckets"] = sum_counts([s.get("buckets", {}) for s in summaries])
     bys = {s.get("by") for s in summaries}
     if len(bys) == 1 and (by := bys.pop()):
         keys = sorted({k for s in summaries for k in s["groups"]})

@@ -57,7 +57,7 @@ class JobBase(BaseModel):
     # Input columns left out of the job and its output (e.g. last night's `ppl` when re-scoring).
     drop_columns: tuple[str, ...] = ()
     # Prefix of every result column (`new_` -> new_ppl, ...): re-scoring an output beside its old results.
-    result_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    result_prefix: str = Field(default="", pattern=r"^([A-Za-z][A-Za-z0-9_]*)?$")
     # For `fengshen-batch submit`: Ray runtime_env of the job (pip, env_vars, ...); never credentials.
     runtime_env: dict = Field(default_factory=dict)
 

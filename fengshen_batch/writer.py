@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import Shard
-from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name
+from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name, sum_counts
 from .storage import StorageSpec, filesystem, join, write_whole
 
 BUCKETS = ("head", "middle", "tail")  # CCNet's split by perplexity: head <= c0 < middle <= c1 < tail
@@ -66,12 +66,10 @@ def rebucket_files(
     the rows per bucket of all of them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    counts = dict.fromkeys(BUCKETS, 0)
     with ThreadPoolExecutor(4) as pool:
-        for part in pool.map(lambda p: rebucket_file(output_url, storage, p, cutoffs, column, bucket), paths):
-            for b, n in part.items():
-                counts[b] += n
-    return counts
+        return sum_counts(
+            pool.map(lambda p: rebucket_file(output_url, storage, p, cutoffs, column, bucket), paths)
+        )
 
 
 def split_results(
