@@ -155,13 +155,19 @@ def gen_params(w: dict, seed: int = 0) -> GenerateParams:
     return GenerateParams(temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=max(w["limits"]), seed=seed)
 
 
-def run_ours(replica, w: dict, max_num_seqs: int, device) -> dict:
-    """One engine per max_num_seqs (the KV cache is allocated once), warmed up, then the whole workload."""
+def run_ours(
+    replica, w: dict, max_num_seqs: int, device, prefix_caching: bool = True, warm: dict | None = None
+) -> dict:
+    """One engine per max_num_seqs (the KV cache is allocated once), warmed up (on `warm` when given: rows
+    that share no prefix with the workload keep its cache cold), then the whole workload."""
     params = gen_params(w)
-    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=max_num_seqs))
+    engine = LLMEngine(
+        replica, params, EngineParams(max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching)
+    )
     # On CUDA the decode graphs are captured lazily per (batch, span) bucket: warm up on max_num_seqs rows at
     # their own limits so that most captures happen before the timed run (on CPU a few short rows suffice).
-    warm = warmup_rows(w, max_num_seqs, None) if device.type == "cuda" else warmup_rows(w)
+    if warm is None:
+        warm = warmup_rows(w, max_num_seqs, None) if device.type == "cuda" else warmup_rows(w)
     generate_tokens(replica, warm["prompts"], [f"w{i}" for i in range(len(warm["limits"]))], params,
                     max_new_tokens=warm["limits"], engine=engine)  # fmt: skip
     engine.stats = EngineStats()  # count the timed run only
@@ -180,7 +186,8 @@ def run_ours(replica, w: dict, max_num_seqs: int, device) -> dict:
              and r[0].generated_tokens != w["limits"][i]]  # fmt: skip
     st = engine.stats
     res = {
-        "rows": len(w["limits"]), "max_num_seqs": max_num_seqs, "slots_allocated": engine.max_num_seqs, **m,
+        "rows": len(w["limits"]), "max_num_seqs": max_num_seqs, "slots_allocated": engine.max_num_seqs,
+        "prefix_caching": prefix_caching, **m,
         "output_tokens": produced, "output_tokens_per_s": produced / wall,
         "prefill_tokens_per_s": st.prefill_tokens / st.prefill_seconds if st.prefill_seconds else None,
         "decode_tokens_per_s": st.decode_tokens / st.decode_seconds if st.decode_seconds else None,

@@ -219,6 +219,12 @@ def score(overwrite, ray_progress, **opts):
 )
 @click.option("--cpu-kv-cache-gb", type=float, help="CPU replicas: GiB for the KV cache. Default 2.")
 @click.option(
+    "--prefix-caching/--no-prefix-caching",
+    "enable_prefix_caching",
+    default=None,
+    help="Reuse cached K/V of shared prompt prefixes (few-shot headers, templates). Default on.",
+)
+@click.option(
     "--max-concurrent-batches",
     type=int,
     help="Ray batches in flight per replica, feeding its one engine. Default 4.",

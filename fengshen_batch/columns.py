@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import pyarrow as pa
 import torch
 
-from .generation import generate, keep_best
+from .generation import PromptUsage, generate, keep_best
 from .judging import Judgment, judge, statement_lists
 from .loading import Replica
 from .results import RowError, Sample, ScoreResult
@@ -86,7 +86,9 @@ def _with_reference(main: list, ref: list) -> list:
             for m, r in zip(main, ref, strict=True)]  # fmt: skip
 
 
-def _run_engine(replicas: Replicas, spec, items: list, ids: list[str], budget: int) -> tuple[list, int]:
+def _run_engine(
+    replicas: Replicas, spec, items: list, ids: list[str], budget: int, usage: PromptUsage | None = None
+) -> tuple[list, int]:
     replica = replicas.model
     if spec.kind == "score":
         results, budget = score_texts(replica, items, spec.params(), budget, spec.token_logprobs)
@@ -97,20 +99,22 @@ def _run_engine(replicas: Replicas, spec, items: list, ids: list[str], budget: i
     if spec.kind == "judge":
         return judge(replica, items, spec.criterion, spec.threshold, spec.params(), budget)
     prompts, limits = zip(*items, strict=True) if items else ((), ())
-    results = generate(replica, prompts, ids, spec.params(), limits, replicas.engine)
+    results = generate(replica, prompts, ids, spec.params(), limits, replicas.engine, usage)
     if spec.keep_best:
         results = [r if isinstance(r, RowError) else keep_best(r, spec.keep_best) for r in results]
     return results, budget
 
 
-def run_rows(replicas: Replicas, spec, items: list, ids: list[str], budget: int) -> tuple[list, int]:
+def run_rows(
+    replicas: Replicas, spec, items: list, ids: list[str], budget: int, usage: PromptUsage | None = None
+) -> tuple[list, int]:
     """The engine on a batch; if the batch fails, row by row, so that one bad row cannot fail the job.
 
     CUDA out-of-memory is not a row's fault: it propagates (after the engine's own back-off) and Ray
     retries the batch.
     """
     try:
-        return _run_engine(replicas, spec, items, ids, budget)
+        return _run_engine(replicas, spec, items, ids, budget, usage=usage)
     except torch.OutOfMemoryError:
         raise
     except Exception:
@@ -118,7 +122,7 @@ def run_rows(replicas: Replicas, spec, items: list, ids: list[str], budget: int)
     results = []
     for item, row_id in zip(items, ids, strict=True):
         try:
-            (result,), budget = _run_engine(replicas, spec, [item], [row_id], budget)
+            (result,), budget = _run_engine(replicas, spec, [item], [row_id], budget, usage=usage)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -162,9 +166,11 @@ def process_table(
     id_field: str,
     token_budget: int,
     row_errors: list[RowError | None] | None = None,
+    usage: PromptUsage | None = None,
 ) -> tuple[pa.Table, int]:
     """Run the engine on one batch; return (input rows + result and error columns, the budget that fit).
-    `row_errors`: rows already known bad (their RowError), which the engine never sees."""
+    `row_errors`: rows already known bad (their RowError), which the engine never sees; `usage`: generation's
+    prompt tokens and prefix-cache hits are added to it."""
     ids = [str(i) for i in table.column(id_field).to_pylist()]
     extra: dict[str, list] = {}
     if spec.kind == "judge":
@@ -192,7 +198,9 @@ def process_table(
         items = table.column(spec.text_field).to_pylist()
     results = list(row_errors or [None] * len(items))
     good = [i for i, e in enumerate(results) if e is None]
-    found, budget = run_rows(replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget)
+    found, budget = run_rows(
+        replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget, usage
+    )
     for i, r in zip(good, found, strict=True):
         results[i] = r
     take, cols, errors = _columns(spec, results, extra)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .engine.llm_engine import EngineThread, LLMEngine
 from .engine.sampler import sample_key
@@ -16,6 +17,19 @@ from .engine.sequence import Request
 from .loading import Replica
 from .params import EngineParams, GenerateParams
 from .results import RowError, Sample, check_text
+
+
+@dataclass
+class PromptUsage:
+    """Prompt tokens of the requests a caller ran, and how many of them the prefix cache supplied: one
+    prefill per prompt (its n samples copy it), so `prompt_tokens - cached_tokens` were computed."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, requests: Sequence[Request]) -> None:
+        self.prompt_tokens += sum(len(r.prompt) for r in requests)
+        self.cached_tokens += sum(r.cached for r in requests)
 
 
 def _contains_stop(text: str, stop: Sequence[str]) -> bool:
@@ -88,11 +102,12 @@ def generate(
     params: GenerateParams,
     max_new_tokens: Sequence[object] | None = None,
     engine: LLMEngine | EngineThread | None = None,
+    usage: PromptUsage | None = None,
 ) -> list[list[Sample] | RowError]:
     """`num_return_sequences` samples per prompt (or the row's error), in input order. A prompt may be a
     RowError already (a template that could not be filled): it passes through."""
     token_lists = [p if isinstance(p, RowError) else check_text(p) or replica.encode(p) for p in prompts]
-    return generate_tokens(replica, token_lists, row_ids, params, max_new_tokens, engine)
+    return generate_tokens(replica, token_lists, row_ids, params, max_new_tokens, engine, usage)
 
 
 def generate_tokens(
@@ -102,9 +117,11 @@ def generate_tokens(
     params: GenerateParams,
     max_new_tokens: Sequence[object] | None = None,
     engine: LLMEngine | EngineThread | None = None,
+    usage: PromptUsage | None = None,
 ) -> list[list[Sample] | RowError]:
     """`generate` from token ids (row errors pass through). `max_new_tokens`: per-row limits (None entries
-    take the job's); `engine`: a replica's long-lived engine, else one is built for this call."""
+    take the job's); `engine`: a replica's long-lived engine, else one is built for this call; `usage`:
+    where the prompt tokens run (and those the prefix cache supplied) are added up."""
     context = replica.max_length
     if params.max_new_tokens >= context:
         raise ValueError(
@@ -133,6 +150,8 @@ def generate_tokens(
         results.append([])
     if requests:
         engine.run(requests)
+        if usage is not None:
+            usage.add(requests)
     for req in requests:
         results[req.ident] += [
             finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params) for s in req.seqs

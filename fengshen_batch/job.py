@@ -270,6 +270,13 @@ def run_job(
         "gpus_per_actor": gpus,
         "versions": _versions(),
     }
+    cache_note = ""
+    if spec.kind == "generate":
+        counts = prefix_cache_counts(stats.values())
+        manifest["counts"].update(counts)
+        rate = counts["cached_prompt_tokens"] / max(1, counts["prompt_tokens"])
+        manifest["prefix_cache_hit_rate"] = round(rate, 4)
+        cache_note = f", prefix cache hit rate {rate:.0%}"
     if target is not store:
         t = time.time()
         store.replace_with(target)
@@ -278,6 +285,18 @@ def run_job(
     store.publish(manifest)
     progress(
         f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "
-        f"{manifest['tokens_per_second']:,.0f} tokens/s, {wall:.1f}s -> {redact_url(spec.output)}"
+        f"{manifest['tokens_per_second']:,.0f} tokens/s{cache_note}, {wall:.1f}s -> {redact_url(spec.output)}"
     )
     return manifest
+
+
+def prefix_cache_counts(shards) -> dict:
+    """Prompt tokens of a generate job (one prefill per prompt), those the prefix cache supplied and those
+    computed, added up from the shards' records (markers of older versions count nothing)."""
+    prompt = sum(m.get("prompt_tokens", 0) for m in shards)
+    cached = sum(m.get("cached_prompt_tokens", 0) for m in shards)
+    return {
+        "prompt_tokens": prompt,
+        "cached_prompt_tokens": cached,
+        "prefilled_prompt_tokens": prompt - cached,
+    }

@@ -43,6 +43,7 @@ RUNTIME_FIELDS = {
     "gpu_memory_utilization",
     "cpu_kv_cache_gb",
     "cuda_graphs",
+    "enable_prefix_caching",
     "max_concurrent_batches",
 }
 
@@ -74,6 +75,9 @@ class ShardStats:
     errors: int  # input rows in errors/
     tokens: int  # tokens the model processed
     error_kinds: dict[str, int] = field(default_factory=dict)  # rows in errors/ per error_kind
+    # Generation: prompt tokens run (one prefill per prompt) and those the prefix cache supplied
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 class OutputStore:

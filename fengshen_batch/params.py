@@ -68,3 +68,6 @@ class EngineParams(BaseModel):
     # CPU: GiB of host memory for the KV cache.
     cpu_kv_cache_gb: float = Field(default=2.0, gt=0.0)
     cuda_graphs: bool = True  # capture the decode step per batch-size bucket on CUDA
+    # Reuse the K/V of prompt prefixes already in the cache (shared few-shot headers, templates, n > 1):
+    # only the rest of a prompt is computed. Outputs are the same either way.
+    enable_prefix_caching: bool = True

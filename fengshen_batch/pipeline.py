@@ -37,7 +37,8 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
 COMMIT_SCHEMA = pa.schema(
     [("shard", pa.int64()), ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
-     ("tokens", pa.int64()), ("error_kinds", pa.string()), ("summary", pa.string())]
+     ("tokens", pa.int64()), ("error_kinds", pa.string()), ("prompt_tokens", pa.int64()),
+     ("cached_prompt_tokens", pa.int64()), ("summary", pa.string())]
 )  # fmt: skip
 
 
@@ -134,6 +135,7 @@ class ModelActor:
     def _shard(self, shard: Shard) -> dict:
         """Read, compute and write one shard; return its commit record."""
         from .columns import id_errors, process_table
+        from .generation import PromptUsage
         from .writer import split_results, with_buckets, write_shard_files
 
         table = read_shard(shard, self.spec.storage, self.id_column, self.spec.drop_columns)
@@ -144,14 +146,14 @@ class ModelActor:
         # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
         generating = self.replicas.engine is not None
         step = max(1, len(table)) if generating else self.spec.batch_size
-        parts = []
+        parts, usage = [], PromptUsage()
         # Scoring and judging: one call computes while the other reads or writes its shard (the lock keeps
         # the replica to one call at a time). Generation: the engine thread interleaves the calls' prompts.
         with contextlib.nullcontext() if generating else self.compute_lock:
             for start in range(0, len(table), step):
                 part, self.token_budget = process_table(
                     self.replicas, self.spec, table.slice(start, step), self.id_field, self.token_budget,
-                    bad_ids[start : start + step] if bad_ids else None,
+                    bad_ids[start : start + step] if bad_ids else None, usage,
                 )  # fmt: skip
                 parts.append(part)
         rows = pa.concat_tables(parts)
@@ -184,6 +186,8 @@ class ModelActor:
             "shard": shard.index,
             **stats.__dict__,
             "error_kinds": json.dumps(stats.error_kinds),
+            "prompt_tokens": usage.prompt_tokens,
+            "cached_prompt_tokens": usage.cached_tokens,
             "summary": summary,
         }
 

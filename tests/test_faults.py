@@ -115,10 +115,10 @@ def test_driver_killed_at_random_points_then_rerun_resumes(tmp_path, replica, ra
 def test_a_row_the_engine_cannot_process_becomes_an_error_row(replica, monkeypatch):
     real = columns._run_engine
 
-    def poisoned(replicas, spec, texts, ids, budget):
+    def poisoned(replicas, spec, texts, ids, budget, usage=None):
         if "POISON" in texts:
             raise ValueError("cannot process this row")
-        return real(replicas, spec, texts, ids, budget)
+        return real(replicas, spec, texts, ids, budget, usage)
 
     monkeypatch.setattr(columns, "_run_engine", poisoned)
     spec = build_spec({"kind": "score", "model": "m", "input": "i", "output": "o"})

@@ -50,6 +50,12 @@ ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
 }
+# CPU GEMMs (oneDNN/MKL) take other kernels below about a dozen rows, with another summation order: a row's
+# result would then depend on how many rows share its step (a decode of 3 sequences vs 8), and so a near-tie
+# token on what ran beside it. Linear layers on fewer rows are padded to this many: every row of every step
+# gets the same bits on CPU (measured for 1, 2, 4 and 8 threads, up to GPT2-3.5B's shapes).
+MIN_ROWS = 16
+
 _LAYER_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                "mlp.c_proj.weight", "mlp.c_proj.bias")  # fmt: skip
@@ -109,12 +115,20 @@ class GPT2:
         """x: (N, d) packed tokens; attend(layer index, q, k, v) with q/k/v (N, H, hd) returns (N, d)."""
         H, hd = self.n_head, self.head_dim
         for i, L in enumerate(self.layers):
-            qkv = torch.addmm(L.attn_b, self._ln(x, L.ln1_w, L.ln1_b), L.attn_w)  # (N, 3d)
+            qkv = self._linear(self._ln(x, L.ln1_w, L.ln1_b), L.attn_w, L.attn_b)  # (N, 3d)
             q, k, v = qkv.view(-1, 3, H, hd).unbind(1)  # each (N, H, hd)
-            x = x + torch.addmm(L.proj_b, attend(i, q, k, v), L.proj_w)
-            h = self.act(torch.addmm(L.fc_b, self._ln(x, L.ln2_w, L.ln2_b), L.fc_w))  # (N, inner)
-            x = x + torch.addmm(L.out_b, h, L.out_w)
+            x = x + self._linear(attend(i, q, k, v), L.proj_w, L.proj_b)
+            h = self.act(self._linear(self._ln(x, L.ln2_w, L.ln2_b), L.fc_w, L.fc_b))  # (N, inner)
+            x = x + self._linear(h, L.out_w, L.out_b)
         return x
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in) @ w (in, out) [+ b], the same bits per row whatever N (see MIN_ROWS)."""
+        n = x.shape[0]
+        if n < MIN_ROWS and x.device.type == "cpu":
+            x = F.pad(x, (0, 0, 0, MIN_ROWS - n))  # (MIN_ROWS, in): zero rows, dropped below
+        out = x @ w if b is None else torch.addmm(b, x, w)
+        return out[:n]
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded rows -> (B, T, d) hidden states before ln_f, causal attention, no cache.
@@ -134,7 +148,7 @@ class GPT2:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) last hidden states -> (N, V) float32 logits (the LM head after ln_f)."""
-        return (self._ln(x, self.lnf_w, self.lnf_b) @ self.lm_head.t()).float()
+        return self._linear(self._ln(x, self.lnf_w, self.lnf_b), self.lm_head.t()).float()
 
     def prefill(
         self,

@@ -8,7 +8,8 @@ plain view, the decode step keeps fixed shapes for CUDA graphs, and no gather or
 heavy dependency) is needed. Decode runs over the first B slots (the scheduler hands out the lowest free slot,
 so running sequences stay packed at the front) and reads positions below the batch's longest live length.
 The price: the number of slots is sized for whole contexts, fewer sequences than pages would allow when
-outputs are short. The n samples of one prompt share its prefill: the prompt's K/V is copied slot to slot.
+outputs are short. The n samples of one prompt share its prefill, and prompts share cached prefixes
+(`prefix_cache.py`): K/V is copied slot to slot, a whole prefix in one indexed copy per layer stack.
 """
 
 from __future__ import annotations
@@ -74,17 +75,14 @@ class KVCache:
         self.slots = slots
         self.context = context
 
-    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
-        """Give slots `dst` the first `length` positions of slot `src` (a prompt prefilled once, n samples)."""
-        if dst:
-            idx = torch.tensor(dst, device=self.k.device)
-            self.k[:, idx, :, :length] = self.k[:, src, None, :, :length]
-            self.v[:, idx, :, :length] = self.v[:, src, None, :, :length]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` to slot `dst` (compaction)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    def copy(self, src: int, dst: list[int], start: int, end: int) -> None:
+        """Give slots `dst` positions start..end-1 of slot `src`: a prompt's K/V for its other samples, a
+        cached prefix for a new prompt, a sequence moved down by compaction."""
+        if dst and end > start:
+            idx = torch.tensor(dst, device=self.k.device) if len(dst) > 1 else dst[0]
+            for cache in (self.k, self.v):
+                part = cache[:, src, :, start:end]  # (layers, heads, end - start, head_dim)
+                cache[:, idx, :, start:end] = part[:, None] if len(dst) > 1 else part
 
     @property
     def nbytes(self) -> int:

@@ -41,7 +41,9 @@ class EngineStats:
 
     prefill_steps: int = 0
     decode_steps: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (a requeued prompt's again)
+    prompt_tokens: int = 0  # tokens of the prompts whose prefill completed
+    cached_tokens: int = 0  # of them, taken from the prefix cache instead of computed
     decode_tokens: int = 0  # tokens produced by decode steps (a sample's first token comes from prefill)
     decode_slots: int = 0  # rows computed by decode steps, running or not
     host_syncs: int = 0
@@ -55,13 +57,17 @@ class EngineStats:
         return self.decode_tokens / self.decode_slots if self.decode_slots else 1.0
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
     def syncs_per_step(self) -> float:
         steps = self.prefill_steps + self.decode_steps
         return self.host_syncs / steps if steps else 0.0
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "useful_slot_fraction": self.useful_slot_fraction,
-                "syncs_per_step": self.syncs_per_step}  # fmt: skip
+                "syncs_per_step": self.syncs_per_step, "prefix_cache_hit_rate": self.prefix_cache_hit_rate}  # fmt: skip
 
 
 class LLMEngine:
@@ -88,7 +94,7 @@ class LLMEngine:
         self.cache = KVCache(m.n_layer, slots, m.n_head, m.max_len, m.head_dim, m.dtype, m.device)
         self.runner = ModelRunner(m, self.cache, cuda_graphs=engine.cuda_graphs)
         budget = token_budget or (8192 if m.device.type == "cuda" else 2048)
-        self.scheduler = Scheduler(slots, budget)
+        self.scheduler = Scheduler(slots, budget, prefix_caching=engine.enable_prefix_caching)
         self.stop = StopChecker(replica.tokenizer, params.stop, m.vocab_size) if params.stop else None
         # (slots, V) bool: tokens of each slot's prompt and output, for the repetition penalty.
         self.seen = (
@@ -98,8 +104,8 @@ class LLMEngine:
         )
         self.stats = EngineStats()
         self._full_steps = 0  # steps left to sample over the full vocabulary (see FULL_SAMPLING_STEPS)
-        log.info("engine: %d sequence slots (%.2f GiB KV cache), %d-token step budget",
-                 slots, self.cache.nbytes / 2**30, budget)  # fmt: skip
+        log.info("engine: %d sequence slots (%.2f GiB KV cache), %d-token step budget, prefix caching %s",
+                 slots, self.cache.nbytes / 2**30, budget, "on" if engine.enable_prefix_caching else "off")  # fmt: skip
 
     @property
     def max_num_seqs(self) -> int:
@@ -150,6 +156,8 @@ class LLMEngine:
         if isinstance(plan, PrefillStep):
             logits = self.runner.prefill(plan)
             done = self.scheduler.prefilled(plan)
+            self.stats.prompt_tokens += sum(len(r.prompt) for r in done)
+            self.stats.cached_tokens += sum(r.cached for r in done)
             seqs = [s for r in done for s in r.seqs]
             if seqs:
                 counts = torch.tensor([r.n for r in done], device=logits.device)
@@ -162,7 +170,7 @@ class LLMEngine:
             self.stats.prefill_seconds += time.perf_counter() - start
             return finished
         for src, dst, length in plan.moves:
-            self.cache.move(src, dst, length)
+            self.cache.copy(src, [dst], 0, length)
             if self.seen is not None:
                 self.seen[dst] = self.seen[src]
         logits = self.runner.decode(plan)

@@ -19,6 +19,14 @@ from .scheduler import DecodeStep, PrefillStep
 log = logging.getLogger(__name__)
 
 SPAN_BUCKET = 128  # decode attention reads the cache in multiples of this many positions on CUDA
+PREFILL_WIDTH_BUCKET = 16  # prefill's padded query length, a multiple of this
+EAGER_SPAN_BUCKET = (
+    64  # attention run eagerly (prefill; decode on CPU) reads multiples of this many positions
+)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def batch_buckets(max_rows: int) -> list[int]:
@@ -46,6 +54,8 @@ class ModelRunner:
     def prefill(self, step: PrefillStep) -> torch.Tensor:
         """Cache the step's prompt chunks; return (G, V) logits at the last prompt token of each chunk that
         completes its prompt, in chunk order."""
+        for src, dst, start, end in step.copies:  # cached prefixes into new slots, before anything reads them
+            self.cache.copy(src, [dst], start, end)
         tokens, seq_idx, t_idx, last = [], [], [], []
         slots, starts = [], []
         for b, ch in enumerate(step.chunks):
@@ -57,8 +67,12 @@ class ModelRunner:
             t_idx += range(n)
             slots.append(ch.request.seqs[0].slot)
             starts.append(ch.start)
-        width = max(ch.end - ch.start for ch in step.chunks)
-        span = max(ch.end for ch in step.chunks)
+        # Queries and keys rounded up (the extra ones masked, never read back): CPU attention kernels sum in
+        # another order for odd query counts and ragged spans, so a chunk's K/V and logits would depend on the
+        # chunks beside it. Rounded, they do not: with gpt2.MIN_ROWS, a row's bits depend only on its tokens,
+        # and a prefix copied from the cache is the K/V its prompt would compute.
+        width = _round_up(max(ch.end - ch.start for ch in step.chunks), PREFILL_WIDTH_BUCKET)
+        span = self._span(max(ch.end for ch in step.chunks), EAGER_SPAN_BUCKET)
         packed = self._to_device([*tokens, *seq_idx, *t_idx, *slots, *starts, *last])
         n, B = len(tokens), len(slots)
         parts = packed.split([n, n, n, B, B, len(last)])
@@ -66,7 +80,7 @@ class ModelRunner:
         for ch in step.chunks:  # the other samples of a completed prompt get a copy of its K/V
             if ch.completes and ch.request.n > 1:
                 seqs = ch.request.seqs
-                self.cache.copy_prefix(seqs[0].slot, [s.slot for s in seqs[1:]], ch.end)
+                self.cache.copy(seqs[0].slot, [s.slot for s in seqs[1:]], 0, ch.end)
         return logits
 
     def decode(self, step: DecodeStep) -> torch.Tensor:
@@ -80,18 +94,21 @@ class ModelRunner:
         for s in step.seqs:
             ids[s.slot], pos[s.slot] = s.tokens[-1], s.position
             rows.append(s.slot)
-        span = max(s.position for s in step.seqs) + 1
+        span = max(s.position for s in step.seqs) + 1  # rounded up below, as in prefill
         packed = self._to_device([*ids, *pos, *rows])
         ids_t, pos_t, rows_t = packed.split([width, width, len(rows)])
         if self.graphs_on:
             logits = self._replay(ids_t, pos_t, width, span)
         else:
-            logits = self.model.decode(self.cache, ids_t, pos_t, span)
+            logits = self.model.decode(self.cache, ids_t, pos_t, self._span(span, EAGER_SPAN_BUCKET))
         return logits if len(rows) == width else logits[rows_t]
+
+    def _span(self, span: int, bucket: int) -> int:
+        return min(self.cache.context, _round_up(span, bucket))
 
     def _replay(self, ids: torch.Tensor, pos: torch.Tensor, width: int, span: int) -> torch.Tensor:
         B = self.buckets[bisect.bisect_left(self.buckets, width)]
-        S = min(self.cache.context, -(-span // SPAN_BUCKET) * SPAN_BUCKET)
+        S = self._span(span, SPAN_BUCKET)
         self._ids[:width].copy_(ids)
         self._pos[:width].copy_(pos)
         self._ids[width:B].zero_()

@@ -6,6 +6,10 @@ at most the budget, so a long prompt never stalls the running sequences for more
 sequences are running, prefill and decode steps alternate. A sequence that ends frees its slot at once and the
 next step can admit a waiting request into it. Slots are handed out lowest first, which keeps the running
 sequences packed at the front of the cache, where the decode step reads them.
+
+With prefix caching, an admitted prompt starts its prefill after the longest prefix some slot already holds
+(`prefix_cache.PrefixIndex`): a free slot holding it is handed out as it is, else the prefix is copied into
+the new slot first; only the rest counts against the token budget.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
+from .prefix_cache import PrefixIndex, block_hashes
 from .sequence import Request, Sequence, Status
 
 
@@ -31,6 +36,8 @@ class Chunk:
 @dataclass(frozen=True)
 class PrefillStep:
     chunks: list[Chunk]
+    # (from slot, to slot, first position, end position): cached prefixes copied into new slots, done first
+    copies: list[tuple[int, int, int, int]] = ()
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class DecodeStep:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int):
+    def __init__(self, num_slots: int, token_budget: int, prefix_caching: bool = False):
         if num_slots < 1 or token_budget < 1:
             raise ValueError("the scheduler needs at least one slot and a token budget of at least 1")
         self.num_slots = num_slots
@@ -52,6 +59,7 @@ class Scheduler:
         self.prefilling: list[Request] = []  # admitted, prompt not complete, in admission order
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self._last_was_prefill = False
+        self.prefix = PrefixIndex(num_slots) if prefix_caching else None
 
     def add(self, request: Request) -> None:
         if request.n > self.num_slots:
@@ -73,10 +81,10 @@ class Scheduler:
     def schedule(self) -> PrefillStep | DecodeStep | None:
         """The next step, or None when there is nothing to run."""
         if not (self.running and self._last_was_prefill):
-            chunks = self._prefill_chunks()
+            chunks, copies = self._prefill_chunks()
             if chunks:
                 self._last_was_prefill = True
-                return PrefillStep(chunks)
+                return PrefillStep(chunks, copies)
         self._last_was_prefill = False
         if not self.running:
             return None
@@ -94,39 +102,66 @@ class Scheduler:
             seq.slot = heapq.heappushpop(self.free, src)  # the lowest free slot; src becomes free
             self.running[seq.slot] = seq
             moves.append((src, seq.slot, seq.position))
+            if self.prefix is not None:
+                self.prefix.move(src, seq.slot)
         return moves
 
-    def _prefill_chunks(self) -> list[Chunk]:
+    def _prefill_chunks(self) -> tuple[list[Chunk], list[tuple[int, int, int, int]]]:
         budget = self.token_budget
-        chunks = []
+        chunks, copies = [], []
         for req in self.prefilling:
             if budget <= 0:
-                return chunks
+                return chunks, copies
             end = min(len(req.prompt), req.prefilled + budget)
             chunks.append(Chunk(req, req.prefilled, end))
             budget -= end - req.prefilled
         while budget > 0 and self.waiting and self._admissible(self.waiting[0]):
             req = self.waiting.popleft()
-            for seq in req.seqs:
-                seq.slot = heapq.heappop(self.free)
-                seq.status = Status.PREFILLING
+            start = self._admit(req, copies)
             self.prefilling.append(req)
-            end = min(len(req.prompt), budget)
-            chunks.append(Chunk(req, 0, end))
-            budget -= end
-        return chunks
+            end = min(len(req.prompt), start + budget)
+            chunks.append(Chunk(req, start, end))
+            budget -= end - start
+        return chunks, copies
+
+    def _admit(self, req: Request, copies: list) -> int:
+        """Give the request's samples their slots; return where its prefill starts (0 without a cached
+        prefix). A copy of a cached prefix into its first slot is appended to `copies`."""
+        start = 0
+        if self.prefix is not None:
+            if req.hashes is None:
+                req.hashes = block_hashes(req.prompt)
+            place = self.prefix.place(req.prompt, req.hashes, self.free)
+            self.free.remove(place.slot)
+            heapq.heapify(self.free)
+            req.seqs[0].slot, start = place.slot, place.start
+            if place.copy is not None:
+                copies.append((place.copy[0], place.slot, place.copy[1], place.copy[2]))
+            self.prefix.take(place.slot, req.prompt, place.copy[1] if place.copy else start)
+        for seq in req.seqs[1:] if self.prefix is not None else req.seqs:
+            seq.slot = heapq.heappop(self.free)
+            if self.prefix is not None:
+                self.prefix.take(seq.slot, req.prompt, 0)  # rewritten by the sample copy
+        for seq in req.seqs:
+            seq.status = Status.PREFILLING
+        req.prefilled = req.cached = start
+        return start
 
     def prefilled(self, step: PrefillStep) -> list[Request]:
         """Record a prefill step; return the requests whose whole prompt is now cached: their samples run."""
         complete = []
         for chunk in step.chunks:
-            chunk.request.prefilled = chunk.end
+            req = chunk.request
+            req.prefilled = chunk.end
+            if self.prefix is not None:  # the K/V of prompt[:end] is written (copies done first)
+                self.prefix.register(req.seqs[0].slot, req.hashes, chunk.end)
             if chunk.completes:
-                req = chunk.request
                 self.prefilling.remove(req)
                 for seq in req.seqs:
                     seq.status = Status.RUNNING
                     self.running[seq.slot] = seq
+                    if self.prefix is not None and seq is not req.seqs[0]:  # its sample copy is done too
+                        self.prefix.register(seq.slot, req.hashes, chunk.end)
                 complete.append(req)
         return complete
 
@@ -134,6 +169,8 @@ class Scheduler:
         seq.status = Status.FINISHED
         del self.running[seq.slot]
         heapq.heappush(self.free, seq.slot)
+        if self.prefix is not None:
+            self.prefix.release(seq.slot)
 
     def requeue_all(self, shrink: bool) -> list[Request]:
         """Put every admitted request back at the front of the queue, its slots freed and its progress
@@ -144,6 +181,9 @@ class Scheduler:
                 admitted.append(seq.request)
         if shrink:
             self.cap = max(1, self.in_use // 2)
+        if self.prefix is not None:  # what the failed step wrote into them is never read
+            for slot in set(range(self.num_slots)) - set(self.free):
+                self.prefix.drop(slot)
         for req in reversed(admitted):
             req.reset()
             self.waiting.appendleft(req)

@@ -47,7 +47,9 @@ class Request:
     max_new_tokens: int
     first_index: int = 0  # sample index of keys[0] (a prompt's samples may be split over requests)
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of them, taken from the prefix cache when it was admitted (not computed)
     seqs: list[Sequence] = field(default_factory=list)
+    hashes: list[int] | None = None  # the prompt's block hashes (prefix caching), computed once
 
     def __post_init__(self):
         self.seqs = [Sequence(self, self.first_index + i, k) for i, k in enumerate(self.keys)]
@@ -63,6 +65,6 @@ class Request:
     def reset(self) -> None:
         """Back to the queue with nothing computed (after a failed step): keyed sampling makes a rerun
         produce the same samples."""
-        self.prefilled = 0
+        self.prefilled = self.cached = 0
         for s in self.seqs:
             s.slot, s.tokens, s.nll, s.tail, s.status = -1, [], [], b"", Status.WAITING

@@ -1,0 +1,228 @@
+"""Prefix caching: the index and the scheduler's placements without a model, then the engine's outputs with
+caching on against caching off (and HF `generate` on each prompt alone) on few-shot prompts, exact hit
+counts, invalidation after an out-of-memory requeue, and a job's manifest counts."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fengshen_batch.engine.llm_engine import LLMEngine
+from fengshen_batch.engine.prefix_cache import BLOCK, PrefixIndex, block_hashes
+from fengshen_batch.engine.scheduler import DecodeStep, PrefillStep, Scheduler
+from fengshen_batch.engine.sequence import Request
+from fengshen_batch.generation import PromptUsage, generate_tokens
+from fengshen_batch.job import run_job
+from fengshen_batch.params import EngineParams, GenerateParams
+from fengshen_batch.spec import build_spec
+from fengshen_batch.tiny_model import SAMPLE_LINES
+from tests.test_engine import _hf_greedy
+
+HEADER = list(range(100, 140))  # 40 tokens: two full blocks and 8 more
+
+
+def _chunks(step):
+    return [(ch.request.ident, ch.start, ch.end) for ch in step.chunks]
+
+
+def test_placements_take_the_longest_cached_prefix_and_prefill_the_rest():
+    sched = Scheduler(num_slots=4, token_budget=40, prefix_caching=True)
+    a, b = Request("a", HEADER + [1, 2, 3], [0], 4), Request("b", HEADER + [4, 5], [0], 4)
+    sched.add(a), sched.add(b)
+    step = sched.schedule()
+    assert _chunks(step) == [("a", 0, 40)] and step.copies == []  # nothing cached yet; the budget is spent
+    sched.prefilled(step)  # a's two full header blocks are written: findable from now on
+    step = sched.schedule()
+    # b's header comes from a's slot (still prefilling): two blocks copied, only its tail computed
+    assert _chunks(step) == [("a", 40, 43), ("b", 32, 42)] and step.copies == [(0, 1, 0, 32)]
+    assert b.cached == 32 and b.seqs[0].slot == 1
+    sched.prefilled(step)
+    assert isinstance(sched.schedule(), DecodeStep)
+    sched.finish(a.seqs[0])  # slot 0 is free, its K/V and entries intact
+    c = Request("c", HEADER[:20] + [9], [0], 4)  # one block in common
+    d = Request("d", HEADER, [0], 4)  # the whole header
+    e = Request("e", HEADER[:32], [0], 4)  # exactly two blocks: the last token is still computed
+    for r in (c, d, e):
+        sched.add(r)
+    step = sched.schedule()
+    # c takes free slot 0 as it is (it holds c's first block: no copy); d and e copy from slot 1 (b's), which
+    # holds both blocks, since c's prefill now overwrites slot 0 past its first block
+    assert _chunks(step) == [("c", 16, 21), ("d", 32, 40), ("e", 31, 32)]
+    assert [s.seqs[0].slot for s in (c, d, e)] == [0, 2, 3]
+    assert step.copies == [(1, 2, 0, 32), (1, 3, 0, 31)]
+    sched.prefilled(step)
+    # after a failed step every slot in use forgets what it held: a requeued prompt is prefilled whole
+    requeued = sched.requeue_all(shrink=False)
+    assert {r.ident for r in requeued} == {"b", "c", "d", "e"}
+    assert all(sched.prefix.held(s) == 0 for s in range(4))
+    step = sched.schedule()
+    assert step.copies == [] and _chunks(step)[0] == ("b", 0, 40)
+
+
+def test_compaction_leaves_the_prefix_in_both_slots():
+    sched = Scheduler(num_slots=2, token_budget=100, prefix_caching=True)
+    a, b = Request("a", HEADER + [1], [0], 1), Request("b", HEADER + [2], [0], 8)
+    sched.add(a), sched.add(b)
+    sched.prefilled(sched.schedule())  # both in one step: no hit (nothing was written before it)
+    assert a.cached == b.cached == 0
+    sched.finish(a.seqs[0])
+    step = sched.schedule()
+    assert step.moves == [(1, 0, b.seqs[0].position)]  # b moves down into slot 0
+    c = Request("c", HEADER + [3], [0], 4)
+    sched.add(c)
+    step = sched.schedule()
+    # slot 1 (free again) still holds the header it was moved from: c takes it with no copy
+    assert isinstance(step, PrefillStep) and step.copies == [] and c.seqs[0].slot == 1 and c.cached == 32
+
+
+def test_a_hash_collision_costs_a_hit_never_an_output():
+    index = PrefixIndex(2)
+    prompt = HEADER + [1]
+    index.take(0, prompt, 0)
+    index.register(0, block_hashes(prompt), len(prompt))
+    index.release(0)
+    other = [7] * len(prompt)  # other tokens, given the first prompt's hashes as if they collided
+    place = index.place(other, block_hashes(prompt), [0, 1])
+    assert place.start == 0 and place.copy is None
+    place = index.place(prompt, block_hashes(prompt), [0, 1])
+    assert (place.slot, place.start, place.copy) == (0, 2 * BLOCK, None)
+
+
+# -- the engine on few-shot prompts: one shared header, short row parts, per-row limits
+
+
+def _few_shot(replica):
+    """14 prompts of the tiny model (context 64): a 36-token header (two full blocks) + 3..11 row tokens."""
+    header = replica.encode(SAMPLE_LINES[5] + " " + SAMPLE_LINES[6])[:36]
+    rows = [replica.encode(line)[: 3 + i % 9] for i, line in enumerate(SAMPLE_LINES + SAMPLE_LINES[:2])]
+    limits = [2 + (5 * i) % 12 for i in range(len(rows))]
+    return [header + r for r in rows], limits
+
+
+def _run(replica, params, caching, prompts, limits, order=None, seqs=16, budget=None, usage=None):
+    order = order or list(range(len(prompts)))
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=seqs, enable_prefix_caching=caching),
+                       token_budget=budget)  # fmt: skip
+    got = generate_tokens(replica, [prompts[i] for i in order], [f"r{i}" for i in order], params,
+                          [limits[i] for i in order], engine=engine, usage=usage)  # fmt: skip
+    back = [None] * len(prompts)
+    for i, samples in zip(order, got, strict=True):
+        back[i] = samples
+    return back, engine.stats
+
+
+def _same(a, b):
+    """Bit for bit on CPU: a cached prefix is the K/V its prompt would compute, and every step's rows get
+    the same bits whatever runs beside them (gpt2.MIN_ROWS)."""
+    assert [[(s.sample_index, s.token_ids, s.token_logprobs, s.finish_reason) for s in x] for x in a] == [
+        [(s.sample_index, s.token_ids, s.token_logprobs, s.finish_reason) for s in y] for y in b
+    ]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GenerateParams(greedy=True, max_new_tokens=12),
+        GenerateParams(
+            max_new_tokens=12,
+            seed=7,
+            temperature=0.9,
+            top_p=0.9,
+            num_return_sequences=3,
+            repetition_penalty=1.2,
+            stop=("ing",),
+        ),  # fmt: skip
+    ],
+    ids=["greedy", "sampled-n3-stop-penalty"],
+)
+def test_outputs_equal_with_caching_on_and_off_whatever_the_engine(replica, hf_model, params):
+    prompts, limits = _few_shot(replica)
+    off, off_stats = _run(replica, params, False, prompts, limits)
+    assert off_stats.cached_tokens == 0 and off_stats.prefill_tokens == off_stats.prompt_tokens
+    shuffled = list(range(len(prompts)))
+    random.Random(5).shuffle(shuffled)
+    # one slot (every prompt after the first finds the header in a freed slot), 3 slots with the tail
+    # compacted, a budget smaller than the header (chunked prompts copy from a slot still prefilling)
+    for seqs, budget, order in ((1, None, None), (3, 40, shuffled), (16, 20, None), (16, 45, shuffled)):
+        on, stats = _run(replica, params, True, prompts, limits, order, seqs, budget)
+        _same(on, off)
+        assert stats.cached_tokens >= 32 * (len(prompts) // 2)
+        assert stats.prefill_tokens == stats.prompt_tokens - stats.cached_tokens
+    if params.greedy:  # and against HF's own generate, each prompt alone
+        for prompt, limit, (s,) in list(zip(prompts, limits, on, strict=True))[:6]:
+            assert s.token_ids == _hf_greedy(replica, hf_model, prompt, limit)
+
+
+def test_hits_are_counted_exactly(replica):
+    prompts, limits = _few_shot(replica)
+    params = GenerateParams(max_new_tokens=8, seed=1, num_return_sequences=2)
+    usage = PromptUsage()
+    # the first prompt alone fills the first step's budget: every later one finds both header blocks
+    _, stats = _run(replica, params, True, prompts, limits, seqs=32, budget=len(prompts[0]), usage=usage)
+    assert stats.cached_tokens == usage.cached_tokens == 32 * (len(prompts) - 1)
+    assert stats.prompt_tokens == usage.prompt_tokens == sum(len(p) for p in prompts)
+    assert stats.prefill_tokens == stats.prompt_tokens - stats.cached_tokens
+
+
+def test_out_of_memory_requeue_forgets_the_dropped_slots_and_changes_nothing(replica):
+    prompts, limits = _few_shot(replica)
+    params = GenerateParams(max_new_tokens=10, seed=9, temperature=0.7)
+    expected, _ = _run(replica, params, False, prompts, limits)
+    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=6), token_budget=60)
+    sched, real_prefill, real_requeue = engine.scheduler, engine.runner.prefill, engine.scheduler.requeue_all
+    calls, dropped = [], []
+
+    def flaky(step):
+        calls.append(step)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("simulated")
+        return real_prefill(step)
+
+    def requeue(shrink):
+        in_use = set(range(sched.num_slots)) - set(sched.free)
+        held = [sched.prefix.held(s) for s in in_use]
+        out = real_requeue(shrink)
+        dropped.append((held, [sched.prefix.held(s) for s in in_use]))
+        return out
+
+    engine.runner.prefill, sched.requeue_all = flaky, requeue
+    got = generate_tokens(replica, prompts, [f"r{i}" for i in range(len(prompts))], params, limits,
+                          engine=engine)  # fmt: skip
+    _same(got, expected)
+    assert engine.stats.oom_backoffs == 1 and len(dropped) == 1
+    before, after = dropped[0]
+    assert any(before) and not any(after)  # they held prefixes; after the requeue none of them does
+    assert engine.stats.cached_tokens > 0
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_few_shot_job_counts_its_hits_and_equals_the_job_without_caching(tmp_path, replica):
+    import pyarrow as pa
+
+    header = " ".join(SAMPLE_LINES[5:7]) + " "  # 39 tokens: the prompts fit the context whole
+    (tmp_path / "in").mkdir()
+    topics = [line.split()[0] for line in SAMPLE_LINES[5:]] * 3
+    pq.write_table(pa.table({"id": [f"t{i}" for i in range(len(topics))], "topic": topics}),
+                   tmp_path / "in" / "t.parquet")  # fmt: skip
+    common = {"kind": "generate", "model": str(replica.source), "input": str(tmp_path / "in"),
+              "prompt_template": header + "{topic}:", "max_new_tokens": 6, "num_return_sequences": 2,
+              "seed": 3, "temperature": 0.9, "shard_rows": 8, "max_num_seqs": 8,
+              "token_budget": 16}  # fmt: skip
+    on = run_job(build_spec({**common, "output": str(tmp_path / "on"), "actors": 2}), progress=lambda _: None)
+    off = run_job(build_spec({**common, "output": str(tmp_path / "off"), "enable_prefix_caching": False}),
+                  progress=lambda _: None)  # fmt: skip
+    a, b = (pq.read_table(tmp_path / d / "data").sort_by([("id", "ascending"), ("sample_index", "ascending")])
+            for d in ("on", "off"))  # fmt: skip
+    assert a.select(["id", "sample_index", "generation", "generated_tokens"]).equals(
+        b.select(["id", "sample_index", "generation", "generated_tokens"])
+    )
+    prompt_tokens = sum(a.column("prompt_tokens").to_pylist()) // 2  # one prefill per prompt, 2 samples
+    for manifest in (on, off):
+        assert manifest["counts"]["prompt_tokens"] == prompt_tokens
+    counts = on["counts"]
+    assert counts["cached_prompt_tokens"] + counts["prefilled_prompt_tokens"] == prompt_tokens
+    assert on["prefix_cache_hit_rate"] == round(counts["cached_prompt_tokens"] / prompt_tokens, 4) > 0.5
+    assert off["counts"]["cached_prompt_tokens"] == 0 == off["prefix_cache_hit_rate"]
