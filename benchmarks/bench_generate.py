@@ -197,6 +197,8 @@ def run_ours(
         "row_errors": [f"{i}: {r.kind}: {r.message}" for i, r in errors[:5]], "n_row_errors": len(errors),
         "rows_over_limit": over[:10], "rows_length_but_not_at_limit": short[:10],
         "kv_cache_gb": engine.cache.nbytes / 2**30, "stats": st.as_dict(),
+        # each row's tokens and logprobs, for comparing systems' outputs (callers pop it before saving)
+        "samples": [None if isinstance(r, RowError) else [(s.token_ids, s.token_logprobs) for s in r] for r in out],
     }  # fmt: skip
     del engine
     gc.collect()  # the KV cache goes before the next system allocates its own
@@ -360,6 +362,7 @@ def bench_workload(name: str, replica, w: dict, p: dict, device, systems: set[st
         for n in p["max_num_seqs"]:
             try:
                 per[n] = run_ours(replica, w, n, device)
+                per[n].pop("samples")
                 print(f"  [{name}] ours max_num_seqs={n}: {per[n]['output_tokens_per_s']:,.0f} tok/s, useful slots "
                       f"{per[n]['useful_slot_fraction']:.3f}, wall {per[n]['wall_s']:.1f}s", flush=True)  # fmt: skip
             except Exception as e:  # noqa: BLE001 - an engine bug is a result here
@@ -408,6 +411,7 @@ def bench_workload(name: str, replica, w: dict, p: dict, device, systems: set[st
             if len(sw["limits"]) < len(w["limits"]):
                 try:
                     res[key] = run_ours(replica, sw, min(best, len(sw["limits"])), device)
+                    res[key].pop("samples")
                 except Exception as e:  # noqa: BLE001
                     res[key] = _error(e)
     res["wall_s"] = time.perf_counter() - t0

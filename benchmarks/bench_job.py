@@ -66,8 +66,10 @@ PROMPT_RANGE = (16, 256)
 LIMIT_RANGE = (8, 160)
 MAX_NEW_TOKENS = 160
 # --few-shot (issue 21): a fixed header of this many tokens, then the row's part; its own limits and stop string
+# (and a model with 576 positions, so that no prompt + limit exceeds the context: left truncation would cut
+# the header)
 FEW_SHOT = dict(header_tokens=384, part_range=(12, 40), limit_range=(16, 96), max_new_tokens=96, stop="。",
-                target=3.0)  # fmt: skip
+                target=3.0, n_positions=576)  # fmt: skip
 TEMPERATURE, TOP_P = 0.8, 0.95
 JOB_SEED = 1
 DATA_SEED = 0
@@ -589,7 +591,8 @@ def main() -> None:
     model_dir, inp, logdir = work / "model", work / "input", work / "logs"
     logdir.mkdir(exist_ok=True)
     try:
-        build_tiny_gpt2(model_dir, **MODEL_CFG)
+        model_cfg = {**MODEL_CFG, "n_positions": few["n_positions"]} if few else MODEL_CFG
+        build_tiny_gpt2(model_dir, **model_cfg)
         tok = AutoTokenizer.from_pretrained(model_dir)
         make = make_few_shot_prompts if few else make_prompts
         prompts, limits, targets, actual = make(tok, args.rows, DATA_SEED)
@@ -669,7 +672,7 @@ def main() -> None:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
                          "python": platform.python_version(), "numpy": np.__version__},
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-            "config": {"model": {**MODEL_CFG, "vocab_size": len(tok)}, "dtype": "float32",
+            "config": {"model": {**model_cfg, "vocab_size": len(tok)}, "dtype": "float32",
                        "sampling": {"temperature": TEMPERATURE, "top_p": TOP_P, "seed": JOB_SEED},
                        "max_new_tokens": max_new, "stop": stop, "hf_batch_size": args.hf_batch, "hf_threads": THREADS,
                        "generate_has_cpus_per_actor": has_cpus_opt},

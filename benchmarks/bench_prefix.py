@@ -4,17 +4,25 @@ the mixed workload (no shared prefix) on and off, in one run (a benchmark, never
     python benchmarks/bench_prefix.py --device cpu           # ~10 min on 2 cores
     python benchmarks/bench_prefix.py --device cuda          # GPT2-3.5B shape, random weights, bf16
     python benchmarks/bench_prefix.py --quick                # a smoke test
+    python benchmarks/bench_prefix.py --judge-only           # judge statements: dense pass vs cached prefill
 
 Workloads (the same rows for every system; random token ids as prompts, sampling at temperature 0.8 and top-p
 0.95, EOS id 0 not ignored; a random-weight model rarely samples it, so per-row limits end most rows):
     few_shot  one fixed header of worked examples (384 tokens) + a row-specific part of 12..40 tokens, per-row
-              limits 16..96: issue 21's measurement (768 rows, a 6-layer 256-wide GPT2 with 512 positions);
+              limits 16..96: issue 21's measurement (768 rows, a 6-layer 256-wide GPT2 with 576 positions);
     mixed     bench_generate's mixed workload (prompts 16..128 log-uniform, limits 8..128), no shared prefix.
 
 Systems: ours with prefix caching on and off (one engine each, the same max_num_seqs, warmed up on rows that
 share nothing with the workload, so the cache starts cold), and HF static batched `generate` at its best batch
 size (few_shot only; rows sorted by length, left-padded, each batch generating its largest limit, only
 min(limit, produced) tokens per row counted). Writes benchmarks/results/prefix-<device>-<yyyymmdd>.json.
+
+Judge (`--judge`, or alone with `--judge-only`): would scoring a question's candidate statements through the
+engine's cached prefill beat the dense pass judge jobs use? For Q questions of a shared part of L tokens and A
+answers of 4 tokens: `dense` is `score_tokens` on the A x Q whole statements (the job's path); `cached` prefills
+<|endoftext|> + the shared part once per question with logits at every position, copies its K/V to the other
+answers' slots, then prefills each answer's tokens after it with logits at every position (the least work the
+engine could do for exact statement NLLs), the NLLs gathered the same way.
 """
 
 from __future__ import annotations
@@ -49,9 +57,10 @@ def sizes(device: torch.device, quick: bool) -> dict:
         p = dict(cfg=GPT2_35B, dtype="bfloat16", rows=1024, header=384, part=(12, 40), limits=(16, 96),
                  max_num_seqs=256, hf_batch_sizes=[64, 128, 256])  # fmt: skip
     else:
-        cfg = {**CPU_SMALL, "n_positions": 512, "n_layer": 6, "n_head": 8}  # issue 21's 6-layer model
+        # issue 21's 6-layer model, with room for the longest prompt (424) and limit (96)
+        cfg = {**CPU_SMALL, "n_positions": 576, "n_layer": 6, "n_head": 8}
         p = dict(cfg=cfg, dtype="float32", rows=768, header=384, part=(12, 40), limits=(16, 96),
-                 max_num_seqs=64, hf_batch_sizes=[16, 32, 64])  # fmt: skip
+                 max_num_seqs=None, hf_batch_sizes=[16, 32, 64])  # fmt: skip
     if quick:
         p.update(rows=64, hf_batch_sizes=p["hf_batch_sizes"][1:2])
     return p
@@ -67,10 +76,12 @@ def few_shot(rng, cfg: dict, rows: int, header: int, part, limits) -> dict:
     return {"prompts": prompts, "limits": [int(x) for x in lims]}
 
 
-def on_off(replica, w: dict, warm: dict, max_num_seqs: int, device) -> dict:
-    out = {}
+def on_off(replica, w: dict, warm: dict, max_num_seqs: int | None, device) -> dict:
+    """Caching off, then on, on the same rows; their outputs compared token for token (and logprob)."""
+    out, outputs = {}, {}
     for name, caching in (("ours_off", False), ("ours_on", True)):
         r = run_ours(replica, w, max_num_seqs, device, prefix_caching=caching, warm=warm)
+        outputs[name] = r.pop("samples")
         st = r["stats"]
         r["prefill_fraction_of_prompt_tokens"] = st["prefill_tokens"] / max(1, st["prompt_tokens"])
         out[name] = r
@@ -78,6 +89,71 @@ def on_off(replica, w: dict, warm: dict, max_num_seqs: int, device) -> dict:
               f" for {st['prefill_tokens']} of {st['prompt_tokens']} prompt tokens, decode {st['decode_seconds']:.1f}s",
               flush=True)  # fmt: skip
     out["on_vs_off"] = out["ours_off"]["wall_s"] / out["ours_on"]["wall_s"]
+    pairs = list(zip(outputs["ours_off"], outputs["ours_on"], strict=True))
+    out["rows_differing_on_vs_off"] = sum(a != b for a, b in pairs)
+    print(f"  on vs off: {out['on_vs_off']:.2f}x, rows whose tokens or logprobs differ: "
+          f"{out['rows_differing_on_vs_off']} of {len(pairs)}", flush=True)  # fmt: skip
+    return out
+
+
+def judge_paths(replica, rng, questions: int, answers: int = 4, answer_len: int = 4,
+                shared=(4, 8, 16, 32, 64, 128)) -> dict:  # fmt: skip
+    """Seconds per question for the dense pass and the cached-prefill path (see the module doc)."""
+    from fengshen_batch.engine.gpt2 import Group
+    from fengshen_batch.engine.kv_cache import KVCache
+    from fengshen_batch.scoring import score_tokens
+
+    m, V, eos = replica.model, replica.model.vocab_size, replica.eos_id
+    cache = KVCache(m.n_layer, questions * answers, m.n_head, m.max_len, m.head_dim, m.dtype, m.device)
+
+    def nll(logits: torch.Tensor, targets: list[int]) -> float:
+        return -logits.log_softmax(-1).gather(1, torch.tensor(targets)[:, None]).double().sum().item()
+
+    def prefill_all(chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """(slot, tokens, start) chunks in one step; logits at every position."""
+        toks = [t for _, c, _ in chunks for t in c]
+        seq = [b for b, (_, c, _) in enumerate(chunks) for _ in c]
+        t_idx = [t for _, c, _ in chunks for t in range(len(c))]
+        width = -(-max(len(c) for _, c, _ in chunks) // 16) * 16
+        span = min(m.max_len, -(-max(s + len(c) for _, c, s in chunks) // 64) * 64)
+        as_t = torch.tensor  # noqa: E731
+        return m.prefill(cache, as_t(toks), as_t(seq), as_t(t_idx), as_t([b for b, _, _ in chunks]),
+                         as_t([s for _, _, s in chunks]), [Group(0, len(chunks), 0, len(toks), width, span)],
+                         torch.arange(len(toks)))  # fmt: skip
+
+    out = {}
+    for L in shared:
+        qs = [rng.integers(1, V, L).tolist() for _ in range(questions)]
+        tails = [[rng.integers(1, V, answer_len).tolist() for _ in range(answers)] for _ in qs]
+        statements = [q + a for q, ans in zip(qs, tails, strict=True) for a in ans]
+        score_tokens(replica, statements[:8])  # warm-up
+        t0 = time.perf_counter()
+        dense, _ = score_tokens(replica, statements)
+        t_dense = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            head = prefill_all([(i * answers, [eos, *q], 0) for i, q in enumerate(qs)])  # (Q*(L+1), V)
+            for i in range(questions):
+                cache.copy(i * answers, [i * answers + a for a in range(1, answers)], 0, L + 1)
+            tail = prefill_all(
+                [(i * answers + a, t, L + 1) for i, ans in enumerate(tails) for a, t in enumerate(ans)]
+            )
+            cached = []
+            for i, (q, ans) in enumerate(zip(qs, tails, strict=True)):
+                h = head[i * (L + 1) : (i + 1) * (L + 1)]  # predicts q's tokens, then the answer's first
+                shared_nll = nll(h[:-1], q)
+                for a, t in enumerate(ans):
+                    r = (i * answers + a) * answer_len
+                    cached.append(shared_nll + nll(h[-1:], t[:1]) + nll(tail[r : r + answer_len - 1], t[1:]))
+        t_cached = time.perf_counter() - t0
+        worst = max(abs(c - d[0]) / abs(d[0]) for c, d in zip(cached, dense, strict=True))
+        out[L] = {"statement_tokens": L + answer_len, "dense_s_per_question": t_dense / questions,
+                  "cached_s_per_question": t_cached / questions, "cached_vs_dense": t_dense / t_cached,
+                  "max_rel_diff_nll": worst}  # fmt: skip
+        print(f"  judge shared {L} + answer {answer_len}: dense {1e3 * t_dense / questions:.2f} ms/question, "
+              f"cached {1e3 * t_cached / questions:.2f} ms ({t_dense / t_cached:.2f}x), nll rel diff {worst:.1e}",
+              flush=True)  # fmt: skip
     return out
 
 
@@ -87,6 +163,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: this process's cores)")
     ap.add_argument("--skip-mixed", action="store_true", help="only the few-shot workload")
+    ap.add_argument("--judge", action="store_true", help="also judge statements: dense vs cached prefill")
+    ap.add_argument("--judge-only", action="store_true", help="only the judge comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     wall0 = time.perf_counter()
@@ -100,6 +178,16 @@ def main() -> None:
     results: dict = {}
 
     replica = build(p["cfg"], device, dtype)
+    if args.judge or args.judge_only:
+        results["judge"] = judge_paths(replica, rng, questions=16 if args.quick else 64)
+    if args.judge_only:
+        path = Path(args.out) / f"prefix-judge-{_provenance(device)['device']}-{dt.date.today():%Y%m%d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps({**_provenance(device), "config": p["cfg"], "judge": results["judge"]}, indent=2)
+        )
+        print(f"wrote {path}")
+        return
     w = few_shot(rng, p["cfg"], p["rows"], p["header"], p["part"], p["limits"])
     warm = workload(rng, p["cfg"], 4, (16, 64), (4, 8))  # shares no prefix with the timed rows
     print(f"few_shot: {describe(w)}", flush=True)
@@ -136,6 +224,8 @@ def main() -> None:
         t["met"] = t["value"] is not None and (
             t["value"] <= bound if "<=" in t["target"] else t["value"] >= bound
         )
+    targets["few_shot_outputs_equal_on_off"] = {"target": "0 rows differ", "value": fs["rows_differing_on_vs_off"],
+                                                "met": fs["rows_differing_on_vs_off"] == 0}  # fmt: skip
     if "mixed" in results:
         v = results["mixed"]["on_vs_off"]
         targets["mixed_on_vs_off"] = {

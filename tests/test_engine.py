@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from fengshen_batch.engine.gpt2 import Group
 from fengshen_batch.engine.kv_cache import KVCache
 from fengshen_batch.engine.llm_engine import EngineThread, LLMEngine
 from fengshen_batch.engine.sampler import CANDIDATES, sample, sample_full, sample_key
@@ -47,8 +48,9 @@ def test_gpt2_forward_equals_hf_logits_through_chunked_prefill_and_decode(replic
             n = end - start
             seq_idx = torch.arange(3).repeat_interleave(n)
             last = torch.arange(1, 4) * n - 1
+            groups = [Group(0, 3, 0, 3 * n, n, end)]
             logits = model.prefill(cache, torch.tensor(tokens), seq_idx, torch.arange(n).repeat(3), slots,
-                                   torch.full((3,), start), n, end, last)  # fmt: skip
+                                   torch.full((3,), start), groups, last)  # fmt: skip
             for b in range(3):
                 torch.testing.assert_close(logits[b], ref[b][end - 1], rtol=1e-4, atol=1e-4)
         # Decode: move each sequence to slot = its row (0..2) is not possible, so decode all 4 slots with

@@ -226,3 +226,65 @@ def test_a_few_shot_job_counts_its_hits_and_equals_the_job_without_caching(tmp_p
     assert counts["cached_prompt_tokens"] + counts["prefilled_prompt_tokens"] == prompt_tokens
     assert on["prefix_cache_hit_rate"] == round(counts["cached_prompt_tokens"] / prompt_tokens, 4) > 0.5
     assert off["counts"]["cached_prompt_tokens"] == 0 == off["prefix_cache_hit_rate"]
+
+
+def test_every_cached_prefix_holds_what_its_prompt_would_compute_under_random_schedules():
+    """No model: a shadow cache records which token each slot position was computed from (copies, chunks,
+    sample copies, decode writes and scratch, compaction moves, failed steps that leave garbage). Before
+    every prefill chunk, the positions its prompt takes from the cache must hold exactly its tokens; at every
+    decode step, each running slot must hold its whole prompt."""
+    rng = random.Random(7)
+    context, garbage = 96, -1
+    hits = 0
+    for trial in range(30):
+        slots = rng.choice([1, 2, 3, 5, 8])
+        sched = Scheduler(slots, rng.choice([7, 16, 40, 200]), prefix_caching=True)
+        shadow = [[garbage] * context for _ in range(slots)]
+        heads = [[rng.randrange(1, 50) for _ in range(rng.randrange(0, 60))] for _ in range(3)]
+        reqs = []
+        for i in range(rng.randrange(5, 25)):
+            prompt = rng.choice(heads) + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 20))]
+            reqs.append(Request(i, prompt, list(range(rng.choice([1, 1, 2]))), rng.randrange(1, 10)))
+        reqs = [r for r in reqs if r.n <= slots]
+        for r in reqs:
+            sched.add(r)
+        while sched.has_work():
+            step = sched.schedule()
+            if rng.random() < 0.05:  # a failed step: what it wrote into slots in use is garbage
+                for s in set(range(slots)) - set(sched.free):
+                    shadow[s] = [garbage] * context
+                sched.requeue_all(shrink=False)
+                continue
+            if isinstance(step, PrefillStep):
+                for src, dst, a, b in step.copies:
+                    shadow[dst][a:b] = shadow[src][a:b]
+                for ch in step.chunks:
+                    slot = ch.request.seqs[0].slot
+                    assert shadow[slot][: ch.start] == ch.request.prompt[: ch.start], (trial, ch)
+                    hits += ch.start if ch.start == ch.request.cached else 0
+                for ch in step.chunks:
+                    shadow[ch.request.seqs[0].slot][ch.start : ch.end] = ch.request.prompt[ch.start : ch.end]
+                for req in sched.prefilled(step):
+                    for seq in req.seqs[1:]:
+                        shadow[seq.slot][: len(req.prompt)] = shadow[req.seqs[0].slot][: len(req.prompt)]
+                    _sample(sched, req.seqs, rng)  # a sample's first token comes from its prefill
+                continue
+            for src, dst, length in step.moves:
+                shadow[dst][:length] = shadow[src][:length]
+            for slot in range(step.width):
+                seq = sched.running.get(slot)
+                if seq is None:
+                    shadow[slot][context - 1] = garbage  # scratch
+                    continue
+                assert shadow[slot][: len(seq.request.prompt)] == seq.request.prompt, (trial, slot)
+                shadow[slot][seq.position] = -2  # a generated token's K/V: never a prompt token
+            _sample(sched, step.seqs, rng)
+        assert all(r.done for r in reqs)
+    assert hits > 1000  # prefixes were found (and checked) many times
+
+
+def _sample(sched, seqs, rng):
+    for seq in seqs:
+        seq.tokens.append(0)
+        if len(seq.tokens) >= seq.request.max_new_tokens or rng.random() < 0.2:
+            sched.finish(seq)

@@ -40,6 +40,20 @@ class Layer:
     out_b: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Group:
+    """Prefill chunks lo..hi-1, whose tokens are lo_token..hi_token-1 of the packed step, attend together:
+    padded to `width` queries each and reading `span` cache positions. Chunks of very different lengths go in
+    different groups, so a step of one 400-token prompt and 60 short tails pads none of the tails to 400."""
+
+    lo: int
+    hi: int
+    lo_token: int
+    hi_token: int
+    width: int
+    span: int
+
+
 # GPT2 configs' `activation_function`s; gelu_new (GPT2's) is the tanh approximation of GELU.
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -158,31 +172,37 @@ class GPT2:
         t_idx: torch.Tensor,  # (N,) its offset inside its chunk
         slots: torch.Tensor,  # (B,) cache slot of each chunk
         starts: torch.Tensor,  # (B,) cache position of each chunk's first token (tokens already cached)
-        width: int,  # longest chunk
-        span: int,  # max over chunks of start + length: how far attention reads the cache
+        groups: list[Group],  # consecutive chunks that attend together (one group: all of them)
         last: torch.Tensor,  # (G,) packed index of the tokens whose logits are wanted
     ) -> torch.Tensor:
         """Run chunks, write their K/V into the cache, return (G, V) float32 logits at `last`."""
-        B = slots.shape[0]
         H, hd = self.n_head, self.head_dim
+        dev = tokens.device
         pos = starts[seq_idx] + t_idx  # (N,) absolute positions (the cache index = the position id)
         x = self.wte[tokens] + self.wpe[pos]  # (N, d)
-        q_pos = starts[:, None] + torch.arange(width, device=tokens.device)  # (B, T)
-        # Query t of chunk b sees cache positions <= start_b + t: its prompt so far, causally.
-        mask = torch.arange(span, device=tokens.device) <= q_pos[:, :, None]  # (B, T, S)
-        mask = mask[:, None]  # (B, 1, T, S)
+        per_group = []  # (group, its chunks' index within it per token, their slots, its mask)
+        for g in groups:
+            local = seq_idx[g.lo_token : g.hi_token] - g.lo  # (Ng,) chunk within the group
+            q_pos = starts[g.lo : g.hi, None] + torch.arange(g.width, device=dev)  # (Bg, T)
+            # Query t of chunk b sees cache positions <= start_b + t: its prompt so far, causally.
+            mask = (torch.arange(g.span, device=dev) <= q_pos[:, :, None])[:, None]  # (Bg, 1, T, S)
+            per_group.append((g, local, slots[g.lo : g.hi], mask))
 
         def attend(i, q, k, v):
             cache.k[i][slots[seq_idx], :, pos] = k  # (N, H, hd) into (slots, H, M, hd)
             cache.v[i][slots[seq_idx], :, pos] = v
-            qp = q.new_zeros(B, width, H, hd)
-            qp[seq_idx, t_idx] = q
-            keys = cache.k[i][slots, :, :span]  # (B, H, S, hd)
-            vals = cache.v[i][slots, :, :span]
-            out = F.scaled_dot_product_attention(
-                qp.transpose(1, 2), keys, vals, attn_mask=mask, scale=self.scales[i]
-            )  # (B, H, T, hd)
-            return out.transpose(1, 2)[seq_idx, t_idx].reshape(-1, H * hd)  # (N, d)
+            out = q.new_empty(q.shape[0], H * hd)  # (N, d)
+            for g, local, g_slots, mask in per_group:
+                t = t_idx[g.lo_token : g.hi_token]
+                qp = q.new_zeros(g.hi - g.lo, g.width, H, hd)
+                qp[local, t] = q[g.lo_token : g.hi_token]
+                keys = cache.k[i][g_slots, :, : g.span]  # (Bg, H, S, hd)
+                vals = cache.v[i][g_slots, :, : g.span]
+                o = F.scaled_dot_product_attention(
+                    qp.transpose(1, 2), keys, vals, attn_mask=mask, scale=self.scales[i]
+                )  # (Bg, H, T, hd)
+                out[g.lo_token : g.hi_token] = o.transpose(1, 2)[local, t].reshape(-1, H * hd)
+            return out
 
         x = self._blocks(x, attend)
         return self.logits(x[last])

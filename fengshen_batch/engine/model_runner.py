@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .gpt2 import GPT2
+from .gpt2 import GPT2, Group
 from .kv_cache import KVCache
 from .scheduler import DecodeStep, PrefillStep
 
@@ -56,27 +56,37 @@ class ModelRunner:
         completes its prompt, in chunk order."""
         for src, dst, start, end in step.copies:  # cached prefixes into new slots, before anything reads them
             self.cache.copy(src, [dst], start, end)
-        tokens, seq_idx, t_idx, last = [], [], [], []
-        slots, starts = [], []
-        for b, ch in enumerate(step.chunks):
+        # Chunks packed shortest first, cut into attention groups of similar length (see gpt2.Group); the
+        # logits come back in step order all the same (`last` follows step.chunks).
+        order = sorted(range(len(step.chunks)), key=lambda b: step.chunks[b].end - step.chunks[b].start)
+        tokens, seq_idx, t_idx, slots, starts, groups = [], [], [], [], [], []
+        last_of = {}
+        for b, c in enumerate(order):
+            ch = step.chunks[c]
             n = ch.end - ch.start
             if ch.completes:
-                last.append(len(tokens) + n - 1)
+                last_of[c] = len(tokens) + n - 1
+            # Queries and keys rounded up (the extra ones masked, never read back): CPU attention kernels sum
+            # in another order for odd query counts and ragged spans, so a chunk's K/V and logits would depend
+            # on the chunks beside it. Rounded, they do not: with gpt2.MIN_ROWS, a row's bits depend only on
+            # its tokens, and a prefix copied from the cache is the K/V its prompt would compute.
+            width = _round_up(n, PREFILL_WIDTH_BUCKET)
+            span = self._span(ch.end, EAGER_SPAN_BUCKET)
+            if groups and width <= 2 * groups[-1].width:  # at most twice the group's shortest: join it
+                g = groups[-1]
+                groups[-1] = Group(g.lo, b + 1, g.lo_token, len(tokens) + n, width, max(g.span, span))
+            else:
+                groups.append(Group(b, b + 1, len(tokens), len(tokens) + n, width, span))
             tokens += ch.request.prompt[ch.start : ch.end]
             seq_idx += [b] * n
             t_idx += range(n)
             slots.append(ch.request.seqs[0].slot)
             starts.append(ch.start)
-        # Queries and keys rounded up (the extra ones masked, never read back): CPU attention kernels sum in
-        # another order for odd query counts and ragged spans, so a chunk's K/V and logits would depend on the
-        # chunks beside it. Rounded, they do not: with gpt2.MIN_ROWS, a row's bits depend only on its tokens,
-        # and a prefix copied from the cache is the K/V its prompt would compute.
-        width = _round_up(max(ch.end - ch.start for ch in step.chunks), PREFILL_WIDTH_BUCKET)
-        span = self._span(max(ch.end for ch in step.chunks), EAGER_SPAN_BUCKET)
+        last = [last_of[c] for c in range(len(step.chunks)) if c in last_of]
         packed = self._to_device([*tokens, *seq_idx, *t_idx, *slots, *starts, *last])
         n, B = len(tokens), len(slots)
         parts = packed.split([n, n, n, B, B, len(last)])
-        logits = self.model.prefill(self.cache, *parts[:5], width=width, span=span, last=parts[5])
+        logits = self.model.prefill(self.cache, *parts[:5], groups=groups, last=parts[5])
         for ch in step.chunks:  # the other samples of a completed prompt get a copy of its K/V
             if ch.completes and ch.request.n > 1:
                 seqs = ch.request.seqs

@@ -128,22 +128,24 @@ class Scheduler:
         """Give the request's samples their slots; return where its prefill starts (0 without a cached
         prefix). A copy of a cached prefix into its first slot is appended to `copies`."""
         start = 0
-        if self.prefix is not None:
+        if self.prefix is None:
+            slots = [heapq.heappop(self.free) for _ in req.seqs]
+        else:
             if req.hashes is None:
                 req.hashes = block_hashes(req.prompt)
             place = self.prefix.place(req.prompt, req.hashes, self.free)
             self.free.remove(place.slot)
             heapq.heapify(self.free)
-            req.seqs[0].slot, start = place.slot, place.start
+            slots = [place.slot] + [heapq.heappop(self.free) for _ in req.seqs[1:]]
+            start = kept = place.start
             if place.copy is not None:
-                copies.append((place.copy[0], place.slot, place.copy[1], place.copy[2]))
-            self.prefix.take(place.slot, req.prompt, place.copy[1] if place.copy else start)
-        for seq in req.seqs[1:] if self.prefix is not None else req.seqs:
-            seq.slot = heapq.heappop(self.free)
-            if self.prefix is not None:
-                self.prefix.take(seq.slot, req.prompt, 0)  # rewritten by the sample copy
-        for seq in req.seqs:
-            seq.status = Status.PREFILLING
+                src, kept, end = place.copy
+                copies.append((src, place.slot, kept, end))
+            self.prefix.take(place.slot, req.prompt, kept)  # its own blocks below `kept` stay valid
+            for slot in slots[1:]:
+                self.prefix.take(slot, req.prompt, 0)  # rewritten by the sample copy
+        for seq, slot in zip(req.seqs, slots, strict=True):
+            seq.slot, seq.status = slot, Status.PREFILLING
         req.prefilled = req.cached = start
         return start
 
