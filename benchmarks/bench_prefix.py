@@ -17,12 +17,10 @@ share nothing with the workload, so the cache starts cold), and HF static batche
 size (few_shot only; rows sorted by length, left-padded, each batch generating its largest limit, only
 min(limit, produced) tokens per row counted). Writes benchmarks/results/prefix-<device>-<yyyymmdd>.json.
 
-Judge (`--judge`, or alone with `--judge-only`): would scoring a question's candidate statements through the
-engine's cached prefill beat the dense pass judge jobs use? For Q questions of a shared part of L tokens and A
-answers of 4 tokens: `dense` is `score_tokens` on the A x Q whole statements (the job's path); `cached` prefills
-<|endoftext|> + the shared part once per question with logits at every position, copies its K/V to the other
-answers' slots, then prefills each answer's tokens after it with logits at every position (the least work the
-engine could do for exact statement NLLs), the NLLs gathered the same way.
+Judge (`--judge`, or alone with `--judge-only`): for Q questions of a shared part of L tokens and A answers of 4
+tokens, `dense` is `score_tokens` on the A x Q whole statements, `cached` is `prefix_scoring.score_shared`
+(the shared part once per question, its K/V copied, each answer's tokens after it), the two paths a judge job
+chooses between (it takes the cached one from `prefix_scoring.MIN_SHARED` shared tokens on).
 """
 
 from __future__ import annotations
@@ -98,55 +96,24 @@ def on_off(replica, w: dict, warm: dict, max_num_seqs: int | None, device) -> di
 
 def judge_paths(replica, rng, questions: int, answers: int = 4, answer_len: int = 4,
                 shared=(4, 8, 16, 32, 64, 128)) -> dict:  # fmt: skip
-    """Seconds per question for the dense pass and the cached-prefill path (see the module doc)."""
-    from fengshen_batch.engine.gpt2 import Group
-    from fengshen_batch.engine.kv_cache import KVCache
+    """Seconds per question for the dense pass and the cached prefill (see the module doc)."""
+    from fengshen_batch.prefix_scoring import score_shared
     from fengshen_batch.scoring import score_tokens
 
-    m, V, eos = replica.model, replica.model.vocab_size, replica.eos_id
-    cache = KVCache(m.n_layer, questions * answers, m.n_head, m.max_len, m.head_dim, m.dtype, m.device)
-
-    def nll(logits: torch.Tensor, targets: list[int]) -> float:
-        return -logits.log_softmax(-1).gather(1, torch.tensor(targets)[:, None]).double().sum().item()
-
-    def prefill_all(chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
-        """(slot, tokens, start) chunks in one step; logits at every position."""
-        toks = [t for _, c, _ in chunks for t in c]
-        seq = [b for b, (_, c, _) in enumerate(chunks) for _ in c]
-        t_idx = [t for _, c, _ in chunks for t in range(len(c))]
-        width = -(-max(len(c) for _, c, _ in chunks) // 16) * 16
-        span = min(m.max_len, -(-max(s + len(c) for _, c, s in chunks) // 64) * 64)
-        as_t = torch.tensor  # noqa: E731
-        return m.prefill(cache, as_t(toks), as_t(seq), as_t(t_idx), as_t([b for b, _, _ in chunks]),
-                         as_t([s for _, _, s in chunks]), [Group(0, len(chunks), 0, len(toks), width, span)],
-                         torch.arange(len(toks)))  # fmt: skip
-
-    out = {}
+    V, out = replica.model.vocab_size, {}
     for L in shared:
-        qs = [rng.integers(1, V, L).tolist() for _ in range(questions)]
-        tails = [[rng.integers(1, V, answer_len).tolist() for _ in range(answers)] for _ in qs]
-        statements = [q + a for q, ans in zip(qs, tails, strict=True) for a in ans]
+        groups = [[q + rng.integers(1, V, answer_len).tolist() for _ in range(answers)]
+                  for q in (rng.integers(1, V, L).tolist() for _ in range(questions))]  # fmt: skip
+        statements = [t for g in groups for t in g]
         score_tokens(replica, statements[:8])  # warm-up
+        score_shared(replica, groups[:2], 16384)
         t0 = time.perf_counter()
         dense, _ = score_tokens(replica, statements)
         t_dense = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            head = prefill_all([(i * answers, [eos, *q], 0) for i, q in enumerate(qs)])  # (Q*(L+1), V)
-            for i in range(questions):
-                cache.copy(i * answers, [i * answers + a for a in range(1, answers)], 0, L + 1)
-            tail = prefill_all(
-                [(i * answers + a, t, L + 1) for i, ans in enumerate(tails) for a, t in enumerate(ans)]
-            )
-            cached = []
-            for i, (q, ans) in enumerate(zip(qs, tails, strict=True)):
-                h = head[i * (L + 1) : (i + 1) * (L + 1)]  # predicts q's tokens, then the answer's first
-                shared_nll = nll(h[:-1], q)
-                for a, t in enumerate(ans):
-                    r = (i * answers + a) * answer_len
-                    cached.append(shared_nll + nll(h[-1:], t[:1]) + nll(tail[r : r + answer_len - 1], t[1:]))
+        cached, _ = score_shared(replica, groups, 16384)
         t_cached = time.perf_counter() - t0
+        cached = [x for row in cached for x in row]
         worst = max(abs(c - d[0]) / abs(d[0]) for c, d in zip(cached, dense, strict=True))
         out[L] = {"statement_tokens": L + answer_len, "dense_s_per_question": t_dense / questions,
                   "cached_s_per_question": t_cached / questions, "cached_vs_dense": t_dense / t_cached,

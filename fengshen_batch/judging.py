@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from .loading import Replica
 from .params import ScoreParams
-from .results import RowError, ScoreResult
-from .scoring import score_texts
+from .results import RowError, ScoreResult, check_text
+from .scoring import score_tokens
 
 CRITERIA = ("ppl", "nll", "bpb")
 
@@ -99,7 +99,9 @@ def judge(
     params: ScoreParams | None = None,
     token_budget: int = 16384,
 ) -> tuple[list[Judgment | RowError], int]:
-    """Judge each row's statements; all statements of all rows are scored in one token-budget pass."""
+    """Judge each row's statements. A row whose statements open with at least MIN_SHARED common tokens is
+    scored through the cached prefill (`prefix_scoring`: the opening once); the others in one dense
+    token-budget pass."""
     flat: list[str] = []
     spans: list[tuple[int, int] | RowError] = []
     for statements in statement_lists:
@@ -111,7 +113,7 @@ def judge(
             continue
         spans.append((len(flat), len(flat) + len(statements)))
         flat.extend(statements)
-    scored, budget = score_texts(replica, flat, params, token_budget)
+    scored, budget = _score_statements(replica, flat, spans, params, token_budget)
     results: list[Judgment | RowError] = []
     for span in spans:
         if isinstance(span, RowError):
@@ -201,3 +203,36 @@ def accuracy(counts: dict, criterion: str) -> dict:
         "per_criterion": per,
         "labelled_rows": labelled,
     }
+
+
+def _score_statements(replica, flat: list, spans: list, params, token_budget: int) -> tuple[list, int]:
+    """A ScoreResult (or RowError) per statement of `flat`, rows given by `spans`; the dense budget that fit."""
+    from .prefix_scoring import MIN_SHARED, score_shared, shared_prefix  # the engine's modules: actors only
+
+    tokens = [check_text(s) or replica.encode(s) for s in flat]
+    shared_rows, dense = [], []
+    for span in spans:
+        if isinstance(span, RowError):
+            continue
+        lists = tokens[span[0] : span[1]]
+        if (
+            len(lists) > 1
+            and all(isinstance(t, list) and 0 < len(t) <= replica.max_length for t in lists)
+            and shared_prefix(lists) >= MIN_SHARED
+        ):
+            shared_rows.append(span)
+        else:
+            dense += range(*span)
+    nll: dict[int, tuple[float, int] | RowError] = {}
+    found, budget = score_tokens(replica, [tokens[i] for i in dense], params, token_budget)
+    for i, r in zip(dense, found, strict=True):
+        nll[i] = r if isinstance(r, RowError) else r[0]
+    if shared_rows:
+        found, _ = score_shared(replica, [tokens[a:b] for a, b in shared_rows], token_budget)
+        for (a, _), row in zip(shared_rows, found, strict=True):
+            nll.update(enumerate(row, start=a))
+    scored = [
+        nll[i] if isinstance(nll[i], RowError) else ScoreResult(nll[i], len(tokens[i]), len(flat[i].encode("utf-8")))
+        for i in range(len(flat))
+    ]  # fmt: skip
+    return scored, budget

@@ -288,3 +288,30 @@ def _sample(sched, seqs, rng):
         seq.tokens.append(0)
         if len(seq.tokens) >= seq.request.max_new_tokens or rng.random() < 0.2:
             sched.finish(seq)
+
+
+def test_judge_rows_that_open_alike_score_their_opening_once_and_equal_lm_eval(
+    replica, hf_model, monkeypatch
+):
+    from fengshen_batch import prefix_scoring
+    from fengshen_batch.judging import judge
+    from fengshen_batch.scoring import score_tokens
+    from tests.test_judge_report import _lm_eval_nll
+
+    rows = [
+        [f"{SAMPLE_LINES[5]} {a}" for a in ("Aspirin.", "Insulin helps", "Beijing")],  # a 20-token opening
+        ["Beijing.", "Paris."],  # nothing in common: the dense pass
+        [SAMPLE_LINES[1], SAMPLE_LINES[1] + "吗"],  # one statement is the other's opening
+        [SAMPLE_LINES[7]],  # alone
+    ]
+    seen = []
+    real = prefix_scoring.score_shared
+    monkeypatch.setattr(prefix_scoring, "score_shared", lambda r, g, b: seen.append(g) or real(r, g, b))
+    results, _ = judge(replica, rows, "ppl", token_budget=64)
+    assert [len(g) for g in seen[0]] == [3, 2]  # rows 0 and 2 went the cached way, in one call
+    for statements, judgment in zip(rows, results, strict=True):
+        got = [s.nll_sum for s in judgment.scores]
+        assert got == pytest.approx(_lm_eval_nll(replica, hf_model, statements), rel=1e-4)
+        dense, _ = score_tokens(replica, [replica.encode(s) for s in statements])
+        assert got == pytest.approx([d[0] for d in dense], rel=1e-6)
+        assert [s.token_count for s in judgment.scores] == [d[1] for d in dense]

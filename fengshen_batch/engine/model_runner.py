@@ -35,6 +35,39 @@ def batch_buckets(max_rows: int) -> list[int]:
     return [*sizes, max_rows]
 
 
+def pack_chunks(chunks: list[tuple[int, list[int], int]], context: int, device: torch.device):
+    """(slot, tokens, start) chunks -> the packed tensors of `GPT2.prefill` (tokens, seq_idx, t_idx, slots,
+    starts), its attention groups, and where each chunk's first token sits in the packing (by chunk index).
+
+    Chunks are packed shortest first and cut into groups of similar length (see gpt2.Group). Queries and keys
+    are rounded up (the extra ones masked, never read back): CPU attention kernels sum in another order for
+    odd query counts and ragged spans, so a chunk's K/V and logits would depend on the chunks beside it.
+    Rounded, they do not: with gpt2.MIN_ROWS, a row's bits depend only on its tokens, and a prefix copied from
+    the cache is the K/V its prompt would compute."""
+    order = sorted(range(len(chunks)), key=lambda b: len(chunks[b][1]))
+    tokens, seq_idx, t_idx, slots, starts, groups = [], [], [], [], [], []
+    offsets = [0] * len(chunks)
+    for b, c in enumerate(order):
+        slot, toks, start = chunks[c]
+        n = len(toks)
+        offsets[c] = len(tokens)
+        width = _round_up(n, PREFILL_WIDTH_BUCKET)
+        span = min(context, _round_up(start + n, EAGER_SPAN_BUCKET))
+        if groups and width <= 2 * groups[-1].width:  # at most twice the group's shortest: join it
+            g = groups[-1]
+            groups[-1] = Group(g.lo, b + 1, g.lo_token, len(tokens) + n, width, max(g.span, span))
+        else:
+            groups.append(Group(b, b + 1, len(tokens), len(tokens) + n, width, span))
+        tokens += toks
+        seq_idx += [b] * n
+        t_idx += range(n)
+        slots.append(slot)
+        starts.append(start)
+    packed = torch.tensor([*tokens, *seq_idx, *t_idx, *slots, *starts], dtype=torch.long)
+    n, B = len(tokens), len(slots)
+    return packed.to(device, non_blocking=True).split([n, n, n, B, B]), groups, offsets
+
+
 class ModelRunner:
     def __init__(self, model: GPT2, cache: KVCache, cuda_graphs: bool = True):
         self.model = model
@@ -56,37 +89,12 @@ class ModelRunner:
         completes its prompt, in chunk order."""
         for src, dst, start, end in step.copies:  # cached prefixes into new slots, before anything reads them
             self.cache.copy(src, [dst], start, end)
-        # Chunks packed shortest first, cut into attention groups of similar length (see gpt2.Group); the
-        # logits come back in step order all the same (`last` follows step.chunks).
-        order = sorted(range(len(step.chunks)), key=lambda b: step.chunks[b].end - step.chunks[b].start)
-        tokens, seq_idx, t_idx, slots, starts, groups = [], [], [], [], [], []
-        last_of = {}
-        for b, c in enumerate(order):
-            ch = step.chunks[c]
-            n = ch.end - ch.start
-            if ch.completes:
-                last_of[c] = len(tokens) + n - 1
-            # Queries and keys rounded up (the extra ones masked, never read back): CPU attention kernels sum
-            # in another order for odd query counts and ragged spans, so a chunk's K/V and logits would depend
-            # on the chunks beside it. Rounded, they do not: with gpt2.MIN_ROWS, a row's bits depend only on
-            # its tokens, and a prefix copied from the cache is the K/V its prompt would compute.
-            width = _round_up(n, PREFILL_WIDTH_BUCKET)
-            span = self._span(ch.end, EAGER_SPAN_BUCKET)
-            if groups and width <= 2 * groups[-1].width:  # at most twice the group's shortest: join it
-                g = groups[-1]
-                groups[-1] = Group(g.lo, b + 1, g.lo_token, len(tokens) + n, width, max(g.span, span))
-            else:
-                groups.append(Group(b, b + 1, len(tokens), len(tokens) + n, width, span))
-            tokens += ch.request.prompt[ch.start : ch.end]
-            seq_idx += [b] * n
-            t_idx += range(n)
-            slots.append(ch.request.seqs[0].slot)
-            starts.append(ch.start)
-        last = [last_of[c] for c in range(len(step.chunks)) if c in last_of]
-        packed = self._to_device([*tokens, *seq_idx, *t_idx, *slots, *starts, *last])
-        n, B = len(tokens), len(slots)
-        parts = packed.split([n, n, n, B, B, len(last)])
-        logits = self.model.prefill(self.cache, *parts[:5], groups=groups, last=parts[5])
+        chunks = [
+            (ch.request.seqs[0].slot, ch.request.prompt[ch.start : ch.end], ch.start) for ch in step.chunks
+        ]
+        packed, groups, offsets = pack_chunks(chunks, self.cache.context, self.device)
+        last = [offsets[b] + ch.end - ch.start - 1 for b, ch in enumerate(step.chunks) if ch.completes]
+        logits = self.model.prefill(self.cache, *packed, groups, self._to_device(last))
         for ch in step.chunks:  # the other samples of a completed prompt get a copy of its K/V
             if ch.completes and ch.request.n > 1:
                 seqs = ch.request.seqs
