@@ -1,3 +1,35 @@
-"""fengshen-batch: offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray."""
+"""fengshen-batch: offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray.
+
+The public API (README, "From Python"): job specs (`ScoreJob`, `GenerateJob`, `JudgeJob`, `load_spec`,
+`build_spec`), `run` and its `JobResult`, and the errors (`FengshenError` and its kinds). Names load on first
+use, so `import fengshen_batch` imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ScoreJob": "spec",
+    "GenerateJob": "spec",
+    "JudgeJob": "spec",
+    "load_spec": "spec",
+    "build_spec": "spec",
+    "run": "api",
+    "JobResult": "api",
+    "FengshenError": "errors",
+    "SpecError": "errors",
+    "InputError": "errors",
+    "ModelLoadError": "errors",
+    "JobError": "errors",
+    "SubmitError": "errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fengshen_batch' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -12,13 +12,9 @@ import sys
 
 import click
 
-from .inputs import InputError
-from .job import JobError, run_job
-from .loading import ModelLoadError
-from .spec import SpecError, build_spec, load_spec
-from .submit import SubmitError
-
-USER_ERRORS = (SpecError, InputError, ModelLoadError, JobError, SubmitError)
+from . import api
+from .errors import FengshenError, JobError
+from .spec import build_spec, load_spec
 
 
 def _report_errors(fn):
@@ -29,7 +25,7 @@ def _report_errors(fn):
         )
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except FengshenError as e:
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
@@ -144,8 +140,7 @@ def _spec_fields(kind: str, opts: dict) -> dict:
 
 
 def _run(fields: dict, overwrite: bool, ray_progress: bool) -> None:
-    spec = build_spec(fields)
-    run_job(spec, progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    api.run(build_spec(fields), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -319,8 +314,7 @@ def report(output, by, endpoint_url):
 @_report_errors
 def run(spec_path, overwrite, ray_progress):
     """Run a job spec (kind: score|generate|judge, and the options above as snake_case keys)."""
-    spec = load_spec(spec_path)
-    run_job(spec, progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    api.run(load_spec(spec_path), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
 
 
 @main.command()

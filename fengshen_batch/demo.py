@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .job import run_job
-from .spec import build_spec
+from .api import run
+from .spec import GenerateJob, JudgeJob, ScoreJob
 from .tiny_model import SAMPLE_LINES, build_tiny_gpt2
 
 PROMPTS = ["北京位于", "Diabetics should not eat", "阿司匹林常用于", "Aspirin is used for"]
@@ -46,27 +46,18 @@ def run_demo(output: str, address: str | None, echo: Callable[[str], None] = pri
     common = {"model": str(model), "actors": 1, "address": address}
 
     echo(f"scoring {len(SAMPLE_LINES)} texts with a tiny random-weight GPT2 ({model})")
-    run_job(
-        build_spec({"kind": "score", "input": str(root / "texts"), "output": str(root / "score"), **common}),
+    run(
+        ScoreJob(input=str(root / "texts"), output=str(root / "score"), **common),
         progress=echo,
         overwrite=True,
     )
     echo("generating 2 samples per prompt")
-    run_job(
-        build_spec(
-            {
-                "kind": "generate",
-                "input": str(root / "prompts"),
-                "output": str(root / "generate"),
-                "max_new_tokens": 12,
-                "num_return_sequences": 2,
-                "seed": 0,
-                **common,
-            }
-        ),
+    run(
+        GenerateJob(input=str(root / "prompts"), output=str(root / "generate"), max_new_tokens=12,
+                    num_return_sequences=2, seed=0, **common),
         progress=echo,
         overwrite=True,
-    )
+    )  # fmt: skip
 
     pq.write_table(
         pa.table({"question": [q for q, _, _ in QUESTIONS], "answers": [a for _, a, _ in QUESTIONS],
@@ -74,9 +65,9 @@ def run_demo(output: str, address: str | None, echo: Callable[[str], None] = pri
         root / "questions" / "q.parquet",
     )  # fmt: skip
     echo("judging 3 questions by perplexity (Yuyuan style)")
-    judged = run_job(
-        build_spec({"kind": "judge", "input": str(root / "questions"), "output": str(root / "judge"),
-                    "answers_column": "answers", "label_column": "label", **common}),
+    judged = run(
+        JudgeJob(input=str(root / "questions"), output=str(root / "judge"), answers_column="answers",
+                 label_column="label", **common),
         progress=echo,
         overwrite=True,
     )  # fmt: skip
@@ -102,7 +93,7 @@ def run_demo(output: str, address: str | None, echo: Callable[[str], None] = pri
     for row in pq.read_table(root / "judge" / "data").to_pylist():
         ppl = ", ".join(f"{p:,.0f}" for p in row["candidate_ppl"])
         echo(f"  {row['question']}  ->  {row['statements'][row['choice']]!r}  (ppl {ppl})")
-    echo(f"  accuracy against labels: {judged['judge']['accuracy']:.2f}")
+    echo(f"  accuracy against labels: {judged.manifest['judge']['accuracy']:.2f}")
     echo(f"\nscore report: {root / 'score' / 'report' / 'report.html'}")
     echo(
         f"outputs: {root / 'score'}, {root / 'generate'}, {root / 'judge'} (data/, errors/, manifest.json, _SUCCESS)"

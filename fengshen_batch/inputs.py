@@ -16,15 +16,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import InputError
 from .storage import StorageSpec, filesystem, redact_url
 
 ID_COLUMN = "id"
 # Columns the job adds; an input column of the same name would be ambiguous.
 RESERVED = {"_shard", "_row", "error_kind", "error_message"}
-
-
-class InputError(ValueError):
-    """The input cannot be read as specified; the message names the path or column."""
 
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # Hive's and Spark's directory name for a null partition value

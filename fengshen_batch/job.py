@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
+from .errors import JobError
 from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source
 from .outputs import DATA, OutputStore, ShardStats, spec_hash, sum_counts
@@ -25,10 +26,6 @@ from .storage import filesystem, redact_url, storage_options
 
 log = logging.getLogger(__name__)
 JUDGE_NAMES = {f.name for f in JUDGE_FIELDS}
-
-
-class JobError(RuntimeError):
-    """The job cannot run as specified (not a bug): reported as one line, exit code 2."""
 
 
 def _versions() -> dict[str, str]:

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .errors import ModelLoadError
+
 if TYPE_CHECKING:  # torch is imported where a replica loads, not by the driver or `submit`
     import torch
 
@@ -48,10 +50,6 @@ METADATA_FILES = (
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMPLETE = ".complete"
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message names the source and what is wrong."""
 
 
 @dataclass

@@ -12,25 +12,21 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from .errors import SpecError
 from .params import Dtype, EngineParams, GenerateParams, ScoreParams
 from .storage import StorageSpec, redact_url
-
-
-class SpecError(ValueError):
-    """A job spec that cannot run; the message names each bad field."""
 
 
 class JobBase(BaseModel):
@@ -60,6 +56,13 @@ class JobBase(BaseModel):
     result_prefix: str = Field(default="", pattern=r"^([A-Za-z][A-Za-z0-9_]*)?$")
     # For `fengshen-batch submit`: Ray runtime_env of the job (pip, env_vars, ...); never credentials.
     runtime_env: dict = Field(default_factory=dict)
+
+    def __init__(self, **fields):
+        """`ScoreJob(model=..., input=..., output=...)` from Python: a bad field is a SpecError, as in YAML."""
+        try:
+            super().__init__(**fields)
+        except ValidationError as e:
+            raise SpecError(f"invalid job spec: {_describe(e)}") from None
 
     @field_validator("drop_columns", mode="before")
     @classmethod
@@ -108,7 +111,7 @@ class ScoreJob(JobBase, ScoreParams):
     PARAMS: ClassVar[type[BaseModel]] = ScoreParams
     TEXT_FIELD_KEY: ClassVar[str] = "text_column"
 
-    kind: Literal["score"]
+    kind: Literal["score"] = "score"
     text_column: str = "text"
     report_by: str | None = None  # a column (e.g. `source`) to break the report's figures down by
     # A `bucket` column (head/middle/tail by perplexity, as CCNet): cutoffs at these quantiles of the
@@ -146,7 +149,7 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
     PARAMS: ClassVar[type[BaseModel]] = GenerateParams
     TEXT_FIELD_KEY: ClassVar[str] = "prompt_column"
 
-    kind: Literal["generate"]
+    kind: Literal["generate"] = "generate"
     # The input column of prompts; with a prompt_template, the output column of the filled-in prompts.
     prompt_column: str = "prompt"
     # Python format syntax over the input's columns ("Write a {style} article about {topic}."); a null in a
@@ -203,7 +206,7 @@ class JudgeJob(JobBase, ScoreParams):
     PARAMS: ClassVar[type[BaseModel]] = ScoreParams
     TEXT_FIELD_KEY: ClassVar[str] = "question_column"
 
-    kind: Literal["judge"]
+    kind: Literal["judge"] = "judge"
     candidates_column: str | None = None  # list<string> of ready statements, or:
     question_column: str = "question"  # a question ...
     answers_column: str | None = None  # ... and a list<string> of answers, turned into statements by:
@@ -230,8 +233,7 @@ class JudgeJob(JobBase, ScoreParams):
 
 
 AnyJob = ScoreJob | GenerateJob | JudgeJob
-JobSpec = Annotated[ScoreJob | GenerateJob | JudgeJob, Field(discriminator="kind")]
-_ADAPTER = TypeAdapter(JobSpec)
+KINDS: dict[str, type[AnyJob]] = {"score": ScoreJob, "generate": GenerateJob, "judge": JudgeJob}
 
 
 def _describe(err: ValidationError) -> str:
@@ -246,11 +248,11 @@ def _describe(err: ValidationError) -> str:
 
 
 def build_spec(fields: dict) -> AnyJob:
-    """Validate a dict of spec fields (from YAML or CLI options) into a job spec."""
-    try:
-        return _ADAPTER.validate_python(fields)
-    except ValidationError as e:
-        raise SpecError(f"invalid job spec: {_describe(e)}") from None
+    """Validate a dict of spec fields (from YAML or CLI options) into a job spec of its `kind`."""
+    kind = fields.get("kind")
+    if kind not in KINDS:
+        raise SpecError(f"invalid job spec: kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    return KINDS[kind](**fields)
 
 
 def run_date() -> str:

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import __version__
+from .errors import SubmitError
 from .loading import _HUB_ID  # the same test as loading.localize's, so submit and the driver agree
 from .spec import SpecError, load_spec, run_date
 
@@ -60,13 +61,15 @@ EXCLUDES = [
 _SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY")
 _HEREDOC = "FENGSHEN_SPEC"
 _PROBE_MARK = "fengshen-probe-version:"
+_PROBE_MISSING = "fengshen-probe-missing:"
+# What a job imports on the cluster, top-level names (looked up without importing, so one missing dependency
+# cannot hide another): a stray `fengshen_batch/` folder in the head's working directory satisfies `import
+# fengshen_batch` while the cluster's python may lack what the job needs next.
+PROBE_MODULES = ("fengshen_batch", "pyarrow", "ray", "torch", "tokenizers", "safetensors", "fsspec", "s3fs",
+                 "pydantic", "yaml", "click", "matplotlib", "tqdm", "filelock")  # fmt: skip
 _REMOTE_HINT = (
     "its workers cannot see this machine's disk; copy the data to a bucket and give its URL (s3://, gs://)"
 )
-
-
-class SubmitError(RuntimeError):
-    """Submission failed for a reason the user can fix; the message says what to set or do."""
 
 
 @dataclass
@@ -314,12 +317,21 @@ def _forget(client, address: str, job_id: str, rounds: int = 5) -> None:
 
 
 def probe_image(
-    client, address: str, env_vars: dict, module: str = "fengshen_batch", timeout_s: float = PROBE_WAIT_S
+    client,
+    address: str,
+    env_vars: dict,
+    module: str = "fengshen_batch",
+    timeout_s: float = PROBE_WAIT_S,
+    needs: tuple[str, ...] = PROBE_MODULES,
 ) -> str:
-    """Check with a tiny job that the cluster's `python` imports `module`; return its version. The probe job
-    is deleted afterwards, so it never shows among the cluster's jobs."""
+    """Check with a tiny job that the cluster's `python` has every module of `needs` and imports `module`;
+    return its version. The probe job is deleted afterwards, so it never shows among the cluster's jobs."""
     probe_id = f"fengshen-probe-{uuid.uuid4().hex[:12]}"
-    code = f"import {module} as m; print({_PROBE_MARK!r}, getattr(m, '__version__', 'unknown'))"
+    code = (
+        f"import importlib.util as u; bad = [n for n in {list(needs)!r} if u.find_spec(n) is None]; "
+        f"print({_PROBE_MISSING!r}, ','.join(bad)); "
+        f"import {module} as m; print({_PROBE_MARK!r}, getattr(m, '__version__', 'unknown'))"
+    )
     try:
         _submit_job(
             client, entrypoint=f'python -c "{code}"', submission_id=probe_id,
@@ -342,6 +354,19 @@ def probe_image(
     found = [
         line.removeprefix(_PROBE_MARK).strip() for line in output.splitlines() if line.startswith(_PROBE_MARK)
     ]
+    missing = [
+        name
+        for line in output.splitlines()
+        if line.startswith(_PROBE_MISSING)
+        for name in line.removeprefix(_PROBE_MISSING).strip().split(",")
+        if name
+    ]
+    if missing:
+        raise SubmitError(
+            f"the cluster's python lacks {', '.join(missing)}, which the job imports (a probe job looked for "
+            f"them): install fengshen-batch with its dependencies in the image (cluster/Dockerfile), or submit "
+            f"with --package pip (fengshen-batch=={local_version()} and its dependencies)"
+        )
     if state == "SUCCEEDED" and found:
         return found[-1]
     errors = [line.strip() for line in output.splitlines() if "Error" in line]

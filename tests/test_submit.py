@@ -380,5 +380,13 @@ def test_image_probe_failure_is_one_clear_line(open_head):
     out = _python(open_head, code).strip().splitlines()[-1]
     assert out.startswith("error fengshen-batch is not installed in the cluster's image"), out
     assert "No module named 'fengshen_batch_absent'" in out and "--package py-modules" in out
+    # the package imports, but what the job imports next is missing: named, all of it, before any job runs
+    code = code.replace(
+        "module='fengshen_batch_absent'", "needs=('fengshen_batch', 'pyarrow_absent', 'torch_absent')"
+    )
+    out = _python(open_head, code).strip().splitlines()[-1]
+    assert out.startswith(
+        "error the cluster's python lacks pyarrow_absent, torch_absent, which the job imports"
+    ), out
     ids = _jobs_api(open_head, "[j.submission_id for j in c.list_jobs()]")
     assert not [i for i in ids if i.startswith("fengshen-probe-")]
