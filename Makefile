@@ -25,12 +25,12 @@ demo: setup
 	$(BIN)/fengshen-batch demo
 
 test: setup
-	$(BIN)/ruff check fengshen_batch tests benchmarks
+	$(BIN)/ruff check fengshen_batch tests benchmarks examples
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check fengshen_batch tests benchmarks
-	$(BIN)/ruff format --check fengshen_batch tests benchmarks
+	$(BIN)/ruff check fengshen_batch tests benchmarks examples
+	$(BIN)/ruff format --check fengshen_batch tests benchmarks examples
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --device cuda

@@ -1,7 +1,7 @@
 """fengshen-batch: offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray.
 
 The public API (README, "From Python"): job specs (`ScoreJob`, `GenerateJob`, `JudgeJob`, `load_spec`,
-`build_spec`), `run` and its `JobResult`, and the errors (`FengshenError` and its kinds). Names load on first
+`build_spec`), `run` and its `JobResult`, the Ray Data processors `score`, `generate` and `judge`, and the errors (`FengshenError` and its kinds). Names load on first
 use, so `import fengshen_batch` imports neither torch nor Ray.
 """
 
@@ -18,6 +18,9 @@ _EXPORTS = {
     "load_spec": "spec",
     "build_spec": "spec",
     "run": "api",
+    "score": "processors",
+    "generate": "processors",
+    "judge": "processors",
     "JobResult": "api",
     "FengshenError": "errors",
     "SpecError": "errors",

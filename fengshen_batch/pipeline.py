@@ -72,6 +72,40 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
 
 
+def load_replicas(spec):
+    """In an actor: the spec's model (and reference model) on this actor's device, and a generate job's engine
+    in its thread; returns (Replicas, the token budget to start from, when the imports were done)."""
+    import torch
+
+    from .columns import Replicas
+    from .loading import load_replica
+    from .storage import storage_options
+
+    imported_at = time.time()
+    on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
+
+    def load(source: str):
+        return load_replica(
+            source,
+            device="cuda" if on_gpu else "cpu",
+            dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code,
+            storage_options=storage_options(source, spec.storage),
+        )
+
+    reference = getattr(spec, "reference_model", None)
+    replicas = Replicas(load(spec.model), reference=load(reference) if reference else None)
+    if spec.kind == "generate":
+        from .engine.llm_engine import EngineThread, LLMEngine
+
+        replicas.engine = EngineThread(
+            LLMEngine(replicas.model, spec.params(), spec.engine_params(), spec.token_budget)
+        )
+    return replicas, spec.token_budget or (16384 if on_gpu else 2048), imported_at
+
+
 class ModelActor:
     """One model replica on one device (a GPU when the actor was given one, else the CPU).
 
@@ -82,43 +116,13 @@ class ModelActor:
 
     def __init__(self, spec: dict, id_column: str | None, output: str, schemas: tuple[pa.Schema, pa.Schema]):
         init_at = time.time()
-        import torch
-
-        from .loading import load_replica
-        from .storage import storage_options
-
-        imported_at = time.time()
         self.spec = build_spec(spec)
-        on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        if not on_gpu:
-            torch.set_num_threads(max(1, int(self.spec.cpus_per_actor)))
-        from .columns import Replicas
-
-        def load(source: str):
-            return load_replica(
-                source,
-                device="cuda" if on_gpu else "cpu",
-                dtype=self.spec.dtype,
-                trust_remote_code=self.spec.trust_remote_code,
-                storage_options=storage_options(source, self.spec.storage),
-            )
-
-        reference = getattr(self.spec, "reference_model", None)
-        self.replicas = Replicas(load(self.spec.model), reference=load(reference) if reference else None)
+        self.replicas, self.token_budget, imported_at = load_replicas(self.spec)
         self.id_column, self.output = id_column, output
         self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
         self.data_schema, self.error_schema = schemas  # as written
         self.renamed, self.internal_data, self.internal_errors = internal_schemas(self.spec, *schemas)
-        self.token_budget = self.spec.token_budget or (16384 if on_gpu else 2048)
         self.compute_lock = threading.Lock()
-        if self.spec.kind == "generate":
-            from .engine.llm_engine import EngineThread, LLMEngine
-
-            self.replicas.engine = EngineThread(
-                LLMEngine(
-                    self.replicas.model, self.spec.params(), self.spec.engine_params(), self.spec.token_budget
-                )
-            )
         # Wall-clock times (the driver compares them with its own; one machine, or NTP-synced nodes).
         self.startup = {
             "init_at": init_at,
@@ -190,6 +194,66 @@ class ModelActor:
             "cached_prompt_tokens": usage.cached_tokens,
             "summary": summary,
         }
+
+
+class RowsActor:
+    """The processors' actor (`processors.py`): the job's replica, engine and per-row work over a user's Dataset
+    batch, returned with the result columns and `error_kind`/`error_message` appended (generation: one row per
+    sample). No files, markers or summaries: the user's pipeline owns what comes next."""
+
+    def __init__(self, spec: dict):
+        self.spec = build_spec(spec)
+        self.replicas, self.token_budget, _ = load_replicas(self.spec)
+        # scoring and judging: one call computes at a time (another may be converting its batch);
+        # generation: the engine thread interleaves the calls' prompts
+        self.lock = contextlib.nullcontext() if self.spec.kind == "generate" else threading.Lock()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from .columns import id_errors, process_table
+        from .schemas import ERROR_FIELDS, result_fields
+
+        spec, id_column = self.spec, self.spec.id_column or ID_COLUMN
+        if spec.drop_columns:
+            table = table.drop_columns([c for c in spec.drop_columns if c in table.column_names])
+        if id_column in table.column_names:
+            bad_ids = id_errors(table.column(id_column).to_pylist())  # within the batch
+            ids = table.column(id_column)
+        elif spec.kind == "generate" or spec.id_column:
+            from .errors import InputError
+
+            raise InputError(
+                f"id column {id_column!r} not in the dataset (columns: {', '.join(table.column_names)}): "
+                "samples are seeded by row id; add one or name it with id_column"
+            )
+        else:  # scoring and judging use ids only to name rows: a position in the batch will do
+            bad_ids, ids = None, pa.array([str(i) for i in range(len(table))])
+        work = table.append_column("_id", ids) if id_column not in table.column_names else table
+        with self.lock:
+            out, self.token_budget = process_table(
+                self.replicas, spec, work, id_column if id_column in table.column_names else "_id",
+                self.token_budget, bad_ids,
+            )  # fmt: skip
+        if "_id" in out.column_names and id_column not in table.column_names:
+            out = out.drop_columns(["_id"])
+        # results (and errors) are the last columns: named with the spec's result_prefix, by position
+        k = len(result_fields(spec)) + len(ERROR_FIELDS)
+        names = out.column_names[:-k] + [
+            spec.result_prefix + n for n in out.column_names[-k : -len(ERROR_FIELDS)]
+        ]
+        return out.rename_columns(names + [f.name for f in ERROR_FIELDS])
+
+
+def map_rows(ds: ray.data.Dataset, spec, gpus: float) -> ray.data.Dataset:
+    """`ds` through RowsActor pool of `spec.actors` replicas (lazy, as Ray Data is)."""
+    return ds.map_batches(
+        RowsActor,
+        batch_size=spec.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={"spec": spec.model_dump(mode="json")},
+        compute=_compute(spec),
+        num_gpus=gpus,
+        num_cpus=spec.cpus_per_actor,
+    )
 
 
 def actor_startup(batch: pa.Table, pipeline_at: float) -> dict[str, float]:

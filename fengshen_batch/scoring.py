@@ -59,7 +59,9 @@ def window_logprobs(
     """
     model, device = replica.model, replica.device
     widths = [len(seq) - 1 for seq, _ in windows]
-    B, T = len(windows), max(widths)
+    # Padded to a multiple of 16 (within the context): CPU attention sums in another order for odd lengths, so
+    # a text's bits would depend on the longest text beside it; rounded, they do not.
+    B, T = len(windows), min(-(-max(widths) // 16) * 16, replica.max_length)
     input_ids = torch.full((B, T), replica.eos_id, dtype=torch.long)
     rows, cols, targets = [], [], []
     for b, ((seq, n_scored), w) in enumerate(zip(windows, widths, strict=True)):
