@@ -1,7 +1,7 @@
 """fengshen-batch: offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray.
 
 The public API (README, "From Python"): job specs (`ScoreJob`, `GenerateJob`, `JudgeJob`, `load_spec`,
-`build_spec`), `run` and its `JobResult`, the Ray Data processors `score`, `generate` and `judge`, and the errors (`FengshenError` and its kinds). Names load on first
+`build_spec`), `run` and its `JobResult`, `submit` to a cluster and its `Submission`, the Ray Data processors `score`, `generate` and `judge`, and the errors (`FengshenError` and its kinds). Names load on first
 use, so `import fengshen_batch` imports neither torch nor Ray.
 """
 
@@ -22,6 +22,8 @@ _EXPORTS = {
     "generate": "processors",
     "judge": "processors",
     "JobResult": "api",
+    "submit": "api",
+    "Submission": "api",
     "FengshenError": "errors",
     "SpecError": "errors",
     "InputError": "errors",

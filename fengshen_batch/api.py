@@ -6,14 +6,17 @@
     result = fb.run(job)                 # or fb.run("jobs/nightly_score.yaml"), or fb.run({...spec keys...})
     result.counts["result_rows"], result.manifest["report"]
 
-The CLI calls this same `run`: the same checks before Ray starts, the same shards, markers, resume and report.
+`submit(job, address)` sends a job to a Ray cluster's Jobs API as `fengshen-batch submit` does. The CLI calls
+this same `run`: the same checks before Ray starts, the same shards, markers, resume and report.
 Problems raise `FengshenError` subclasses (`SpecError`, `InputError`, `ModelLoadError`, `JobError`) with the
 one-line message the CLI prints; the CLI turns them into exit code 2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,3 +77,62 @@ def run(
     if manifest.get("status") == "already_complete":
         return JobResult(spec.output, OutputStore(spec.output, spec.storage).published_manifest(), True)
     return JobResult(spec.output, manifest)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A job handed to a cluster: its submission id, whether this call created it (False: the same id had been
+    submitted before, e.g. a nightly schedule firing twice), and its final status when waited for."""
+
+    submission_id: str
+    created: bool
+    status: str | None = None
+
+
+def submit(
+    job: AnyJob | dict | str | Path,
+    address: str,
+    *,
+    wait: bool = False,
+    submission_id: str | None = None,
+    working_dir: str | None = None,
+    package: str = "image",
+    progress: Callable[[str], None] | None = print,
+) -> Submission:
+    """Submit `job` to the Ray cluster at `address` (Jobs API), exactly as `fengshen-batch submit` does: the
+    spec travels in the job's entrypoint, `package` says how fengshen-batch reaches the cluster (`image`,
+    `py-modules`, `pip`), a submission id already used is not run again. Local paths of a YAML spec are
+    relative to its folder; of a spec object or dict, to the current directory; a remote cluster refuses them
+    (use bucket URLs). `wait`: follow the logs until the job ends and return its final status."""
+    from . import submission as jobs
+
+    echo = progress or (lambda _: None)
+    with _spec_file(job, address) as path:
+        sid, created = jobs.submit(
+            str(path),
+            address,
+            submission_id=submission_id,
+            working_dir=working_dir,
+            package=package,
+            echo=echo,
+        )
+    return Submission(sid, created, jobs.wait(address, sid, echo=echo) if wait else None)
+
+
+@contextlib.contextmanager
+def _spec_file(job: AnyJob | dict | str | Path, address: str) -> Iterator[Path]:
+    """A YAML spec's own path; a spec object's fields (local paths made absolute) in a temporary file."""
+    if isinstance(job, (str, Path)):
+        yield Path(job)
+        return
+    import yaml
+
+    from .submission import resolve_paths
+
+    spec = as_spec(job)
+    fields = {"kind": spec.kind, **spec.model_dump(mode="json", exclude_unset=True)}
+    fields = resolve_paths(fields, Path.cwd(), address)
+    with tempfile.TemporaryDirectory(prefix="fengshen-submit-") as tmp:
+        path = Path(tmp) / f"{spec.name or spec.kind}.yaml"
+        path.write_text(yaml.safe_dump(fields, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        yield path

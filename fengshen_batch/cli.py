@@ -362,7 +362,7 @@ _ADDRESS = click.option(
 def submit(spec_path, address, wait_, submission_id, package, working_dir):
     """Submit a job spec, from anywhere, to a Ray cluster (Jobs API); a second submit of the same id does not
     run it again. Local paths in the spec are relative to its folder, and need a head on this machine."""
-    from . import submit as jobs
+    from . import submission as jobs
 
     sid, _ = jobs.submit(
         spec_path,
@@ -384,7 +384,7 @@ def submit(spec_path, address, wait_, submission_id, package, working_dir):
 @_report_errors
 def status(submission_id, address):
     """Status of a submitted job."""
-    from . import submit as jobs
+    from . import submission as jobs
 
     click.echo(jobs.status(address, submission_id))
 
@@ -395,7 +395,7 @@ def status(submission_id, address):
 @_report_errors
 def logs(submission_id, address):
     """Logs of a submitted job."""
-    from . import submit as jobs
+    from . import submission as jobs
 
     click.echo(jobs.logs(address, submission_id), nl=False)
 
@@ -406,6 +406,6 @@ def logs(submission_id, address):
 @_report_errors
 def stop(submission_id, address):
     """Stop a submitted job."""
-    from . import submit as jobs
+    from . import submission as jobs
 
     click.echo("stop requested" if jobs.stop(address, submission_id) else "job was not running")

@@ -20,7 +20,7 @@ import pytest
 import s3fs
 import yaml
 
-from fengshen_batch.submit import SubmitError, default_submission_id, local_version, plan
+from fengshen_batch.submission import SubmitError, default_submission_id, local_version, plan
 from tests.helpers import PLANTED_SECRET, make_bucket, write_texts
 
 BIN = Path(sys.executable).parent
@@ -175,7 +175,7 @@ def _expect(res, code: int, head: Head) -> None:
 
 def test_submission_ids_and_spec_checks(tmp_path, monkeypatch):
     from fengshen_batch.spec import SpecError
-    from fengshen_batch.submit import submit
+    from fengshen_batch.submission import submit
 
     monkeypatch.setenv("FENGSHEN_RUN_DATE", "2026-11-21")
     assert default_submission_id("nightly-score") == "nightly-score-20261121"
@@ -261,7 +261,7 @@ def test_plan_resolves_local_paths_and_ships_the_package(tmp_path, monkeypatch):
 def test_remote_cluster_refuses_local_paths_before_connecting(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from fengshen_batch import submit as jobs
+    from fengshen_batch import submission as jobs
     from fengshen_batch.cli import main
 
     def no_network(*args, **kwargs):
@@ -370,7 +370,7 @@ def test_local_paths_resolve_against_the_spec_folder(tmp_path, open_head, tiny_m
 
 def test_image_probe_failure_is_one_clear_line(open_head):
     code = (
-        "from fengshen_batch.submit import SubmitError, _client, probe_image\n"
+        "from fengshen_batch.submission import SubmitError, _client, probe_image\n"
         f"c = _client({open_head.address!r})\n"
         "try:\n"
         f"    print('version', probe_image(c, {open_head.address!r}, {DATE!r}, module='fengshen_batch_absent'))\n"
@@ -390,3 +390,26 @@ def test_image_probe_failure_is_one_clear_line(open_head):
     ), out
     ids = _jobs_api(open_head, "[j.submission_id for j in c.list_jobs()]")
     assert not [i for i in ids if i.startswith("fengshen-probe-")]
+
+
+def test_python_submit_of_a_spec_object_with_paths_relative_to_the_cwd(tmp_path, open_head, tiny_model_dir):
+    """`fengshen_batch.submit` from a script: a spec object (no YAML file), local paths relative to the
+    current directory, waited for; a second submit of the same name finds it and does not run it again."""
+    folder = tmp_path / "work"
+    rows = write_texts(folder / "in", files=(4, 3))
+    (folder / "tiny").symlink_to(tiny_model_dir)
+    code = (
+        "import os, fengshen_batch as fb\n"
+        f"os.environ.update({DATE!r})\n"
+        f"os.chdir({str(folder)!r})\n"
+        "job = fb.ScoreJob(name='api-test', model='tiny', input='in/', output='out/')\n"
+        f"first = fb.submit(job, {open_head.address!r}, wait=True, package='py-modules', progress=None)\n"
+        f"again = fb.submit(job, {open_head.address!r}, package='py-modules', progress=None)\n"
+        "print('result', first.submission_id, first.created, first.status, again.created)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, **open_head.client_env})  # fmt: skip
+    assert res.returncode == 0, f"{res.stderr[-3000:]}\n{open_head.diagnose()}"
+    assert res.stdout.strip().splitlines()[-1] == "result api-test-20261121 True SUCCEEDED False", res.stdout
+    manifest = json.loads((folder / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["input_rows"] == len(rows) == manifest["counts"]["result_rows"]
