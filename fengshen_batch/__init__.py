@@ -1,7 +1,7 @@
 """fengshen-batch: offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray.
 
 The public API (README, "From Python"): job specs (`ScoreJob`, `GenerateJob`, `JudgeJob`, `load_spec`,
-`build_spec`), `run` and its `JobResult`, `submit` to a cluster and its `Submission`, the Ray Data processors `score`, `generate` and `judge`, and the errors (`FengshenError` and its kinds). Names load on first
+`build_spec`), `run` and its `JobResult`, `submit` to a cluster and its `Submission`, `report` (rebuild a score job's report), the Ray Data processors `score`, `generate` and `judge`, and the errors (`FengshenError` and its kinds). Names load on first
 use, so `import fengshen_batch` imports neither torch nor Ray.
 """
 
@@ -23,6 +23,7 @@ _EXPORTS = {
     "judge": "processors",
     "JobResult": "api",
     "submit": "api",
+    "report": "api",
     "Submission": "api",
     "FengshenError": "errors",
     "SpecError": "errors",

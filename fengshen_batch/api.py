@@ -79,6 +79,25 @@ def run(
     return JobResult(spec.output, manifest)
 
 
+def report(output: str, *, by: str | None = None, endpoint_url: str | None = None) -> dict:
+    """Rebuild OUTPUT/report/ of a finished score job from its shards' summaries (no pass over the rows unless
+    `by` names another column than the job's `report_by`); return the report's summary."""
+    from .errors import JobError
+    from .outputs import OutputStore
+    from .report import build_report
+    from .storage import StorageSpec
+
+    store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
+    manifest = store.published_manifest()
+    if manifest is None:
+        raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
+    try:
+        summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
+        return build_report(store, manifest, by or manifest["spec"].get("report_by"), summaries)
+    except ValueError as e:
+        raise JobError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class Submission:
     """A job handed to a cluster: its submission id, whether this call created it (False: the same id had been

@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import api
-from .errors import FengshenError, JobError
+from .errors import FengshenError
 from .spec import build_spec, load_spec
 
 
@@ -289,19 +289,7 @@ def judge(overwrite, ray_progress, **opts):
 @_report_errors
 def report(output, by, endpoint_url):
     """Rebuild OUTPUT/report/ (summary.json, ppl_histogram.png, report.html) from a finished score job."""
-    from .outputs import OutputStore
-    from .report import build_report
-    from .storage import StorageSpec
-
-    store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
-    manifest = store.published_manifest()
-    if manifest is None:
-        raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
-    try:
-        summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
-        summary = build_report(store, manifest, by or manifest["spec"].get("report_by"), summaries)
-    except ValueError as e:
-        raise JobError(str(e)) from None
+    summary = api.report(output, by=by, endpoint_url=endpoint_url)
     click.echo(f"report: {output.rstrip('/')}/report/report.html (corpus ppl {summary['corpus_ppl']:,.2f})")
 
 
@@ -362,20 +350,11 @@ _ADDRESS = click.option(
 def submit(spec_path, address, wait_, submission_id, package, working_dir):
     """Submit a job spec, from anywhere, to a Ray cluster (Jobs API); a second submit of the same id does not
     run it again. Local paths in the spec are relative to its folder, and need a head on this machine."""
-    from . import submission as jobs
-
-    sid, _ = jobs.submit(
-        spec_path,
-        address,
-        submission_id=submission_id,
-        working_dir=working_dir,
-        package=package,
-        echo=click.echo,
-    )
+    sub = api.submit(spec_path, address, wait=wait_, submission_id=submission_id, working_dir=working_dir,
+                     package=package, progress=click.echo)  # fmt: skip
     if wait_:
-        final = jobs.wait(address, sid, echo=click.echo)
-        click.echo(f"{sid}: {final}")
-        sys.exit(0 if final == "SUCCEEDED" else 1)
+        click.echo(f"{sub.submission_id}: {sub.status}")
+        sys.exit(0 if sub.status == "SUCCEEDED" else 1)
 
 
 @main.command()

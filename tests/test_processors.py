@@ -103,3 +103,34 @@ def test_the_example_pipeline_runs(tmp_path, replica, ray_cluster):
     kept = pq.read_table(tmp_path / "kept")
     assert sorted(kept.column("id").to_pylist()) == sorted(r["id"] for r in rows if len(r["text"]) >= 10)
     assert kept.column("ppl").null_count == 0
+
+
+def test_judge_in_a_pipeline_equals_the_job(tmp_path, replica):
+    import ray
+
+    rows = [
+        {
+            "id": "q0",
+            "question": "What is aspirin used for?",
+            "answers": ["fever", "broken bones"],
+            "label": 0,
+        },
+        {
+            "id": "q1",
+            "question": SAMPLE_LINES[5] + " Is this true?",
+            "answers": ["Yes, it is.", "No."],
+            "label": 0,
+        },
+        {"id": "q2", "question": "阿司匹林用于治疗什么？", "answers": ["退烧", "骨折", "头痛"], "label": 1},
+        {"id": "q3", "question": "", "answers": ["x"], "label": 0},
+    ]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "q.parquet")
+    keys = dict(model=str(replica.source), answers_column="answers", template="{question} {answer}")
+    fb.run(fb.JudgeJob(input=str(tmp_path / "in"), output=str(tmp_path / "job"), **keys), progress=None)
+    got = pa.Table.from_pylist(list(fb.judge(ray.data.from_items(rows), **keys).iter_rows()))
+    cols = ["id", "statements", "candidate_nll_sum", "candidate_token_count", "choice", "margin"]
+    assert [{k: r[k] for k in cols} for r in _sorted(got, "id") if r["error_kind"] is None] == [
+        {k: r[k] for k in cols} for r in _sorted(pq.read_table(tmp_path / "job" / "data"), "id")
+    ]
+    assert [(r["id"], r["error_kind"]) for r in got.to_pylist() if r["error_kind"]] == [("q3", "empty_text")]

@@ -370,7 +370,7 @@ def test_local_paths_resolve_against_the_spec_folder(tmp_path, open_head, tiny_m
 
 def test_image_probe_failure_is_one_clear_line(open_head):
     code = (
-        "from fengshen_batch.submission import SubmitError, _client, probe_image\n"
+        "from fengshen_batch.probe import probe_image\nfrom fengshen_batch.submission import SubmitError, _client\n"
         f"c = _client({open_head.address!r})\n"
         "try:\n"
         f"    print('version', probe_image(c, {open_head.address!r}, {DATE!r}, module='fengshen_batch_absent'))\n"

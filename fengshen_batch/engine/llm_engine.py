@@ -16,10 +16,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..loading import Replica
 from ..params import EngineParams, GenerateParams
 from .kv_cache import KVCache, plan_slots
 from .model_runner import ModelRunner
@@ -27,6 +27,9 @@ from .sampler import penalize, sample, sample_full
 from .scheduler import DecodeStep, PrefillStep, Scheduler
 from .sequence import Request, Sequence
 from .stop import StopChecker
+
+if TYPE_CHECKING:  # the engine needs a replica's model, tokenizer and EOS id, not the loading code
+    from ..loading import Replica
 
 log = logging.getLogger(__name__)
 
