@@ -77,8 +77,8 @@ def load_replicas(spec):
     in its thread; returns (Replicas, the token budget to start from, when the imports were done)."""
     import torch
 
-    from .columns import Replicas
     from .loading import load_replica
+    from .rows import Replicas
     from .storage import storage_options
 
     imported_at = time.time()
@@ -138,8 +138,8 @@ class ModelActor:
 
     def _shard(self, shard: Shard) -> dict:
         """Read, compute and write one shard; return its commit record."""
-        from .columns import id_errors, process_table
         from .generation import PromptUsage
+        from .rows import id_errors, process_table
         from .writer import split_results, with_buckets, write_shard_files
 
         table = read_shard(shard, self.spec.storage, self.id_column, self.spec.drop_columns)
@@ -209,7 +209,7 @@ class RowsActor:
         self.lock = contextlib.nullcontext() if self.spec.kind == "generate" else threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from .columns import id_errors, process_table
+        from .rows import id_errors, process_table
         from .schemas import ERROR_FIELDS, result_fields
 
         spec, id_column = self.spec, self.spec.id_column or ID_COLUMN

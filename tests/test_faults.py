@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from fengshen_batch import columns
+from fengshen_batch import rows
 from fengshen_batch.cli import main
 from fengshen_batch.generation import generate
 from fengshen_batch.job import run_job
@@ -113,19 +113,19 @@ def test_driver_killed_at_random_points_then_rerun_resumes(tmp_path, replica, ra
 
 
 def test_a_row_the_engine_cannot_process_becomes_an_error_row(replica, monkeypatch):
-    real = columns._run_engine
+    real = rows._run_engine
 
     def poisoned(replicas, spec, texts, ids, budget, usage=None):
         if "POISON" in texts:
             raise ValueError("cannot process this row")
         return real(replicas, spec, texts, ids, budget, usage)
 
-    monkeypatch.setattr(columns, "_run_engine", poisoned)
+    monkeypatch.setattr(rows, "_run_engine", poisoned)
     spec = build_spec({"kind": "score", "model": "m", "input": "i", "output": "o"})
     table = pa.table(
         {"id": ["a", "b", "c"], "text": ["北京", "POISON", "ok"], "_shard": [0] * 3, "_row": [0, 1, 2]}
     )
-    out, _ = columns.process_table(columns.Replicas(replica), spec, table, "id", 1000)
+    out, _ = rows.process_table(rows.Replicas(replica), spec, table, "id", 1000)
     assert out.column("error_kind").to_pylist() == [None, "engine_error", None]
     assert "cannot process this row" in out.column("error_message")[1].as_py()
     expected, _ = score_texts(replica, ["北京", "ok"])
