@@ -1,8 +1,9 @@
 """fengshen-batch: offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray.
 
 The public API (README, "From Python"): job specs (`ScoreJob`, `GenerateJob`, `JudgeJob`, `load_spec`,
-`build_spec`), `run` and its `JobResult`, `submit` to a cluster and its `Submission`, `report` (rebuild a score job's report), the Ray Data processors `score`, `generate` and `judge`, and the errors (`FengshenError` and its kinds). Names load on first
-use, so `import fengshen_batch` imports neither torch nor Ray.
+`build_spec`); `run` and its `JobResult`, `submit` to a cluster and its `Submission`, `report` (rebuild a
+score job's report); the Ray Data processors `score`, `generate` and `judge`; the errors (`FengshenError` and
+its kinds). Names load on first use, so `import fengshen_batch` imports neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ _EXPORTS = {
     "load_spec": "spec",
     "build_spec": "spec",
     "run": "api",
+    "JobResult": "api",
+    "submit": "api",
+    "Submission": "api",
+    "report": "api",
     "score": "processors",
     "generate": "processors",
     "judge": "processors",
-    "JobResult": "api",
-    "submit": "api",
-    "report": "api",
-    "Submission": "api",
     "FengshenError": "errors",
     "SpecError": "errors",
     "InputError": "errors",

@@ -2,9 +2,9 @@
 
     import fengshen_batch as fb
 
-    job = fb.ScoreJob(kind="score", model="s3://models/Yuyuan-GPT2-3.5B/", input="s3://corpus/", output="s3://scores/")
+    job = fb.ScoreJob(model="s3://models/Yuyuan-GPT2-3.5B/", input="s3://corpus/", output="s3://scores/")
     result = fb.run(job)                 # or fb.run("jobs/nightly_score.yaml"), or fb.run({...spec keys...})
-    result.counts["result_rows"], result.manifest["report"]
+    result.counts["result_rows"], result.manifest["wall_seconds"]
 
 `submit(job, address)` sends a job to a Ray cluster's Jobs API as `fengshen-batch submit` does. The CLI calls
 this same `run`: the same checks before Ray starts, the same shards, markers, resume and report.

@@ -223,7 +223,7 @@ def _score_statements(replica, flat: list, spans: list, params, token_budget: in
             shared_rows.append(span)
         else:
             dense += range(*span)
-    nll: dict[int, tuple[float, int] | RowError] = {}
+    nll: dict[int, float | RowError] = {}  # statement index -> its NLL sum
     found, budget = score_tokens(replica, [tokens[i] for i in dense], params, token_budget)
     for i, r in zip(dense, found, strict=True):
         nll[i] = r if isinstance(r, RowError) else r[0]

@@ -72,6 +72,12 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
 
 
+def compute_lock(spec):
+    """What keeps an actor's replica to one computing call at a time (scoring and judging: the other call
+    reads or writes meanwhile); generation needs none: the engine thread interleaves the calls' prompts."""
+    return contextlib.nullcontext() if spec.kind == "generate" else threading.Lock()
+
+
 def load_replicas(spec):
     """In an actor: the spec's model (and reference model) on this actor's device, and a generate job's engine
     in its thread; returns (Replicas, the token budget to start from, when the imports were done)."""
@@ -122,7 +128,7 @@ class ModelActor:
         self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
         self.data_schema, self.error_schema = schemas  # as written
         self.renamed, self.internal_data, self.internal_errors = internal_schemas(self.spec, *schemas)
-        self.compute_lock = threading.Lock()
+        self.lock = compute_lock(self.spec)
         # Wall-clock times (the driver compares them with its own; one machine, or NTP-synced nodes).
         self.startup = {
             "init_at": init_at,
@@ -148,12 +154,10 @@ class ModelActor:
         bad_ids = id_errors(table.column(self.id_field).to_pylist()) if self.id_column else None
         # Generation: the whole shard into the engine at once (it schedules per step); the other kinds in
         # slices of batch_size rows (one engine call each, and one row-by-row retry at most that large).
-        generating = self.replicas.engine is not None
-        step = max(1, len(table)) if generating else self.spec.batch_size
+        step = max(1, len(table)) if self.spec.kind == "generate" else self.spec.batch_size
         parts, usage = [], PromptUsage()
-        # Scoring and judging: one call computes while the other reads or writes its shard (the lock keeps
-        # the replica to one call at a time). Generation: the engine thread interleaves the calls' prompts.
-        with contextlib.nullcontext() if generating else self.compute_lock:
+        # Scoring and judging: one call computes while the other reads or writes its shard.
+        with self.lock:
             for start in range(0, len(table), step):
                 part, self.token_budget = process_table(
                     self.replicas, self.spec, table.slice(start, step), self.id_field, self.token_budget,
@@ -204,9 +208,7 @@ class RowsActor:
     def __init__(self, spec: dict):
         self.spec = build_spec(spec)
         self.replicas, self.token_budget, _ = load_replicas(self.spec)
-        # scoring and judging: one call computes at a time (another may be converting its batch);
-        # generation: the engine thread interleaves the calls' prompts
-        self.lock = contextlib.nullcontext() if self.spec.kind == "generate" else threading.Lock()
+        self.lock = compute_lock(self.spec)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from .rows import id_errors, process_table
@@ -215,9 +217,9 @@ class RowsActor:
         spec, id_column = self.spec, self.spec.id_column or ID_COLUMN
         if spec.drop_columns:
             table = table.drop_columns([c for c in spec.drop_columns if c in table.column_names])
-        if id_column in table.column_names:
+        has_ids = id_column in table.column_names
+        if has_ids:
             bad_ids = id_errors(table.column(id_column).to_pylist())  # within the batch
-            ids = table.column(id_column)
         elif spec.kind == "generate" or spec.id_column:
             from .errors import InputError
 
@@ -226,21 +228,18 @@ class RowsActor:
                 "samples are seeded by row id; add one or name it with id_column"
             )
         else:  # scoring and judging use ids only to name rows: a position in the batch will do
-            bad_ids, ids = None, pa.array([str(i) for i in range(len(table))])
-        work = table.append_column("_id", ids) if id_column not in table.column_names else table
+            bad_ids, id_column = None, "_id"
+            table = table.append_column(id_column, pa.array([str(i) for i in range(len(table))]))
         with self.lock:
             out, self.token_budget = process_table(
-                self.replicas, spec, work, id_column if id_column in table.column_names else "_id",
-                self.token_budget, bad_ids,
-            )  # fmt: skip
-        if "_id" in out.column_names and id_column not in table.column_names:
-            out = out.drop_columns(["_id"])
-        # results (and errors) are the last columns: named with the spec's result_prefix, by position
-        k = len(result_fields(spec)) + len(ERROR_FIELDS)
-        names = out.column_names[:-k] + [
-            spec.result_prefix + n for n in out.column_names[-k : -len(ERROR_FIELDS)]
-        ]
-        return out.rename_columns(names + [f.name for f in ERROR_FIELDS])
+                self.replicas, spec, table, id_column, self.token_budget, bad_ids
+            )
+        if not has_ids:
+            out = out.drop_columns([id_column])
+        # results, then the error columns, end the table: results get the spec's result_prefix
+        results = [spec.result_prefix + f.name for f in result_fields(spec)]
+        inputs = out.column_names[: -len(results) - len(ERROR_FIELDS)]
+        return out.rename_columns([*inputs, *results, *(f.name for f in ERROR_FIELDS)])
 
 
 def map_rows(ds: ray.data.Dataset, spec, gpus: float) -> ray.data.Dataset:

@@ -19,12 +19,11 @@ import torch
 
 from .batching import run_packed
 from .engine.kv_cache import KVCache
-from .engine.model_runner import pack_chunks
+from .engine.model_runner import EAGER_SPAN_BUCKET, bucketed_span, pack_chunks
 from .loading import Replica
 from .scoring import LOGIT_CHUNK_ROWS
 
 MIN_SHARED = 8  # shared tokens from which the cached path beats the dense one (measured on CPU)
-_CONTEXT_BUCKET = 64  # the batch's KV cache holds the longest statement rounded up to this
 
 
 def shared_prefix(token_lists: Sequence[list[int]]) -> int:
@@ -55,7 +54,7 @@ def score_shared(
 def _score_batch(replica: Replica, groups: list[Sequence[list[int]]], cuts: list[int]) -> list[list[float]]:
     model, device = replica.model, replica.device
     longest = max(len(t) for g in groups for t in g)  # positions: <|endoftext|> + all but the last token
-    context = min(model.max_len, -(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET)
+    context = bucketed_span(longest, EAGER_SPAN_BUCKET, model.max_len)  # the batch's KV cache length
     firsts = [0]  # each group's first slot: its shared part is prefilled there, then copied to the others
     for g in groups[:-1]:
         firsts.append(firsts[-1] + len(g))
@@ -67,11 +66,8 @@ def _score_batch(replica: Replica, groups: list[Sequence[list[int]]], cuts: list
     def run(chunks, wanted):
         """Prefill (slot, tokens, start) chunks; then, for each (chunk, offset, token, key) wanted, the token's
         log-prob at that position of that chunk, added to logprobs[key]."""
-        packed, attn_groups, offsets = pack_chunks(chunks, context, device)
-        n = sum(len(toks) for _, toks, _ in chunks)
-        lp = model.prefill(cache, *packed, attn_groups, torch.arange(n, device=device)).log_softmax(
-            -1
-        )  # (N, V)
+        packed, attn_groups, offsets = pack_chunks(chunks, context, device)  # logits at every token
+        lp = model.prefill(cache, *packed[:5], attn_groups, packed[5]).log_softmax(-1)  # (N, V)
         rows = torch.tensor([offsets[b] + i for b, i, _, _ in wanted], device=device)
         cols = torch.tensor([tok for _, _, tok, _ in wanted], device=device)
         for (_, _, _, key), v in zip(wanted, lp[rows, cols].double().tolist(), strict=True):

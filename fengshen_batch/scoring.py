@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .batching import run_packed
+from .engine.model_runner import PREFILL_WIDTH_BUCKET, round_up
 from .loading import Replica
 from .params import ScoreParams
 from .results import RowError, ScoreResult, check_text
@@ -61,7 +62,7 @@ def window_logprobs(
     widths = [len(seq) - 1 for seq, _ in windows]
     # Padded to a multiple of 16 (within the context): CPU attention sums in another order for odd lengths, so
     # a text's bits would depend on the longest text beside it; rounded, they do not.
-    B, T = len(windows), min(-(-max(widths) // 16) * 16, replica.max_length)
+    B, T = len(windows), min(round_up(max(widths), PREFILL_WIDTH_BUCKET), replica.max_length)
     input_ids = torch.full((B, T), replica.eos_id, dtype=torch.long)
     rows, cols, targets = [], [], []
     for b, ((seq, n_scored), w) in enumerate(zip(windows, widths, strict=True)):

@@ -239,7 +239,7 @@ KINDS: dict[str, type[AnyJob]] = {"score": ScoreJob, "generate": GenerateJob, "j
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("score", "generate", "judge"))
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -25,8 +25,13 @@ EAGER_SPAN_BUCKET = (
 )
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def bucketed_span(span: int, bucket: int, context: int) -> int:
+    """Cache positions attention reads: `span` rounded up to a multiple of `bucket`, within the context."""
+    return min(context, round_up(span, bucket))
 
 
 def batch_buckets(max_rows: int) -> list[int]:
@@ -35,9 +40,16 @@ def batch_buckets(max_rows: int) -> list[int]:
     return [*sizes, max_rows]
 
 
-def pack_chunks(chunks: list[tuple[int, list[int], int]], context: int, device: torch.device):
+def pack_chunks(
+    chunks: list[tuple[int, list[int], int]],
+    context: int,
+    device: torch.device,
+    wanted: list[tuple[int, int]] | None = None,
+):
     """(slot, tokens, start) chunks -> the packed tensors of `GPT2.prefill` (tokens, seq_idx, t_idx, slots,
-    starts), its attention groups, and where each chunk's first token sits in the packing (by chunk index).
+    starts, last), its attention groups, and where each chunk's first token sits in the packing (by chunk
+    index). `last` holds the packed index of each (chunk, offset) of `wanted` (None: every token), so that
+    a step's inputs reach the device in one transfer.
 
     Chunks are packed shortest first and cut into groups of similar length (see gpt2.Group). Queries and keys
     are rounded up (the extra ones masked, never read back): CPU attention kernels sum in another order for
@@ -51,8 +63,8 @@ def pack_chunks(chunks: list[tuple[int, list[int], int]], context: int, device: 
         slot, toks, start = chunks[c]
         n = len(toks)
         offsets[c] = len(tokens)
-        width = _round_up(n, PREFILL_WIDTH_BUCKET)
-        span = min(context, _round_up(start + n, EAGER_SPAN_BUCKET))
+        width = round_up(n, PREFILL_WIDTH_BUCKET)
+        span = bucketed_span(start + n, EAGER_SPAN_BUCKET, context)
         if groups and width <= 2 * groups[-1].width:  # at most twice the group's shortest: join it
             g = groups[-1]
             groups[-1] = Group(g.lo, b + 1, g.lo_token, len(tokens) + n, width, max(g.span, span))
@@ -63,9 +75,10 @@ def pack_chunks(chunks: list[tuple[int, list[int], int]], context: int, device: 
         t_idx += range(n)
         slots.append(slot)
         starts.append(start)
-    packed = torch.tensor([*tokens, *seq_idx, *t_idx, *slots, *starts], dtype=torch.long)
     n, B = len(tokens), len(slots)
-    return packed.to(device, non_blocking=True).split([n, n, n, B, B]), groups, offsets
+    last = range(n) if wanted is None else [offsets[c] + i for c, i in wanted]
+    packed = torch.tensor([*tokens, *seq_idx, *t_idx, *slots, *starts, *last], dtype=torch.long)
+    return packed.to(device, non_blocking=True).split([n, n, n, B, B, len(last)]), groups, offsets
 
 
 class ModelRunner:
@@ -92,9 +105,9 @@ class ModelRunner:
         chunks = [
             (ch.request.seqs[0].slot, ch.request.prompt[ch.start : ch.end], ch.start) for ch in step.chunks
         ]
-        packed, groups, offsets = pack_chunks(chunks, self.cache.context, self.device)
-        last = [offsets[b] + ch.end - ch.start - 1 for b, ch in enumerate(step.chunks) if ch.completes]
-        logits = self.model.prefill(self.cache, *packed, groups, self._to_device(last))
+        wanted = [(b, ch.end - ch.start - 1) for b, ch in enumerate(step.chunks) if ch.completes]
+        packed, groups, _ = pack_chunks(chunks, self.cache.context, self.device, wanted)
+        logits = self.model.prefill(self.cache, *packed[:5], groups, packed[5])
         for ch in step.chunks:  # the other samples of a completed prompt get a copy of its K/V
             if ch.completes and ch.request.n > 1:
                 seqs = ch.request.seqs
@@ -118,15 +131,13 @@ class ModelRunner:
         if self.graphs_on:
             logits = self._replay(ids_t, pos_t, width, span)
         else:
-            logits = self.model.decode(self.cache, ids_t, pos_t, self._span(span, EAGER_SPAN_BUCKET))
+            span = bucketed_span(span, EAGER_SPAN_BUCKET, self.cache.context)
+            logits = self.model.decode(self.cache, ids_t, pos_t, span)
         return logits if len(rows) == width else logits[rows_t]
-
-    def _span(self, span: int, bucket: int) -> int:
-        return min(self.cache.context, _round_up(span, bucket))
 
     def _replay(self, ids: torch.Tensor, pos: torch.Tensor, width: int, span: int) -> torch.Tensor:
         B = self.buckets[bisect.bisect_left(self.buckets, width)]
-        S = self._span(span, SPAN_BUCKET)
+        S = bucketed_span(span, SPAN_BUCKET, self.cache.context)
         self._ids[:width].copy_(ids)
         self._pos[:width].copy_(pos)
         self._ids[width:B].zero_()
