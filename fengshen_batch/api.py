@@ -80,20 +80,25 @@ def run(
 
 
 def report(output: str, *, by: str | None = None, endpoint_url: str | None = None) -> dict:
-    """Rebuild OUTPUT/report/ of a finished score job from its shards' summaries (no pass over the rows unless
-    `by` names another column than the job's `report_by`); return the report's summary."""
+    """Rebuild OUTPUT/report/ of a finished score or generate job from its shards' summaries (no pass over
+    the rows unless `by` names another column than the job's `report_by`); return the report's summary."""
     from .errors import JobError
     from .outputs import OutputStore
     from .report import build_report
+    from .sample_report import build_sample_report
     from .storage import StorageSpec
 
     store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
     manifest = store.published_manifest()
     if manifest is None:
         raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
+    kind = manifest["spec"].get("kind", "score")
+    builders = {"score": build_report, "generate": build_sample_report}
+    if kind not in builders:
+        raise JobError(f"{output} is the output of a {kind} job, which has no report (score and generate do)")
     try:
         summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
-        return build_report(store, manifest, by or manifest["spec"].get("report_by"), summaries)
+        return builders[kind](store, manifest, by or manifest["spec"].get("report_by"), summaries)
     except ValueError as e:
         raise JobError(str(e)) from None
 

@@ -191,6 +191,7 @@ def score(overwrite, ray_progress, **opts):
     default=None,
     help="With --prompt-template: write the filled prompt to the output (default) or not.",
 )
+@click.option("--report-by", help="Break the report's figures down by this column (e.g. source).")
 @click.option(
     "--keep-best",
     type=int,
@@ -288,9 +289,13 @@ def judge(overwrite, ray_progress, **opts):
 @click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config).")
 @_report_errors
 def report(output, by, endpoint_url):
-    """Rebuild OUTPUT/report/ (summary.json, ppl_histogram.png, report.html) from a finished score job."""
+    """Rebuild OUTPUT/report/ (summary.json, histograms, report.html) from a finished score or generate job."""
     summary = api.report(output, by=by, endpoint_url=endpoint_url)
-    click.echo(f"report: {output.rstrip('/')}/report/report.html (corpus ppl {summary['corpus_ppl']:,.2f})")
+    if "corpus_ppl" in summary:
+        headline = f"corpus ppl {summary['corpus_ppl']:,.2f}"
+    else:
+        headline = f"{summary['samples']:,} samples, {summary['limit_hit_fraction'] or 0:.1%} hit the limit"
+    click.echo(f"report: {output.rstrip('/')}/report/report.html ({headline})")
 
 
 @main.command()

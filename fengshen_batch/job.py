@@ -79,6 +79,8 @@ class _Summary:
     def __init__(self, kind: str):
         if kind == "score":
             from .sketch import merge
+        elif kind == "generate":
+            from .sample_sketch import merge
         else:
             merge = sum_counts
         self.merge = merge
@@ -94,7 +96,8 @@ class _Summary:
 
 def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None) -> None:
     """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
-    scoring (from the shards' merged summary, no pass over the rows), accuracy against labels for judging."""
+    scoring, the report for generation (both from the shards' merged summary, no pass over the rows),
+    accuracy against labels for judging."""
     took = manifest.setdefault("finish_seconds", {})  # each step between the last shard and _SUCCESS
     t = time.time()
     if spec.kind == "score":
@@ -103,7 +106,7 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
 
         # older shards (no summary in their markers): from the files
         summary = merged_summary(
-            store, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix,
+            store, "score", spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix,
             id_column=spec.id_column or "id",
         )  # fmt: skip
         if spec.bucket_thresholds:  # written with the data
@@ -134,10 +137,14 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
             summary = label_counts(rows, spec.label_column, spec.answers_column)
         manifest["judge"] = accuracy(summary, spec.criterion)
         took["accuracy"] = round(time.time() - t, 3)
-    elif spec.kind == "generate" and spec.keep_best:
-        # samples generated and not kept: each good row made n samples and kept k of them
-        n, k = spec.num_return_sequences, spec.keep_best
-        manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
+    elif spec.kind == "generate":
+        from .sample_report import build_sample_report
+
+        if spec.keep_best:  # samples generated and not kept: each good row made n samples and kept k of them
+            n, k = spec.num_return_sequences, spec.keep_best
+            manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
+        build_sample_report(store, manifest, spec.report_by, [summary])
+        took["report"] = round(time.time() - t, 3)
 
 
 def run_job(

@@ -48,9 +48,17 @@ RUNTIME_FIELDS = {
 }
 
 
+# Fields a kind gained after outputs of it existed: left out of the hash while at their default, so a rerun
+# over an older output still finds its own configuration there.
+ADDED_FIELDS = {"generate": {"report_by": None}}
+
+
 def spec_hash(record: dict) -> str:
     """Hash of the spec fields that determine results; markers carry it so configurations never mix."""
-    relevant = {k: v for k, v in record.items() if k not in RUNTIME_FIELDS}
+    added = ADDED_FIELDS.get(record.get("kind"), {})
+    relevant = {
+        k: v for k, v in record.items() if k not in RUNTIME_FIELDS and not (k in added and v == added[k])
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -175,6 +175,10 @@ class ModelActor:
             if self.spec.bucket_thresholds:  # fixed cutoffs: the bucket is known at write time
                 data = with_buckets(data, list(self.spec.bucket_thresholds), self.spec.bucket_by)
             summary = json.dumps(summarize(data, self.spec.text_column, self.spec.report_by, self.id_field))
+        elif self.spec.kind == "generate":
+            from .sample_sketch import summarize
+
+            summary = json.dumps(summarize(data, self._prompt_field(), self.spec.report_by, self.id_field))
         elif self.spec.kind == "judge" and self.spec.label_column:
             from .judging import label_counts
 
@@ -198,6 +202,13 @@ class ModelActor:
             "cached_prompt_tokens": usage.cached_tokens,
             "summary": summary,
         }
+
+    def _prompt_field(self) -> str | None:
+        """The prompts' column in the shard's internal data (for the report's examples), if it has one."""
+        spec = self.spec
+        if spec.prompt_template:  # the filled-in prompt, a result column, if it is kept
+            return spec.prompt_column if spec.keep_prompt else None
+        return self.renamed.get(spec.prompt_column, spec.prompt_column)
 
 
 class RowsActor:

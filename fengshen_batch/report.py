@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .outputs import DATA, OutputStore
-from .sketch import BINS_PER_DECADE, figures, merge, summarize
+from .sketch import BINS_PER_DECADE, figures
 from .writer import BUCKETS
 
 REPORT = "report"
@@ -107,40 +107,80 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 """
 
 
+# Each kind's result columns a summary reads (by their own names), the column that marks its output, and
+# its summariser: f(data, text column, by, id column) -> summary.
+RESULTS = {
+    "score": (["nll_sum", "token_count", "ppl", "bits_per_byte", "bucket", "bpb_diff"], "ppl"),
+    "generate": (["sample_index", "generation", "prompt_tokens", "generated_tokens", "finish_reason",
+                  "generation_nll_sum"], "generation"),
+}  # fmt: skip
+
+
+def _summarize(kind: str):
+    if kind == "generate":
+        from .sample_sketch import summarize
+    else:
+        from .sketch import summarize
+    return summarize
+
+
+def _merge(kind: str):
+    if kind == "generate":
+        from .sample_sketch import merge
+    else:
+        from .sketch import merge
+    return merge
+
+
 def _file_summary(
-    store: OutputStore, path: str, text_column: str | None, by: str | None, prefix: str, id_column: str
+    store: OutputStore,
+    path: str,
+    kind: str,
+    text_column: str | None,
+    by: str | None,
+    prefix: str,
+    id_column: str,
 ) -> dict:
-    results = ["nll_sum", "token_count", "ppl", "bits_per_byte", "bucket", "bpb_diff"]
-    inputs = [c for c in dict.fromkeys((id_column, text_column, by)) if c]
+    results, marker = RESULTS[kind]
     with store.fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        if prefix + "ppl" not in names:
-            raise ValueError(f"{store.url} is not the output of a score job (no {prefix}ppl column)")
+        if prefix + marker not in names:
+            raise ValueError(f"{store.url} is not the output of a {kind} job (no {prefix}{marker} column)")
         if by and by not in names:
             raise ValueError(f"column {by!r} is not in the output (columns: {', '.join(names)})")
-        canonical = {prefix + c: c for c in results if prefix + c in names}
+        # a result (a generate job's filled-in prompt too) is read under its prefixed name
+        canonical = {prefix + c: c for c in [*results, text_column] if c and prefix + c in names}
+        inputs = [c for c in dict.fromkeys((id_column, text_column, by)) if c and c not in canonical.values()]
         table = pf.read(columns=list(dict.fromkeys([*inputs, *canonical])))
     out = table.rename_columns([canonical.get(n, n) for n in table.column_names])
-    for c in inputs:  # a column that is both, e.g. `--by bucket`, is also kept under its own name
-        if c not in out.column_names:
+    for c in (id_column, by):  # a column that is both, e.g. `--by bucket`, is also kept under its own name
+        if c and c not in out.column_names:
             out = out.append_column(c, table.column(c))
-    return summarize(out, text_column, by, id_column)
+    return _summarize(kind)(out, text_column if text_column in out.column_names else None, by, id_column)
 
 
 def summaries_from_files(
-    store: OutputStore, text_column: str | None, by: str | None, prefix: str = "", id_column: str = "id"
+    store: OutputStore,
+    kind: str,
+    text_column: str | None,
+    by: str | None,
+    prefix: str = "",
+    id_column: str = "id",
 ) -> list[dict]:
     """Per-file summaries of OUTPUT/data, read in parallel (the report rebuilt for another column)."""
     files = store.files(DATA)
     if not files:
-        raise ValueError(f"no data files under {store.url}/{DATA}: is this a score job's output?")
+        raise ValueError(f"no data files under {store.url}/{DATA}: is this a job's output?")
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda p: _file_summary(store, p, text_column, by, prefix, id_column), files))
+        return list(
+            pool.map(lambda p: _file_summary(store, p, kind, text_column, by, prefix, id_column), files)
+        )
 
 
 def merged_summary(
     store: OutputStore,
+    kind: str,
     text_column: str | None,
     by: str | None,
     summaries: list | None,
@@ -154,7 +194,8 @@ def merged_summary(
     fresh = bool(summaries) and all(s is not None and s.get("by") == by for s in summaries)
     if fresh and need_buckets and not any("buckets" in s for s in summaries):
         fresh = False
-    return merge(summaries if fresh else summaries_from_files(store, text_column, by, prefix, id_column))
+    parts = summaries if fresh else summaries_from_files(store, kind, text_column, by, prefix, id_column)
+    return _merge(kind)(parts)
 
 
 def build_report(
@@ -163,7 +204,7 @@ def build_report(
     """Write OUTPUT/report/ from per-shard summaries (see `merged_summary`); return the summary."""
     spec = manifest["spec"]
     merged = merged_summary(
-        store, spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs")),
+        store, "score", spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs")),
         spec.get("result_prefix") or "", spec.get("id_column") or "id",
     )  # fmt: skip
     errors = manifest.get("counts", {}).get("error_rows", 0)  # the committed shards' count

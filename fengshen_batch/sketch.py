@@ -29,11 +29,15 @@ TEXT_CHARS = 300  # of each example document
 BPB_DIFF_WIDTH = 0.001  # bits per byte: the linear bins of bpb_diff (signed, so no log scale)
 
 
-def _histogram(values: np.ndarray, width: float | None = None) -> dict:
+def histogram(values: np.ndarray, width: float | None = None, integer: bool = False) -> dict:
     """{"bins": {bin: count}, "min", "max"} of positive values (bin b holds [10^(b/B), 10^((b+1)/B))); with
-    `width`, of any values on a linear scale (bin b holds [b * width, (b + 1) * width)), for signed figures."""
+    `width`, of any values on a linear scale (bin b holds [b * width, (b + 1) * width)), for signed figures;
+    `integer`: of whole numbers, one bin per number (exact quantiles, e.g. of token counts)."""
+    if integer:
+        width = 1
+    extra = {"width": width, **({"integer": True} if integer else {})} if width else {}
     if not len(values):
-        return {"bins": {}, "min": None, "max": None, **({"width": width} if width else {})}
+        return {"bins": {}, "min": None, "max": None, **extra}
     v = values.astype(np.float64)
     if width:
         raw = np.floor(v / width)
@@ -42,19 +46,22 @@ def _histogram(values: np.ndarray, width: float | None = None) -> dict:
         raw = np.floor(np.log10(v) * BINS_PER_DECADE)
     bins, counts = np.unique(raw.astype(np.int64), return_counts=True)
     return {"bins": {str(b): int(c) for b, c in zip(bins, counts, strict=True)},
-            "min": float(v.min()), "max": float(v.max()), **({"width": width} if width else {})}  # fmt: skip
+            "min": float(v.min()), "max": float(v.max()), **extra}  # fmt: skip
 
 
-def _merge_histograms(hists: list[dict]) -> dict:
+def merge_histograms(hists: list[dict]) -> dict:
     bins = sum_counts([h["bins"] for h in hists])
     lows = [h["min"] for h in hists if h["min"] is not None]
     highs = [h["max"] for h in hists if h["max"] is not None]
-    width = {"width": hists[0]["width"]} if hists and "width" in hists[0] else {}
-    return {"bins": bins, "min": min(lows, default=None), "max": max(highs, default=None), **width}
+    extra = {k: hists[0][k] for k in ("width", "integer") if hists and k in hists[0]}
+    return {"bins": bins, "min": min(lows, default=None), "max": max(highs, default=None), **extra}
 
 
 def _middle(hist: dict, b: int) -> float:
-    """A bin's middle: arithmetic on a linear histogram, geometric on a log one."""
+    """A bin's middle: arithmetic on a linear histogram, geometric on a log one; a whole number's own bin
+    is that number."""
+    if hist.get("integer"):
+        return float(b)
     if "width" in hist:
         return (b + 0.5) * hist["width"]
     return 10 ** ((b + 0.5) / BINS_PER_DECADE)
@@ -84,11 +91,11 @@ def _figures(table: pa.Table) -> dict:
         "rows": table.num_rows,
         "tokens": int(pc.sum(table.column("token_count")).as_py() or 0),
         "nll_sum": float(pc.sum(table.column("nll_sum")).as_py() or 0.0),
-        "ppl": _histogram(table.column("ppl").to_numpy()),
-        "bits_per_byte": _histogram(table.column("bits_per_byte").to_numpy()),
+        "ppl": histogram(table.column("ppl").to_numpy()),
+        "bits_per_byte": histogram(table.column("bits_per_byte").to_numpy()),
     }
     if "bpb_diff" in table.column_names:  # a reference model scored the texts too
-        out["bpb_diff"] = _histogram(table.column("bpb_diff").to_numpy(), BPB_DIFF_WIDTH)
+        out["bpb_diff"] = histogram(table.column("bpb_diff").to_numpy(), BPB_DIFF_WIDTH)
     return out
 
 
@@ -97,11 +104,11 @@ def _merge_figures(figures: list[dict]) -> dict:
         "rows": sum(f["rows"] for f in figures),
         "tokens": sum(f["tokens"] for f in figures),
         "nll_sum": math.fsum(f["nll_sum"] for f in figures),
-        "ppl": _merge_histograms([f["ppl"] for f in figures]),
-        "bits_per_byte": _merge_histograms([f["bits_per_byte"] for f in figures]),
+        "ppl": merge_histograms([f["ppl"] for f in figures]),
+        "bits_per_byte": merge_histograms([f["bits_per_byte"] for f in figures]),
     }
     if any("bpb_diff" in f for f in figures):
-        out["bpb_diff"] = _merge_histograms([f["bpb_diff"] for f in figures if "bpb_diff" in f])
+        out["bpb_diff"] = merge_histograms([f["bpb_diff"] for f in figures if "bpb_diff" in f])
     return out
 
 
@@ -159,13 +166,13 @@ def figures(summary: dict) -> dict:
         "rows": summary["rows"],
         "tokens": tokens,
         "corpus_ppl": math.exp(summary["nll_sum"] / tokens) if tokens else None,
-        "ppl_quantiles": _quantiles(summary["ppl"]),
-        "bits_per_byte_quantiles": _quantiles(summary["bits_per_byte"]),
-        **({"bpb_diff_quantiles": _quantiles(summary["bpb_diff"])} if "bpb_diff" in summary else {}),
+        "ppl_quantiles": quantiles(summary["ppl"]),
+        "bits_per_byte_quantiles": quantiles(summary["bits_per_byte"]),
+        **({"bpb_diff_quantiles": quantiles(summary["bpb_diff"])} if "bpb_diff" in summary else {}),
     }
 
 
-def _quantiles(hist: dict) -> dict[str, float]:
+def quantiles(hist: dict) -> dict[str, float]:
     if not hist["bins"]:
         return {}
     return {f"p{round(q * 100):02d}": quantile(hist, q) for q in QUANTILES}

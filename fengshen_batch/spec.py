@@ -163,6 +163,7 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
     max_new_tokens_column: str | None = None
     # Ray batches in flight per replica, all feeding its one engine, so it never drains between batches.
     max_concurrent_batches: int = Field(default=4, ge=1)
+    report_by: str | None = None  # a column (e.g. `source`) to break the report's figures down by
 
     @model_validator(mode="after")
     def _template_and_best_of_n(self):
@@ -188,9 +189,10 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
         return list(dict.fromkeys(names))
 
     def input_columns(self) -> tuple[list[str], list[str], list[str]]:
+        by = [self.report_by] if self.report_by else []
         if self.prompt_template is not None:
-            return [], [], self.template_columns()
-        return [self.prompt_column], [], []
+            return [], [], list(dict.fromkeys([*self.template_columns(), *by]))
+        return [self.prompt_column], [], by
 
     def number_columns(self) -> list[str]:
         return [self.max_new_tokens_column] if self.max_new_tokens_column else []
