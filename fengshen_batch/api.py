@@ -39,6 +39,12 @@ class JobResult:
         """Input, result and error rows, error kinds, tokens (and a generate job's prompt-cache counts)."""
         return self.manifest["counts"]
 
+    @property
+    def drifted(self) -> bool:
+        """A score job with a baseline and a drift_threshold: whether it drifted past it (its output is
+        complete either way)."""
+        return bool(self.manifest.get("drift", {}).get("exceeded"))
+
 
 def as_spec(job: AnyJob | dict | str | Path) -> AnyJob:
     """A validated spec from a spec object, a dict of spec keys or a YAML file's path."""
@@ -79,28 +85,68 @@ def run(
     return JobResult(spec.output, manifest)
 
 
-def report(output: str, *, by: str | None = None, endpoint_url: str | None = None) -> dict:
+def report(
+    output: str,
+    *,
+    by: str | None = None,
+    endpoint_url: str | None = None,
+    baseline: str | None = None,
+    baseline_check: bool | None = None,
+    drift_threshold: float | dict | None = None,
+) -> dict:
     """Rebuild OUTPUT/report/ of a finished score or generate job from its shards' summaries (no pass over
-    the rows unless `by` names another column than the job's `report_by`); return the report's summary."""
+    the rows unless `by` names another column than the job's `report_by`); return the report's summary.
+    A score job's report is compared with `baseline` (default: the job's own), its drift judged against
+    `drift_threshold` (default: the job's); `summary["drift"]["exceeded"]` says whether it drifted."""
     from .errors import JobError
     from .outputs import OutputStore
     from .report import build_report
     from .sample_report import build_sample_report
     from .storage import StorageSpec
 
-    store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
+    storage = StorageSpec(endpoint_url=endpoint_url)
+    store = OutputStore(output, storage)
     manifest = store.published_manifest()
     if manifest is None:
         raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
-    kind = manifest["spec"].get("kind", "score")
-    builders = {"score": build_report, "generate": build_sample_report}
-    if kind not in builders:
-        raise JobError(f"{output} is the output of a {kind} job, which has no report (score and generate do)")
+    spec = manifest["spec"]
+    kind = spec.get("kind", "score")
+    by = by or spec.get("report_by")
+    summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
     try:
-        summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
-        return builders[kind](store, manifest, by or manifest["spec"].get("report_by"), summaries)
+        if kind == "generate":
+            return build_sample_report(store, manifest, by, summaries)
+        if kind != "score":
+            raise JobError(
+                f"{output} is the output of a {kind} job, which has no report (score and generate do)"
+            )
+        base, threshold = _baseline(manifest, storage, baseline, baseline_check, drift_threshold)
+        return build_report(store, manifest, by, summaries, base, threshold)
     except ValueError as e:
         raise JobError(str(e)) from None
+
+
+def _baseline(manifest: dict, storage, url: str | None, check: bool | None, threshold: float | dict | None):
+    """The baseline a report is compared with and the drift threshold: the arguments, else the job's own."""
+    from pydantic import ValidationError
+
+    from .baseline import load_baseline
+    from .errors import SpecError
+    from .spec import DriftThreshold
+
+    spec = manifest["spec"]
+    url = url or spec.get("baseline")
+    threshold = threshold if threshold is not None else spec.get("drift_threshold")
+    if not url:
+        return None, None
+    check = spec.get("baseline_check", True) if check is None else check
+    base = load_baseline(url, storage, spec, manifest.get("model_fingerprint") or {}, check)
+    if threshold is None:
+        return base, None
+    try:
+        return base, DriftThreshold.model_validate(threshold).model_dump()
+    except ValidationError as e:
+        raise SpecError(f"drift_threshold: {e.errors()[0]['msg']}") from None
 
 
 @dataclass(frozen=True)

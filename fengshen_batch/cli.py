@@ -6,141 +6,36 @@ spec, input, model or output) print one line and exit 2; `--debug` shows the tra
 
 from __future__ import annotations
 
-import functools
-import logging
 import sys
 
 import click
 
 from . import api
-from .errors import FengshenError
-from .spec import build_spec, load_spec
-
-
-def _report_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, debug: bool = False, **kwargs):
-        logging.basicConfig(
-            level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s"
-        )
-        try:
-            return fn(*args, **kwargs)
-        except FengshenError as e:
-            if debug:
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)
-
-
-_RAY_PROGRESS = click.option(
-    "--ray-progress",
-    is_flag=True,
-    help="Also show Ray Data's own progress bars and INFO lines (off: one progress line of the job's).",
+from .cli_options import (
+    RAY_PROGRESS,
+    TOKEN_LOGPROBS,
+    baseline_options,
+    job_options,
+    report_errors,
+    spec_fields,
 )
-
-
-_TOKEN_LOGPROBS = click.option(
-    "--token-logprobs",
-    is_flag=True,
-    default=None,
-    help="Write token_ids and token_logprobs (natural log, temperature 1) columns. Large: off by default.",
-)
-
-
-def _job_options(fn):
-    options = [
-        click.option(
-            "--model", required=True, help="Model: local dir, s3://... (any fsspec) prefix, or hub id."
-        ),
-        click.option(
-            "--input",
-            "input_",
-            required=True,
-            help="Parquet file, folder/prefix or glob (local, s3://, gs://).",
-        ),
-        click.option(
-            "--output", required=True, help="Output folder/prefix: data/, errors/, manifest.json, _SUCCESS."
-        ),
-        click.option("--id-column", help="Row id column. Default: `id` if present, else FILE:ROW."),
-        click.option(
-            "--drop-column",
-            "drop_columns",
-            multiple=True,
-            help="Leave this input column out of the job and its output (e.g. an old `ppl`). Repeatable.",
-        ),
-        click.option(
-            "--result-prefix",
-            help="Prefix of every result column (new_ -> new_ppl, ...), e.g. beside an input's old results.",
-        ),
-        click.option("--actors", help="Model replicas: N, or MIN,MAX to autoscale. Default 1."),
-        click.option(
-            "--gpus-per-actor",
-            type=float,
-            help="GPUs per replica. Default 1 if the cluster has GPUs, else 0 (CPU).",
-        ),
-        click.option(
-            "--cpus-per-actor",
-            type=float,
-            help="CPUs per replica (a CPU replica uses as many torch threads). Default 1.",
-        ),
-        click.option(
-            "--batch-size",
-            type=int,
-            help="Scoring, judging: rows per engine call within a shard. Default 256.",
-        ),
-        click.option(
-            "--token-budget",
-            type=int,
-            help="Scoring: padded tokens per forward pass (default 16384 on GPU, 2048 on CPU). Generation: "
-            "prompt tokens prefilled per engine step (default 8192 on GPU, 2048 on CPU).",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-            help="Weights dtype. auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU.",
-        ),
-        click.option(
-            "--shard-rows", type=int, help="Input rows per output shard (the unit of resume). Default 4096."
-        ),
-        click.option(
-            "--address", help="Ray cluster to join. Default: RAY_ADDRESS, else an embedded local Ray."
-        ),
-        click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config)."),
-        click.option("--region", help="Object-store region."),
-        click.option("--anonymous", is_flag=True, default=None, help="Unsigned requests (public buckets)."),
-        click.option(
-            "--trust-remote-code",
-            is_flag=True,
-            default=None,
-            help="Allow model code from the model repo. Off unless given.",
-        ),
-        click.option(
-            "--overwrite",
-            is_flag=True,
-            help="Recompute everything, replacing a finished or different output.",
-        ),
-        _RAY_PROGRESS,
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _spec_fields(kind: str, opts: dict) -> dict:
-    """CLI options -> spec fields; options not given stay out so the spec's defaults apply."""
-    storage = {k: opts.pop(k) for k in ("endpoint_url", "region", "anonymous")}
-    fields = {"kind": kind, "input": opts.pop("input_"), **opts}
-    fields = {k: v for k, v in fields.items() if v is not None and v != ()}
-    storage = {k: v for k, v in storage.items() if v is not None}
-    if storage:
-        fields["storage"] = storage
-    return fields
+from .spec import build_spec, fill_dates, load_spec
 
 
 def _run(fields: dict, overwrite: bool, ray_progress: bool) -> None:
-    api.run(build_spec(fields), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    _exit_on_drift(
+        api.run(build_spec(fields), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    )
+
+
+def _exit_on_drift(result: api.JobResult) -> None:
+    """A drifted score job is complete, but a scheduler must see it: exit DRIFT_EXIT_CODE."""
+    if result.drifted:
+        from .baseline import DRIFT_EXIT_CODE
+
+        if result.already_complete:  # a retry of a drifted night stays red
+            click.echo("drift: " + "; ".join(result.manifest["drift"]["breaches"]), err=True)
+        sys.exit(DRIFT_EXIT_CODE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -149,7 +44,7 @@ def main():
 
 
 @main.command()
-@_job_options
+@job_options
 @click.option("--text-column", help="Column holding the text to score. Default `text`.")
 @click.option("--report-by", help="Break the report's figures down by this column (e.g. source).")
 @click.option(
@@ -167,15 +62,16 @@ def main():
     type=click.Choice(["ppl", "bits_per_byte", "bpb_diff"]),
     help="The column buckets cut (with bucket_quantiles/bucket_thresholds in a spec). Default ppl.",
 )
-@_TOKEN_LOGPROBS
-@_report_errors
+@TOKEN_LOGPROBS
+@baseline_options
+@report_errors
 def score(overwrite, ray_progress, **opts):
     """Perplexity of every text (lm-eval loglikelihood_rolling semantics)."""
-    _run(_spec_fields("score", opts), overwrite, ray_progress)
+    _run(spec_fields("score", opts), overwrite, ray_progress)
 
 
 @main.command()
-@_job_options
+@job_options
 @click.option(
     "--prompt-column",
     help="Column holding the prompt (with --prompt-template: the column the filled prompt is written to). "
@@ -197,7 +93,7 @@ def score(overwrite, ray_progress, **opts):
     type=int,
     help="Keep the K of --num-return-sequences samples with the lowest NLL per token (best-of-n).",
 )
-@_TOKEN_LOGPROBS
+@TOKEN_LOGPROBS
 @click.option("--max-new-tokens", type=int, help="Tokens to generate at most. Default 64.")
 @click.option(
     "--max-new-tokens-column",
@@ -248,14 +144,14 @@ def score(overwrite, ray_progress, **opts):
     type=click.Choice(["truncate_left", "error"]),
     help="Prompt longer than context - max_new_tokens: keep its end (default) or a row error.",
 )
-@_report_errors
+@report_errors
 def generate(overwrite, ray_progress, **opts):
     """Generate continuations of every prompt."""
-    _run(_spec_fields("generate", opts), overwrite, ray_progress)
+    _run(spec_fields("generate", opts), overwrite, ray_progress)
 
 
 @main.command()
-@_job_options
+@job_options
 @click.option("--candidates-column", help="List<string> column of ready candidate statements.")
 @click.option("--question-column", help="Question column (with --answers-column). Default `question`.")
 @click.option(
@@ -277,25 +173,34 @@ def generate(overwrite, ray_progress, **opts):
     help="With one statement per row: judged true when its criterion value <= this.",
 )
 @click.option("--stride", type=int, help="As for score: new tokens per window after the first.")
-@_report_errors
+@report_errors
 def judge(overwrite, ray_progress, **opts):
     """Judge facts by perplexity (Yuyuan): the least surprising candidate statement wins."""
-    _run(_spec_fields("judge", opts), overwrite, ray_progress)
+    _run(spec_fields("judge", opts), overwrite, ray_progress)
 
 
 @main.command()
 @click.argument("output")
 @click.option("--by", help="Break the figures down by this column (e.g. source).")
 @click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config).")
-@_report_errors
-def report(output, by, endpoint_url):
-    """Rebuild OUTPUT/report/ (summary.json, histograms, report.html) from a finished score or generate job."""
-    summary = api.report(output, by=by, endpoint_url=endpoint_url)
+@baseline_options
+@report_errors
+def report(output, by, endpoint_url, baseline, baseline_check, drift_threshold):
+    """Rebuild OUTPUT/report/ (summary.json, histograms, report.html) from a finished score or generate job;
+    a score job's is compared with its baseline (or --baseline), exit 3 when it drifted past the threshold."""
+    baseline = fill_dates(baseline) if baseline else None
+    summary = api.report(output, by=by, endpoint_url=endpoint_url, baseline=baseline,
+                         baseline_check=baseline_check, drift_threshold=drift_threshold)  # fmt: skip
     if "corpus_ppl" in summary:
         headline = f"corpus ppl {summary['corpus_ppl']:,.2f}"
     else:
         headline = f"{summary['samples']:,} samples, {summary['limit_hit_fraction'] or 0:.1%} hit the limit"
     click.echo(f"report: {output.rstrip('/')}/report/report.html ({headline})")
+    if summary.get("drift", {}).get("exceeded"):
+        from .baseline import DRIFT_EXIT_CODE
+
+        click.echo("drift: " + "; ".join(summary["drift"]["breaches"]), err=True)
+        sys.exit(DRIFT_EXIT_CODE)
 
 
 @main.command()
@@ -303,11 +208,13 @@ def report(output, by, endpoint_url):
 @click.option(
     "--overwrite", is_flag=True, help="Recompute everything, replacing a finished or different output."
 )
-@_RAY_PROGRESS
-@_report_errors
+@RAY_PROGRESS
+@report_errors
 def run(spec_path, overwrite, ray_progress):
     """Run a job spec (kind: score|generate|judge, and the options above as snake_case keys)."""
-    api.run(load_spec(spec_path), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    _exit_on_drift(
+        api.run(load_spec(spec_path), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    )
 
 
 @main.command()
@@ -315,7 +222,7 @@ def run(spec_path, overwrite, ray_progress):
     "--output", default="demo-output", show_default=True, help="Where the demo writes its model and results."
 )
 @click.option("--address", help="Ray cluster to join. Default: an embedded local Ray.")
-@_report_errors
+@report_errors
 def demo(output, address):
     """Build a tiny GPT2 and sample prompts, then score and generate on Ray, and show the results."""
     from .demo import run_demo
@@ -351,7 +258,7 @@ _ADDRESS = click.option(
     help="Also upload this folder as the job's working dir. Default: nothing is uploaded (the spec travels "
     "in the job's entrypoint).",
 )
-@_report_errors
+@report_errors
 def submit(spec_path, address, wait_, submission_id, package, working_dir):
     """Submit a job spec, from anywhere, to a Ray cluster (Jobs API); a second submit of the same id does not
     run it again. Local paths in the spec are relative to its folder, and need a head on this machine."""
@@ -365,7 +272,7 @@ def submit(spec_path, address, wait_, submission_id, package, working_dir):
 @main.command()
 @click.argument("submission_id")
 @_ADDRESS
-@_report_errors
+@report_errors
 def status(submission_id, address):
     """Status of a submitted job."""
     from . import submission as jobs
@@ -376,7 +283,7 @@ def status(submission_id, address):
 @main.command()
 @click.argument("submission_id")
 @_ADDRESS
-@_report_errors
+@report_errors
 def logs(submission_id, address):
     """Logs of a submitted job."""
     from . import submission as jobs
@@ -387,7 +294,7 @@ def logs(submission_id, address):
 @main.command()
 @click.argument("submission_id")
 @_ADDRESS
-@_report_errors
+@report_errors
 def stop(submission_id, address):
     """Stop a submitted job."""
     from . import submission as jobs

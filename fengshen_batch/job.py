@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
+from .baseline import BaselineMissing, load_baseline
 from .errors import JobError
 from .inputs import inspect_inputs, make_shards
-from .loading import check_model_source
+from .loading import check_model_source, model_fingerprint
 from .outputs import DATA, OutputStore, ShardStats, spec_hash, sum_counts
 from .progress import Display, quiet_ray
 from .schemas import JUDGE_FIELDS, data_schema, error_schema, result_names
@@ -94,7 +95,7 @@ class _Summary:
             self.merged = summary if self.merged is None else self.merge([self.merged, summary])
 
 
-def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None) -> None:
+def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None, baseline=None) -> None:
     """What a kind adds once every shard is committed and before _SUCCESS: buckets and the report for
     scoring, the report for generation (both from the shards' merged summary, no pass over the rows),
     accuracy against labels for judging."""
@@ -124,7 +125,10 @@ def _finish_kind(spec, store: OutputStore, manifest: dict, summary: dict | None)
                 manifest["bucket_cutoffs"] = cutoffs
                 took["buckets"] = round(time.time() - t, 3)
                 t = time.time()
-        build_report(store, manifest, spec.report_by, [summary])
+        threshold = spec.drift_threshold.model_dump() if spec.drift_threshold else None
+        report = build_report(store, manifest, spec.report_by, [summary], baseline, threshold)
+        if "drift" in report:
+            manifest["drift"] = report["drift"]
         took["report"] = round(time.time() - t, 3)
     elif spec.kind == "judge" and spec.label_column:
         from .judging import accuracy, label_counts
@@ -173,6 +177,19 @@ def run_job(
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:
             check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
+    fingerprint, baseline, skipped = {}, None, None
+    if spec.kind == "score":  # what a later job's baseline check compares (a few small reads)
+        fingerprint = model_fingerprint(spec.model, storage_options(spec.model, spec.storage))
+        if spec.baseline:  # read and checked now: a bad baseline fails before any model loads
+            try:
+                baseline = load_baseline(
+                    spec.baseline, spec.storage, record, fingerprint, spec.baseline_check
+                )
+            except BaselineMissing as e:
+                if spec.baseline_missing == "fail":
+                    raise
+                skipped = f"{e}; no comparison (baseline_missing: skip)"
+                progress(skipped)
     shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
@@ -273,6 +290,8 @@ def run_job(
         "startup": {k: round(v, 3) for k, v in startup.items()},
         "gpus_per_actor": gpus,
         "versions": _versions(),
+        **({"model_fingerprint": fingerprint} if fingerprint else {}),
+        **({"baseline_skipped": skipped} if skipped else {}),
     }
     cache_note = ""
     if spec.kind == "generate":
@@ -285,12 +304,14 @@ def run_job(
         t = time.time()
         store.replace_with(target)
         manifest["finish_seconds"] = {"replace_old_output": round(time.time() - t, 3)}
-    _finish_kind(spec, store, manifest, summary.merged if summary.complete else None)
+    _finish_kind(spec, store, manifest, summary.merged if summary.complete else None, baseline)
     store.publish(manifest)
     progress(
         f"done: {inputs.rows} rows ({totals['errors']} errors), {totals['tokens']} tokens, "
         f"{manifest['tokens_per_second']:,.0f} tokens/s{cache_note}, {wall:.1f}s -> {redact_url(spec.output)}"
     )
+    if manifest.get("drift", {}).get("exceeded"):
+        progress(f"drift against {baseline.url}: " + "; ".join(manifest["drift"]["breaches"]))
     return manifest
 
 

@@ -327,3 +327,39 @@ def check_model_source(
         check_model_dir(path, source, trust_remote_code)
     elif not _HUB_ID.match(source) or path.exists():
         raise _not_found(source)
+
+
+# The files that make a model's numbers what they are, besides its weights: what a baseline check compares.
+FINGERPRINT_FILES = {"config": ("config.json",), "tokenizer": ("tokenizer.json", "vocab.json", "merges.txt")}
+
+
+def model_fingerprint(source: str, storage_options: dict | None = None) -> dict[str, str]:
+    """{"config": sha256, "tokenizer": sha256} of a local or bucket model's config.json and tokenizer files
+    (each the first 16 hex digits over the files present, in order): a few small reads, no weights. A hub id
+    gives {} (the driver may have no copy; its name is what identifies it)."""
+    if _is_url(source) and not source.startswith("file://"):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(source.rstrip("/"), **(storage_options or {}))
+
+        def read(name: str) -> bytes | None:
+            try:
+                return fs.cat_file(f"{root}/{name}")
+            except FileNotFoundError:
+                return None
+    else:
+        path = Path(source.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            return {}
+
+        def read(name: str) -> bytes | None:
+            return (path / name).read_bytes() if (path / name).is_file() else None
+
+    out = {}
+    for part, names in FINGERPRINT_FILES.items():
+        digest = hashlib.sha256()
+        for name in names:
+            if (data := read(name)) is not None:
+                digest.update(name.encode() + b"\0" + data)
+        out[part] = digest.hexdigest()[:16]
+    return out

@@ -45,6 +45,11 @@ RUNTIME_FIELDS = {
     "cuda_graphs",
     "enable_prefix_caching",
     "max_concurrent_batches",
+    # what today's output is compared with, and when that comparison alerts: the report's, not the data's
+    "baseline",
+    "baseline_check",
+    "baseline_missing",
+    "drift_threshold",
 }
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.parquet as pq
 
+from .baseline import SKETCH, Baseline, compare, comparison_html, drift
 from .outputs import DATA, OutputStore
 from .sketch import BINS_PER_DECADE, figures
 from .writer import BUCKETS
@@ -24,8 +25,9 @@ from .writer import BUCKETS
 REPORT = "report"
 
 
-def _histogram_png(hist: dict, corpus_ppl: float | None) -> bytes:
-    """The merged log-histogram of perplexity, drawn in about 40 bars between its min and max."""
+def _histogram_png(hist: dict, corpus_ppl: float | None, baseline: dict | None = None) -> bytes:
+    """The merged log-histogram of perplexity, drawn in about 40 bars between its min and max; a baseline's
+    as an outline over it, both as shares of their documents."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,24 +36,35 @@ def _histogram_png(hist: dict, corpus_ppl: float | None) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     if hist["bins"]:
-        fine = np.array([int(b) for b in hist["bins"]], dtype=np.float64)
-        counts = np.array(list(hist["bins"].values()), dtype=np.float64)
-        centers = 10 ** ((fine + 0.5) / BINS_PER_DECADE)  # each fine bin's documents at its middle
-        lo, hi = max(hist["min"], 1e-3), max(hist["max"], 1.001)
+        both = [h for h in (hist, baseline) if h and h["bins"]]
+        lo = max(min(h["min"] for h in both), 1e-3)
+        hi = max(max(h["max"] for h in both), 1.001)
         edges = (
             np.logspace(np.log10(lo), np.log10(hi * 1.0001), 41)
             if hi > lo
             else np.array([lo * 0.99, lo * 1.01])
         )
-        ax.hist(np.clip(centers, edges[0], edges[-1]), bins=edges, weights=counts, color="#3b6ea5",
-                edgecolor="white", linewidth=0.4)  # fmt: skip
+
+        def draw(h: dict, **style) -> None:
+            fine = np.array([int(b) for b in h["bins"]], dtype=np.float64)
+            counts = np.array(list(h["bins"].values()), dtype=np.float64)
+            centers = 10 ** ((fine + 0.5) / BINS_PER_DECADE)  # each fine bin's documents at its middle
+            weights = counts / counts.sum() if baseline else counts
+            ax.hist(np.clip(centers, edges[0], edges[-1]), bins=edges, weights=weights, **style)
+
+        draw(hist, color="#3b6ea5", edgecolor="white", linewidth=0.4, label="today" if baseline else None)
+        if baseline and baseline["bins"]:
+            draw(baseline, histtype="step", color="#222222", linewidth=1.4, label="baseline")
         ax.set_xscale("log")
         if corpus_ppl:
             ax.axvline(corpus_ppl, color="#c44e52", linestyle="--", label=f"corpus ppl {corpus_ppl:,.1f}")
             ax.legend(frameon=False)
+    if baseline:
+        ax.legend(frameon=False)
     ax.set_xlabel("perplexity per document (log scale)")
-    ax.set_ylabel("documents")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("share of documents" if baseline else "documents")
+    if not baseline:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Perplexity distribution")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
@@ -76,6 +89,8 @@ def _html(summary: dict, low: list[dict], high: list[dict]) -> str:
 
     figures = [("rows", summary["rows"]), ("errors", summary["errors"]), ("tokens", summary["tokens"]),
                ("corpus perplexity", summary["corpus_ppl"])]  # fmt: skip
+    if summary.get("corpus_bits_per_byte") is not None:
+        figures.append(("corpus bits per byte", summary["corpus_bits_per_byte"]))
     figures += [(f"ppl {k}", v) for k, v in summary["ppl_quantiles"].items()]
     figures += [(f"bits/byte {k}", v) for k, v in summary["bits_per_byte_quantiles"].items()]
     figures += [(f"bpb_diff {k}", v) for k, v in summary.get("bpb_diff_quantiles", {}).items()]
@@ -98,6 +113,7 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 </style></head><body>
 <h1>Scoring report</h1>
 <p>Model <code>{html.escape(summary["model"])}</code>, input <code>{html.escape(summary["input"])}</code>.</p>
+{comparison_html(summary) if "comparison" in summary else ""}
 <img src="ppl_histogram.png" alt="histogram of per-document perplexity, log scale">
 <table>{stats}</table>
 {groups}
@@ -110,7 +126,7 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 # Each kind's result columns a summary reads (by their own names), the column that marks its output, and
 # its summariser: f(data, text column, by, id column) -> summary.
 RESULTS = {
-    "score": (["nll_sum", "token_count", "ppl", "bits_per_byte", "bucket", "bpb_diff"], "ppl"),
+    "score": (["nll_sum", "token_count", "ppl", "byte_count", "bits_per_byte", "bucket", "bpb_diff"], "ppl"),
     "generate": (["sample_index", "generation", "prompt_tokens", "generated_tokens", "finish_reason",
                   "generation_nll_sum"], "generation"),
 }  # fmt: skip
@@ -199,9 +215,15 @@ def merged_summary(
 
 
 def build_report(
-    store: OutputStore, manifest: dict, by: str | None = None, summaries: list | None = None
+    store: OutputStore,
+    manifest: dict,
+    by: str | None = None,
+    summaries: list | None = None,
+    baseline: Baseline | None = None,
+    threshold: dict | None = None,
 ) -> dict:
-    """Write OUTPUT/report/ from per-shard summaries (see `merged_summary`); return the summary."""
+    """Write OUTPUT/report/ from per-shard summaries (see `merged_summary`), compared with `baseline` if
+    given (and its drift judged against `threshold`, a DriftThreshold's fields); return the summary."""
     spec = manifest["spec"]
     merged = merged_summary(
         store, "score", spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs")),
@@ -216,11 +238,21 @@ def build_report(
     if merged.get("buckets"):
         summary["buckets"] = {b: merged["buckets"].get(b, 0) for b in BUCKETS}
         summary["bucket_cutoffs"] = manifest.get("bucket_cutoffs")
+    if baseline is not None:
+        summary["comparison"] = compare(merged, baseline, by)
+        if threshold:
+            summary["drift"] = drift(summary["comparison"], threshold)
     store.fs.makedirs(store._p(REPORT), exist_ok=True)
     store.fs.pipe_file(store._p(REPORT, "summary.json"), json.dumps(summary, indent=2).encode())
-    store.fs.pipe_file(
-        store._p(REPORT, "ppl_histogram.png"), _histogram_png(merged["ppl"], summary["corpus_ppl"])
-    )
+    if by == spec.get(
+        "report_by"
+    ):  # what a later job compares itself with (not a rebuild for another column)
+        sketch = {
+            k: v for k, v in merged.items() if k not in ("low", "high")
+        }  # sums and histograms, no texts
+        store.fs.pipe_file(store._p(REPORT, SKETCH), json.dumps(sketch).encode())
+    png = _histogram_png(merged["ppl"], summary["corpus_ppl"], baseline.sketch["ppl"] if baseline else None)
+    store.fs.pipe_file(store._p(REPORT, "ppl_histogram.png"), png)
     page = _html(summary, merged["low"], merged["high"])
     store.fs.pipe_file(store._p(REPORT, "report.html"), page.encode())
     return summary

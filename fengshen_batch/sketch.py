@@ -57,7 +57,7 @@ def merge_histograms(hists: list[dict]) -> dict:
     return {"bins": bins, "min": min(lows, default=None), "max": max(highs, default=None), **extra}
 
 
-def _middle(hist: dict, b: int) -> float:
+def bin_middle(hist: dict, b: int) -> float:
     """A bin's middle: arithmetic on a linear histogram, geometric on a log one; a whole number's own bin
     is that number."""
     if hist.get("integer"):
@@ -79,7 +79,7 @@ def quantile(hist: dict, q: float) -> float | None:
 
     def order_statistic(i: int) -> float:  # the i-th smallest value (0-based), to within its bin
         b = bins[int(np.searchsorted(cumulative, i, side="right"))]
-        return float(min(max(_middle(hist, b), hist["min"]), hist["max"]))
+        return float(min(max(bin_middle(hist, b), hist["min"]), hist["max"]))
 
     lo = math.floor(rank)
     low, high = order_statistic(lo), order_statistic(min(lo + 1, int(cumulative[-1]) - 1))
@@ -91,6 +91,11 @@ def _figures(table: pa.Table) -> dict:
         "rows": table.num_rows,
         "tokens": int(pc.sum(table.column("token_count")).as_py() or 0),
         "nll_sum": float(pc.sum(table.column("nll_sum")).as_py() or 0.0),
+        **(
+            {"bytes": int(pc.sum(table.column("byte_count")).as_py() or 0)}
+            if "byte_count" in table.column_names
+            else {}
+        ),
         "ppl": histogram(table.column("ppl").to_numpy()),
         "bits_per_byte": histogram(table.column("bits_per_byte").to_numpy()),
     }
@@ -109,6 +114,8 @@ def _merge_figures(figures: list[dict]) -> dict:
     }
     if any("bpb_diff" in f for f in figures):
         out["bpb_diff"] = merge_histograms([f["bpb_diff"] for f in figures if "bpb_diff" in f])
+    if all("bytes" in f for f in figures):  # summaries of older versions have no byte count
+        out["bytes"] = sum(f["bytes"] for f in figures)
     return out
 
 
@@ -166,6 +173,16 @@ def figures(summary: dict) -> dict:
         "rows": summary["rows"],
         "tokens": tokens,
         "corpus_ppl": math.exp(summary["nll_sum"] / tokens) if tokens else None,
+        # bits per byte of the whole corpus: all its NLL over all its UTF-8 bytes (comparable across tokenizers)
+        **(
+            {
+                "corpus_bits_per_byte": summary["nll_sum"] / math.log(2) / summary["bytes"]
+                if summary["bytes"]
+                else None
+            }
+            if "bytes" in summary
+            else {}
+        ),  # fmt: skip
         "ppl_quantiles": quantiles(summary["ppl"]),
         "bits_per_byte_quantiles": quantiles(summary["bits_per_byte"]),
         **({"bpb_diff_quantiles": quantiles(summary["bpb_diff"])} if "bpb_diff" in summary else {}),

@@ -106,6 +106,31 @@ class JobBase(BaseModel):
         return self.PARAMS(**self.model_dump(include=set(self.PARAMS.model_fields)))
 
 
+class DriftThreshold(BaseModel):
+    """When a score job compared with a `baseline` has drifted: any limit passed, by the whole corpus or by a
+    `report_by` group with at least `min_group_rows` rows on both sides (small groups are noise)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ppl_change: float | None = Field(default=None, gt=0)  # |today / baseline - 1| of corpus perplexity
+    ks: float | None = Field(default=None, gt=0, le=1)  # Kolmogorov-Smirnov distance of per-document ppl
+    min_group_rows: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number(cls, value):
+        """A bare number is a corpus-perplexity change: `drift_threshold: 0.05` alerts at +-5%."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"ppl_change": value}
+        return value
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.ppl_change is None and self.ks is None:
+            raise ValueError("drift_threshold needs ppl_change, ks or both")
+        return self
+
+
 class ScoreJob(JobBase, ScoreParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
     PARAMS: ClassVar[type[BaseModel]] = ScoreParams
@@ -123,6 +148,22 @@ class ScoreJob(JobBase, ScoreParams):
     # bpb_diff = bits_per_byte - ref_bits_per_byte. Any source `model` accepts.
     reference_model: str | None = Field(default=None, min_length=1)
     token_logprobs: bool = False  # token_ids and token_logprobs columns (large: off by default)
+    # An earlier score job's output to compare with (`s3://scores/{date-1}/`), read from its report and
+    # markers, never its rows; one scored with another model, tokenizer or stride is refused unless
+    # baseline_check is false.
+    baseline: str | None = Field(default=None, min_length=1)
+    baseline_check: bool = True
+    # A baseline that is not there (a nightly's first night, or after a missed one): fail the job, or skip
+    # the comparison and say so in the manifest (`baseline_skipped`) and on the screen.
+    baseline_missing: Literal["fail", "skip"] = "fail"
+    # Past this, the job still completes but exits with DRIFT_EXIT_CODE and manifest.drift.exceeded: true.
+    drift_threshold: DriftThreshold | None = None
+
+    @model_validator(mode="after")
+    def _drift_needs_a_baseline(self):
+        if self.drift_threshold is not None and not self.baseline:
+            raise ValueError("drift_threshold needs a baseline to compare with")
+        return self
 
     @model_validator(mode="after")
     def _buckets(self):
@@ -267,10 +308,20 @@ def run_date() -> str:
     return value
 
 
+_DATE = re.compile(r"\{date(?:-(\d+))?\}")
+
+
+def fill_dates(text: str, date: str | None = None) -> str:
+    """`{date}` -> the run date (`run_date()` unless given), `{date-N}` -> N days before it (YYYY-MM-DD):
+    a nightly spec's own prefix and its baseline's, e.g. `s3://scores/{date-1}/`."""
+    day = dt.date.fromisoformat(date or run_date())
+    return _DATE.sub(lambda m: (day - dt.timedelta(days=int(m.group(1) or 0))).isoformat(), text)
+
+
 def load_spec(path: str | Path) -> AnyJob:
-    """Read and validate a YAML spec; `{date}` anywhere in it becomes `run_date()` (nightly prefixes)."""
+    """Read and validate a YAML spec; `{date}` and `{date-N}` anywhere in it become dates (`fill_dates`)."""
     try:
-        fields = yaml.safe_load(Path(path).read_text(encoding="utf-8").replace("{date}", run_date()))
+        fields = yaml.safe_load(fill_dates(Path(path).read_text(encoding="utf-8")))
     except OSError as e:
         raise SpecError(f"cannot read job spec {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -283,7 +334,7 @@ def load_spec(path: str | Path) -> AnyJob:
 def spec_record(spec: AnyJob) -> dict:
     """The spec as written into manifests: JSON-safe, with any userinfo in URLs removed."""
     record = spec.model_dump(mode="json")
-    for key in ("model", "input", "output", "address"):
+    for key in ("model", "input", "output", "address", "baseline"):
         if record.get(key):
             record[key] = redact_url(record[key])
     if record["storage"].get("endpoint_url"):

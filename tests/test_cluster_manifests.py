@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from fengshen_batch.spec import build_spec
+from fengshen_batch.spec import build_spec, fill_dates
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -90,7 +90,7 @@ def _rayjob_rules(name: str, spec: dict) -> None:
 def _check_job_specs(doc: dict) -> None:
     for key, value in doc.get("data", {}).items():
         if key == "job.yaml":
-            build_spec(yaml.safe_load(value.replace("{date}", "2026-11-21")))
+            build_spec(yaml.safe_load(fill_dates(value, "2026-11-21")))
 
 
 def _check(doc: dict) -> None:

@@ -152,11 +152,11 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_drop_columns_and_result_prefix_from_the_command_line():
-    from fengshen_batch.cli import _spec_fields
+    from fengshen_batch.cli_options import spec_fields
 
     opts = {"model": "m", "input_": "i", "output": "o", "drop_columns": ("ppl", "nll_sum"),
             "result_prefix": "new_", "endpoint_url": None, "region": None, "anonymous": None}  # fmt: skip
-    spec = build_spec(_spec_fields("score", opts))
+    spec = build_spec(spec_fields("score", opts))
     assert spec.drop_columns == ("ppl", "nll_sum") and spec.result_prefix == "new_"
     assert build_spec({"kind": "score", **BASE, "drop_columns": "ppl"}).drop_columns == ("ppl",)
     with pytest.raises(SpecError, match="result_prefix"):
