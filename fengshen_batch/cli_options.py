@@ -64,6 +64,9 @@ def job_options(fn):
         ),
         click.option("--id-column", help="Row id column. Default: `id` if present, else FILE:ROW."),
         click.option(
+            "--name", help="Job name (a-z, 0-9, -): the `job` tag of its Ray metrics. Default: the kind."
+        ),
+        click.option(
             "--drop-column",
             "drop_columns",
             multiple=True,

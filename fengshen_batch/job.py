@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -20,7 +22,7 @@ from .errors import JobError
 from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source, model_fingerprint
 from .outputs import DATA, OutputStore, ShardStats, spec_hash, sum_counts
-from .progress import Display, quiet_ray
+from .progress import Display, quiet_ray, start_board, watch
 from .schemas import JUDGE_FIELDS, data_schema, error_schema, result_names
 from .spec import GenerateJob, ScoreJob, spec_record
 from .storage import filesystem, redact_url, storage_options
@@ -224,6 +226,8 @@ def run_job(
     from . import pipeline  # Ray is imported only once the job is known to be runnable
 
     t = time.time()
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    progress(f"joining Ray at {redact_url(address)} ..." if address else "starting a local Ray ...")
     pipeline.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
     startup["ray_start"] = time.time() - t
     gpus = (
@@ -239,8 +243,14 @@ def run_job(
     display = Display(todo_rows, len(shards), len(committed), progress, live=False if ray_progress else live)
     rows_done = tokens_done = errors_done = 0
     run_start = time.time()
+    last_commit = None
+    # the actors' in-flight counts, read into the display from the first tokens on (and their phases before)
+    board, stop_watching = start_board(), threading.Event()
+    watcher = watch(board, display, spec.actors[0], spec.kind, stop_watching)
     try:
-        records = pipeline.run_pipeline(spec, todo, inputs.id_column, gpus, target.url, schemas, ray_progress)
+        records = pipeline.run_pipeline(
+            spec, todo, inputs.id_column, gpus, target.url, schemas, ray_progress, board
+        )
         for batch in records:
             if "first_batch" not in startup:
                 startup["first_batch"] = time.time() - run_start
@@ -254,18 +264,23 @@ def run_job(
                 summary.add(shard_summary)
                 target.commit(by_index[index], shard_stats, hash_, shard_summary)
                 startup.setdefault("first_shard", time.time() - started)
+                last_commit = time.time()
                 stats[index] = shard_stats.__dict__
                 rows_done += shard_stats.rows
                 tokens_done += shard_stats.tokens
                 errors_done += shard_stats.errors
             display.update(rows_done, tokens_done, errors_done, len(stats))
     finally:
+        stop_watching.set()
+        watcher.join(timeout=5)
         display.close()
     missing = [s.index for s in shards if s.index not in stats]
     if missing:
         raise RuntimeError(f"{len(missing)} shards did not complete (first: {missing[:5]}); rerun to resume")
 
     wall = time.time() - started
+    phases = ("plan", "actor_imports", "replica_load", "first_call_wait")
+    compute_from = run_start + sum(startup[k] for k in phases) if all(k in startup for k in phases) else None
     totals = {k: sum(m[k] for m in stats.values()) for k in ("rows", "results", "errors", "tokens")}
     if totals["rows"] != inputs.rows:
         raise RuntimeError(f"row count mismatch: {totals['rows']} committed, {inputs.rows} in the input")
@@ -286,6 +301,8 @@ def run_job(
         "shards": len(shards),
         "resumed_shards": len(committed),
         "wall_seconds": round(wall, 3),
+        # the model's part: the first actor's first call to the last shard committed (start-up excluded)
+        **({"compute_seconds": round(last_commit - compute_from, 3)} if compute_from and last_commit else {}),
         "tokens_per_second": round(tokens_done / max(time.time() - run_start, 1e-9), 1),
         "startup": {k: round(v, 3) for k, v in startup.items()},
         "gpus_per_actor": gpus,

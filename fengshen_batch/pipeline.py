@@ -28,10 +28,12 @@ import pyarrow as pa
 import ray
 
 from .inputs import ID_COLUMN, Shard, read_shard
+from .progress import Reporter
 from .schemas import internal_schemas
 from .spec import GenerateJob, ScoreJob, build_spec
 
 log = logging.getLogger(__name__)
+
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
@@ -47,14 +49,17 @@ def init_ray(address: str | None, min_cpus: float = 1) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    host = address.rsplit(":", 1)[0].split("://")[-1] if address else None
+    if not address or host in ("127.0.0.1", "localhost"):
+        # A Ray that talks over loopback only (ours, or a head on this machine at 127.0.0.1). Ray maps
+        # 127.0.0.1 to the machine's interface address unless its local-only mode is on (its own switch,
+        # the default on macOS/Windows); the constant is read at call time, the variable covers the
+        # processes Ray starts.
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # A single-node Ray that talks over loopback only. Ray maps 127.0.0.1 to the machine's interface
-        # address unless its local-only mode is on (its own switch, the default on macOS/Windows); the
-        # constant is read at call time, the variable covers the processes Ray starts.
-        os.environ[LOCAL_ONLY_ENV] = "0"
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         # Logical CPUs: enough for the actors plus the read tasks, whatever this machine's core count.
         cpus = max(os.cpu_count() or 1, int(min_cpus) + 1)
         # Only what a job needs: no dashboard, and no metrics pipeline (nothing would read it; the raylet
@@ -120,10 +125,17 @@ class ModelActor:
     this actor at once (threaded calls), each submitting its prompts to that engine and waiting for them.
     """
 
-    def __init__(self, spec: dict, id_column: str | None, output: str, schemas: tuple[pa.Schema, pa.Schema]):
+    def __init__(
+        self, spec: dict, id_column: str | None, output: str, schemas: tuple[pa.Schema, pa.Schema], board=None
+    ):
         init_at = time.time()
         self.spec = build_spec(spec)
+        key = ray.get_runtime_context().get_actor_id()
+        if board is not None:  # the driver's line says the model is loading (it may take minutes)
+            board.post.remote(key, {"phase": "loading"})
         self.replicas, self.token_budget, imported_at = load_replicas(self.spec)
+        engine = self.replicas.engine
+        self.reporter = Reporter(board, self.spec, engine.engine.stats if engine is not None else None)
         self.id_column, self.output = id_column, output
         self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
         self.data_schema, self.error_schema = schemas  # as written
@@ -138,7 +150,9 @@ class ModelActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.startup.setdefault("first_call_at", time.time())
+        self.reporter.phase = "computing"
         records = [self._shard(Shard(**row)) for row in batch.to_pylist()]
+        self.reporter.flush()
         out = pa.Table.from_pylist(records, schema=COMMIT_SCHEMA)
         return out.replace_schema_metadata({STARTUP_KEY: json.dumps(self.startup).encode()})
 
@@ -164,6 +178,7 @@ class ModelActor:
                     bad_ids[start : start + step] if bad_ids else None, usage,
                 )  # fmt: skip
                 parts.append(part)
+                self._count(part)
         rows = pa.concat_tables(parts)
         data, errors, stats = split_results(
             shard, rows, self.spec.kind, self.internal_data, self.internal_errors
@@ -202,6 +217,21 @@ class ModelActor:
             "cached_prompt_tokens": usage.cached_tokens,
             "summary": summary,
         }
+
+    def _count(self, part: pa.Table) -> None:
+        """A slice's finished rows, errors and tokens for the progress line (generation: the engine counts
+        its prompts, samples and tokens itself; here only the rows that never reached it)."""
+        import pyarrow.compute as pc
+
+        failed = pc.is_valid(part.column("error_kind"))
+        errors = pc.sum(failed).as_py() or 0
+        if self.spec.kind == "generate":
+            self.reporter.add(rows=len(pc.unique(part.filter(failed).column("_row"))), errors=errors)
+            return
+        column = "token_count" if self.spec.kind == "score" else "candidate_token_count"
+        values = part.filter(pc.invert(failed)).column(column)
+        tokens = pc.sum(pc.list_flatten(values) if pa.types.is_list(values.type) else values).as_py() or 0
+        self.reporter.add(rows=len(pc.unique(part.column("_row"))), tokens=tokens, errors=errors)
 
     def _prompt_field(self) -> str | None:
         """The prompts' column in the shard's internal data (for the report's examples), if it has one."""
@@ -329,8 +359,10 @@ def run_pipeline(
     output: str,
     schemas: tuple[pa.Schema, pa.Schema],
     ray_progress: bool = False,
+    board=None,
 ) -> Iterator[pa.Table]:
-    """Stream commit records (COMMIT_SCHEMA, one row per shard written under `output`) to the driver.
+    """Stream commit records (COMMIT_SCHEMA, one row per shard written under `output`) to the driver; the
+    actors post their in-flight counts to `board` (`start_board`).
 
     Ray Data's progress bars only with `ray_progress`: the job draws its own progress line."""
     ray.data.DataContext.get_current().enable_progress_bars = ray_progress
@@ -344,6 +376,7 @@ def run_pipeline(
             "id_column": id_column,
             "output": output,
             "schemas": schemas,
+            "board": board,
         },  # fmt: skip
         compute=_compute(spec),
         num_gpus=gpus,

@@ -14,9 +14,11 @@ still reach the console, as do Ray's and the actors'.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,11 +64,48 @@ def _clock(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
+COUNTS = ("rows", "samples", "tokens", "errors")  # what each actor counts while it works
+PUBLISH_EVERY_S = 0.5  # how often an actor publishes its counts, and the driver reads them
+
+
+class Board:
+    """The job's blackboard of in-flight work (a Ray actor of the driver's, `pipeline.start_board`): each
+    model actor posts its own cumulative counts and phase a few times a second, the driver reads them all.
+    No call per row: one small message per actor per PUBLISH_EVERY_S, and only when something changed."""
+
+    def __init__(self):
+        self.actors: dict[str, dict] = {}
+
+    def post(self, actor: str, state: dict) -> None:
+        self.actors[actor] = state
+
+    def read(self) -> dict[str, dict]:
+        return self.actors
+
+
+def phase_line(states: list[dict], expected: int, kind: str) -> str | None:
+    """What the job is doing before its first results: actors starting, loading the model, first step."""
+    if any(s.get("rows") or s.get("tokens") for s in states):
+        return None
+    loading = sum(s["phase"] == "loading" for s in states)
+    ready = sum(s["phase"] in ("ready", "computing") for s in states)
+    if not states:
+        return f"starting {expected} model actor{'s' * (expected != 1)}"
+    if not ready:
+        return f"{loading} of {expected} actors loading the model"
+    if any(s["phase"] == "computing" for s in states):
+        return "first prefill (the first tokens come next)" if kind == "generate" else "first batch"
+    return f"{ready} of {expected} actors ready"
+
+
 class Display:
     """Job progress, live in a terminal or as periodic lines in a log.
 
-    `update` is cheap and may be called for every batch; the display decides when to draw. Rows count input
-    rows whose results have reached the driver; tokens, errors and shards count committed shards.
+    `update` (committed shards, from the main thread) and `live` (the actors' in-flight counts, from the
+    watcher thread) are cheap; the display decides when to draw. Rows count input rows finished (for
+    generation: prompts whose samples are all done), in flight or committed; tokens are the ones generated
+    (generation) or scored; errors and shards count committed shards. The ETA is rows left / rows per second
+    so far. Before any rows, `phase` prints what is happening (once per change).
     """
 
     def __init__(
@@ -80,11 +119,29 @@ class Display:
     ):
         self.total_rows, self.total_shards = total_rows, total_shards
         self.shards = committed_shards
-        self.rows = self.tokens = self.errors = 0
+        self.rows = self.tokens = self.errors = self.samples = 0
+        self.committed = (0, 0, 0)  # rows, tokens, errors of the shards committed in this run
         self.echo, self.every_s = echo, every_s
         self.started = self.last = time.monotonic()
         self.live = sys.stdout.isatty() if live is None else live
         self.bar = None  # drawn from the first results on: what Ray prints while starting stays above it
+        self.lock = threading.Lock()  # the main thread and the watcher thread both update
+        self._phase: str | None = None
+        self._in_flight: dict = {}
+
+    def phase(self, text: str | None) -> None:
+        """Say what the job is doing, once per change, until its first results."""
+        with self.lock:
+            if text and text != self._phase and self.bar is None and not self.rows:
+                self._phase = text
+                self.echo(f"{text} ...")
+
+    def in_flight(self, states: list[dict]) -> None:
+        """The actors' cumulative counts (their latest posts): shown where ahead of the committed ones."""
+        totals = {k: sum(s.get(k, 0) for s in states) for k in COUNTS}
+        with self.lock:
+            self._in_flight = totals
+            self._show()
 
     def _draw(self) -> None:
         from tqdm import tqdm
@@ -100,20 +157,30 @@ class Display:
     def _rate(self) -> float:
         return self.tokens / max(time.monotonic() - self.started, 1e-9)
 
-    def _postfix(self) -> None:
-        self.bar.set_postfix_str(
-            f"{self._rate():,.0f} tok/s, {self.errors} errors, shards {self.shards}/{self.total_shards}",
-            refresh=False,
-        )
+    def _what(self) -> str:
+        samples = f"{self.samples:,} samples, " if self.samples else ""
+        return f"{samples}{self._rate():,.0f} tok/s, {self.errors} errors, shards {self.shards}/{self.total_shards}"
 
     def update(self, rows: int, tokens: int, errors: int, shards: int) -> None:
-        """New totals (rows received, and tokens / errors / shards of committed shards)."""
-        self.tokens, self.errors, self.shards = tokens, errors, shards
+        """New totals of the shards committed in this run (rows, tokens, errors) and all shards committed."""
+        with self.lock:
+            self.committed, self.shards = (rows, tokens, errors), shards
+            self._show()
+
+    def _show(self) -> None:
+        """Draw the larger of the committed and in-flight counts (a restarted actor's counts start over)."""
+        live = self._in_flight
+        rows = min(self.total_rows, max(self.committed[0], live.get("rows", 0)))
+        self.tokens = live.get("tokens") or self.committed[1]
+        self.errors = max(self.committed[2], live.get("errors", 0))
+        self.samples = live.get("samples", 0)
+        if not rows and not self.tokens and not self.shards:
+            return
         if self.live and self.bar is None:
             self._draw()
         if self.bar is not None:
-            self._postfix()
-            self.bar.update(rows - self.rows)
+            self.bar.set_postfix_str(self._what(), refresh=False)
+            self.bar.update(rows - self.rows)  # redraws at most ~10 times a second (tqdm's own limit)
             self.rows = rows
             return
         self.rows = rows
@@ -126,14 +193,105 @@ class Display:
         elapsed = time.monotonic() - self.started
         rate = self.rows / elapsed if elapsed > 0 else 0.0
         eta = _clock((self.total_rows - self.rows) / rate) if rate else "?"
-        return (
-            f"{self.rows}/{self.total_rows} rows, {self._rate():,.0f} tokens/s, {self.errors} errors, "
-            f"shards {self.shards}/{self.total_shards}, ETA {eta}"
-        )
+        return f"{self.rows}/{self.total_rows} rows, {self._what().replace('tok/s', 'tokens/s')}, ETA {eta}"
 
     def close(self) -> None:
-        if self.bar is not None:
-            self._postfix()
-            self.bar.refresh()
-            self.bar.close()
-            self.bar = None
+        with self.lock:
+            if self.bar is not None:
+                self.bar.set_postfix_str(self._what(), refresh=False)
+                self.bar.refresh()
+                self.bar.close()
+                self.bar = None
+
+
+METRICS = {  # Ray metrics of a running job (exported as ray_fengshen_<name>_total; README: Watching a job)
+    "rows": "input rows finished (generation: prompts whose samples are all done)",
+    "samples": "samples generated",
+    "tokens": "tokens generated (generation) or scored (scoring, judging)",
+    "errors": "input rows sent to errors/",
+}
+
+
+class Reporter:
+    """An actor's in-flight counts, posted to the job's Board a few times a second (when they changed) and
+    added to Ray metrics (`ray.util.metrics` counters, tagged with the job's name and kind) as they grow."""
+
+    def __init__(self, board, spec, engine_stats=None):
+        import ray
+        from ray.util.metrics import Counter
+
+        self.board, self.engine_stats = board, engine_stats
+        self.key = ray.get_runtime_context().get_actor_id() or "driver"
+        self.tags = {"job": spec.name or spec.kind, "kind": spec.kind}
+        self.counts = dict.fromkeys(COUNTS, 0)  # rows, samples, tokens, errors (scoring: added per slice)
+        self.metrics = {
+            k: Counter(f"fengshen_{k}", description=METRICS[k], tag_keys=("job", "kind")) for k in COUNTS
+        }
+        self.exported = dict.fromkeys(COUNTS, 0)
+        self.phase = "ready"
+        self.posted: dict | None = None
+        self.lock = threading.Lock()
+        threading.Thread(target=self._loop, name="fengshen-progress", daemon=True).start()
+
+    def add(self, **counts: int) -> None:
+        for k, v in counts.items():
+            self.counts[k] += v
+
+    def state(self) -> dict:
+        counts = dict(self.counts)
+        if self.engine_stats is not None:  # generation: what the engine finished so far
+            stats = self.engine_stats
+            counts.update(
+                rows=counts["rows"] + stats.finished_prompts,  # + rows that failed before the engine
+                samples=stats.finished_samples,
+                tokens=stats.sampled_tokens,
+            )
+        return {"phase": self.phase, **counts}
+
+    def flush(self) -> None:
+        """Post the counts and add their growth to the metrics now (also at the end of each call: a short
+        job's actor may be gone before its next tick)."""
+        with self.lock:
+            state = self.state()
+            if state == self.posted:
+                return
+            with contextlib.suppress(Exception):  # progress must never fail the work
+                if self.board is not None:
+                    self.board.post.remote(self.key, state)
+                for k in COUNTS:
+                    if state[k] > self.exported[k]:
+                        self.metrics[k].inc(state[k] - self.exported[k], tags=self.tags)
+                        self.exported[k] = state[k]
+            self.posted = state
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(PUBLISH_EVERY_S)
+            self.flush()
+
+
+def start_board():
+    """The job's Board of in-flight counts, a zero-CPU actor of this driver's (gone with it)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Board).remote()
+
+
+def watch(
+    board, display: Display, expected_actors: int, kind: str, stop: threading.Event
+) -> threading.Thread:
+    """A driver thread that reads the Board every PUBLISH_EVERY_S into the display until `stop` is set."""
+    import ray
+
+    def loop() -> None:
+        while not stop.wait(PUBLISH_EVERY_S):
+            try:
+                states = list(ray.get(board.read.remote(), timeout=10).values())
+            except Exception:  # noqa: BLE001 - a slow read is skipped, the next one tries again
+                continue
+            display.phase(phase_line(states, expected_actors, kind))
+            display.in_flight(states)
+
+    thread = threading.Thread(target=loop, name="fengshen-watch", daemon=True)
+    thread.start()
+    return thread

@@ -36,13 +36,17 @@ NOISE = [
 ]
 
 
-def _run_in_pty(cmd: list[str], env: dict, timeout: float = 240) -> tuple[int, bytes]:
-    """Run `cmd` with a pseudo-terminal of COLUMNS x LINES as stdin/stdout/stderr; return (exit code, bytes)."""
+def _run_in_pty(
+    cmd: list[str], env: dict, timeout: float = 240, chunks: list | None = None
+) -> tuple[int, bytes]:
+    """Run `cmd` with a pseudo-terminal of COLUMNS x LINES as stdin/stdout/stderr; return (exit code, bytes).
+    `chunks`: gets (seconds since start, bytes) of each read, to see when things were drawn."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
-    out, deadline = bytearray(), time.monotonic() + timeout
+    out, start = bytearray(), time.monotonic()
+    deadline = start + timeout
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 0.5)
@@ -54,6 +58,8 @@ def _run_in_pty(cmd: list[str], env: dict, timeout: float = 240) -> tuple[int, b
                 if not chunk:
                     break
                 out += chunk
+                if chunks is not None:
+                    chunks.append((time.monotonic() - start, chunk))
             elif proc.poll() is not None:
                 break
         return proc.wait(timeout=60), bytes(out)
@@ -108,3 +114,79 @@ def test_log_mode_prints_a_plain_line_at_most_every_interval(monkeypatch):
     assert len(lines) == 3 and "\r" not in "".join(lines)
     assert lines[0] == "30/100 rows, 100 tokens/s, 0 errors, shards 1/4, ETA 00:01:10"
     assert lines[-1].startswith("90/100 rows, 100 tokens/s, 1 errors, shards 3/4")
+
+
+def test_generate_progress_moves_from_the_first_tokens_not_the_first_commit(tmp_path, tiny_model_dir):
+    """One shard holds the whole job, so nothing commits until the end: the line must move before that,
+    from the actor's in-flight counts, and say what happens before the first tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fengshen_batch.tiny_model import SAMPLE_LINES
+
+    (tmp_path / "in").mkdir()
+    prompts = [SAMPLE_LINES[i % len(SAMPLE_LINES)][: 6 + i % 11] for i in range(400)]
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in" / "part-0.parquet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST"))}
+    env["TERM"] = "xterm"
+    chunks: list[tuple[float, bytes]] = []
+    code, raw = _run_in_pty(
+        [str(BIN / "fengshen-batch"), "generate", "--model", str(tiny_model_dir), "--input", str(tmp_path / "in"),
+         "--output", str(tmp_path / "out"), "--max-new-tokens", "40", "--ignore-eos", "--num-return-sequences", "2",
+         "--max-num-seqs", "4", "--shard-rows", "1000"],
+        env, chunks=chunks,
+    )  # fmt: skip
+    text = raw.decode(errors="replace")
+    assert code == 0, text[-3000:]
+    frames = []  # (time, rows done, shards committed) of every drawn state of the line
+    for at, chunk in chunks:
+        for part in re.split(r"[\r\n]", chunk.decode(errors="replace")):
+            m = re.search(r"(\d+)/400 rows .*shards (\d)/1", part)
+            if m:
+                frames.append((at, int(m.group(1)), int(m.group(2))))
+    committed_at = min(at for at, _, shards in frames if shards == 1)
+    before = [(at, rows) for at, rows, shards in frames if shards == 0]
+    counts = [rows for _, rows in before]
+    assert len(set(counts)) >= 3 and counts == sorted(counts), frames  # rising, in several steps
+    assert before[0][0] < committed_at - 1.0, frames  # well before the shard committed
+    assert "samples" in text and "tok/s" in text
+    # before the first tokens the line said what was happening; no warning for the unset max_num_seqs
+    assert "starting a local Ray ..." in text and "actors loading the model ..." in text, text[:3000]
+    assert "does not fit the KV cache" not in text
+
+
+def test_an_unset_max_num_seqs_is_not_a_warning(caplog):
+    import logging
+
+    import torch
+
+    from fengshen_batch.engine.kv_cache import plan_slots, slot_bytes
+
+    fits = 10
+    gb = fits * slot_bytes(2, 64, 64, torch.float32) / 2**30
+    shape = dict(n_layer=2, d_model=64, context=64, dtype=torch.float32, device=torch.device("cpu"),
+                 gpu_memory_utilization=0.9, cpu_kv_cache_gb=gb)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="fengshen_batch.engine.kv_cache"):
+        assert plan_slots(max_num_seqs=None, **shape) == fits  # "what fits": said at INFO
+        assert [r.levelname for r in caplog.records] == ["INFO"]
+        caplog.clear()
+        assert plan_slots(max_num_seqs=64, **shape) == fits  # the user's value cannot be honoured: a warning
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_the_line_shows_in_flight_work_and_phases_before_it():
+    from fengshen_batch.progress import phase_line
+
+    lines: list[str] = []
+    display = Display(100, 2, 0, lines.append, live=False, every_s=0)
+    display.phase(phase_line([], 2, "generate"))
+    display.phase(phase_line([{"phase": "loading"}], 2, "generate"))
+    display.phase(phase_line([{"phase": "loading"}], 2, "generate"))  # said once
+    display.phase(phase_line([{"phase": "computing"}, {"phase": "loading"}], 2, "generate"))
+    assert lines == ["starting 2 model actors ...", "1 of 2 actors loading the model ...",
+                     "first prefill (the first tokens come next) ..."]  # fmt: skip
+    display.in_flight([{"phase": "computing", "rows": 7, "samples": 14, "tokens": 300, "errors": 0},
+                       {"phase": "computing", "rows": 5, "samples": 10, "tokens": 200, "errors": 1}])  # fmt: skip
+    assert lines[-1].startswith("12/100 rows, 24 samples,") and "1 errors, shards 0/2" in lines[-1]
+    display.update(rows=50, tokens=4000, errors=1, shards=1)  # a commit ahead of the posted counts
+    assert lines[-1].startswith("50/100 rows, 24 samples,") and "shards 1/2" in lines[-1]

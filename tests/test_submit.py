@@ -50,6 +50,8 @@ class Head:
     process: subprocess.Popen
     temp: Path
     client_env: dict  # Ray reads the client's auth mode from RAY_AUTH_MODE, once per process
+    gcs: str = ""  # 127.0.0.1:PORT, what `ray.init(address=...)` joins
+    metrics: int = 0  # the Prometheus export port
 
     def diagnose(self) -> str:
         """Whether the head still runs, and the tails of its logs: for assertion messages (a head that dies
@@ -79,7 +81,7 @@ def _up(head: Head) -> bool:
 @contextlib.contextmanager
 def _head(s3_endpoint: str, auth_mode: str):
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    dashboard = _free_port()
+    dashboard, gcs, metrics = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": auth_mode,
@@ -92,19 +94,21 @@ def _head(s3_endpoint: str, auth_mode: str):
         "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": s3_endpoint,
+        "RAY_metrics_report_interval_ms": "500",  # metrics reach the exporter within a second
     }
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
+        str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--metrics-export-port", str(metrics),
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(temp),
         # the suite's own Ray (and the other head) hold the default agent and metrics ports on this machine
-        *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+        *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                            "--runtime-env-agent-port", "--ray-client-server-port")
           for arg in (flag, str(_free_port()))],
     ]  # fmt: skip
     with open(temp / "ray-start.log", "wb") as log:
         process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    head = Head(f"http://127.0.0.1:{dashboard}", process, temp, {"RAY_AUTH_MODE": auth_mode})
+    head = Head(f"http://127.0.0.1:{dashboard}", process, temp, {"RAY_AUTH_MODE": auth_mode}, f"127.0.0.1:{gcs}",
+                metrics)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not _up(head):
@@ -413,3 +417,36 @@ def test_python_submit_of_a_spec_object_with_paths_relative_to_the_cwd(tmp_path,
     assert res.stdout.strip().splitlines()[-1] == "result api-test-20261121 True SUCCEEDED False", res.stdout
     manifest = json.loads((folder / "out" / "manifest.json").read_text())
     assert manifest["counts"]["input_rows"] == len(rows) == manifest["counts"]["result_rows"]
+
+
+def test_a_running_job_counts_into_ray_metrics(tmp_path, open_head, tiny_model_dir):
+    """The actors' counters reach Ray's own Prometheus export (what the dashboard and Grafana read)."""
+    import urllib.request
+
+    write_texts(tmp_path / "in", files=(7, 6))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    res = subprocess.run(
+        [str(BIN / "fengshen-batch"), "score", "--model", str(tiny_model_dir), "--input", str(tmp_path / "in"),
+         "--output", str(tmp_path / "out"), "--address", open_head.gcs, "--name", "metrics-test"],
+        capture_output=True, text=True, timeout=300, env={**env, **open_head.client_env},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:] + open_head.diagnose()
+    wanted = {
+        "rows": 13.0,
+        "tokens": float(json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["tokens"]),
+    }
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and found != wanted:
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{open_head.metrics}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        for name in wanted:
+            values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith(f"ray_fengshen_{name}_total{{") and 'job="metrics-test"' in line]  # fmt: skip
+            if values:
+                found[name] = sum(values)
+        time.sleep(1)
+    assert found == wanted, text[-3000:]

@@ -60,8 +60,10 @@ def plan_slots(
             + ("gpu_memory_utilization" if device.type == "cuda" else "cpu_kv_cache_gb")
         )
     want = max_num_seqs or 256
-    if want > fits:
+    if want > fits and max_num_seqs:  # a value the user chose that cannot be honoured
         log.warning("max_num_seqs %d does not fit the KV cache budget; using %d", want, fits)
+    elif want > fits:  # unset means "what fits": said once, in the log
+        log.info("max_num_seqs unset: %d sequences fit the KV cache budget", fits)
     return min(want, fits)
 
 

@@ -54,6 +54,10 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     oom_backoffs: int = 0
+    # what a watcher counts while work is in flight (a requeued step's tokens count twice)
+    sampled_tokens: int = 0  # tokens appended to samples
+    finished_samples: int = 0
+    finished_prompts: int = 0  # requests done that hold a prompt's first sample
 
     @property
     def useful_slot_fraction(self) -> float:
@@ -218,6 +222,7 @@ class LLMEngine:
         if self.seen is not None:
             self.seen[slots, tokens] = True
         toks, nlls, ends = host[0].long().tolist(), host[1].tolist(), host[2].bool().tolist()
+        self.stats.sampled_tokens += len(seqs)
         finished = []
         for seq, tok, nll, end in zip(seqs, toks, nlls, ends, strict=True):
             seq.tokens.append(tok)
@@ -226,8 +231,10 @@ class LLMEngine:
                 end = self.stop.update(seq, tok)
             if end:
                 self.scheduler.finish(seq)
+                self.stats.finished_samples += 1
                 if seq.request.done:
                     finished.append(seq.request)
+                    self.stats.finished_prompts += seq.request.first_index == 0
         return finished
 
     def _flags(self, logprobs, tokens, steps, limits, redraw) -> torch.Tensor:
