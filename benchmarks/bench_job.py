@@ -185,11 +185,13 @@ def engine_script(inp: str, model_dir: str, threads: int, stop: str | None, max_
     spec = build_spec({"kind": "generate", "model": model_dir, "input": inp, "output": "unused", "dtype": "float32",
                        "max_new_tokens": max_new, "max_new_tokens_column": "limit", "temperature": TEMPERATURE,
                        "top_p": TOP_P, "seed": JOB_SEED, **({"stop": [stop]} if stop else {})})  # fmt: skip
-    table = pa.concat_tables([pq.read_table(f) for f in sorted(Path(inp).glob("*.parquet"))])
+    files = sorted(Path(inp).glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    # the job's own row ids (FILE:ROW, its input has no id column): the same samples, so the same work
+    ids = [f"{f.name}:{i}" for f in files for i in range(pq.read_metadata(f).num_rows)]
     replica = load_replica(model_dir, device="cpu", dtype="float32")
     engine = EngineThread(LLMEngine(replica, spec.params(), spec.engine_params(), spec.token_budget))
     t_load = time.perf_counter()
-    ids = [f"{i}" for i in range(table.num_rows)]
     results = generate(replica, table.column("prompt").to_pylist(), ids, spec.params(),
                        table.column("limit").to_pylist(), engine)  # fmt: skip
     t_gen = time.perf_counter()
