@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .portable import mark_int96
 from .storage import StorageSpec, filesystem, redact_url
 
 ID_COLUMN = "id"
@@ -148,7 +149,8 @@ def inspect_inputs(
     paths, root, fs = _list(url, storage)
     with ThreadPoolExecutor(16) as pool:
         footers = list(pool.map(lambda p: _footer(fs, p), paths))
-    schema = footers[0].schema.to_arrow_schema().remove_metadata()
+    # INT96 columns (Spark's default timestamps) are UTC instants: marked so, they are written back as such
+    schema = mark_int96(footers[0].schema.to_arrow_schema().remove_metadata(), footers[0].schema)
     for path, meta in zip(paths, footers, strict=True):
         other = meta.schema.to_arrow_schema().remove_metadata()
         if other.names != schema.names:

@@ -21,7 +21,8 @@ from .baseline import BaselineMissing, load_baseline
 from .errors import JobError
 from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source, model_fingerprint
-from .outputs import DATA, OutputStore, ShardStats, spec_hash, sum_counts
+from .outputs import DATA, ERRORS, OutputStore, ShardStats, part_name, spec_hash, sum_counts
+from .portable import portable_schema
 from .progress import Display, quiet_ray, start_board, watch
 from .schemas import JUDGE_FIELDS, data_schema, error_schema, result_names
 from .spec import GenerateJob, ScoreJob, spec_record
@@ -216,6 +217,16 @@ def run_job(
         target.clear()  # an abandoned --overwrite of another configuration
         committed = {}
     todo = [s for s in shards if s.index not in committed]
+    schemas = (data_schema(inputs.schema, spec), error_schema(inputs.schema))
+    if committed and any(portable_schema(s) != s for s in schemas):
+        # shards an older version committed may hold nanosecond timestamps Spark cannot read: rewritten
+        # in the form this version writes, so that the resumed output reads as one (same spec, no refusal)
+        from .writer import make_portable
+
+        paths = [target._p(folder, f"{part_name(i)}.parquet") for i in committed for folder in (DATA, ERRORS)]
+        changed = make_portable(target.url, spec.storage, paths, {DATA: schemas[0], ERRORS: schemas[1]})
+        if changed:
+            progress(f"rewrote {changed} files of earlier shards in the portable Parquet form")
     progress(
         f"{inputs.rows} rows in {len(inputs.files)} files, {len(shards)} shards "
         f"({len(shards) - len(todo)} already committed)"
@@ -233,7 +244,6 @@ def run_job(
     gpus = (
         spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if pipeline.cluster_gpus() else 0.0)
     )
-    schemas = (data_schema(inputs.schema, spec), error_schema(inputs.schema))
     by_index = {s.index: s for s in shards}
     summary = _Summary(spec.kind)
     for marker in committed.values():  # resumed shards: their summaries folded in, not kept

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from .inputs import Shard
 from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name, sum_counts
+from .portable import is_portable, write_portable
 from .storage import StorageSpec, filesystem, join, write_whole
 
 BUCKETS = ("head", "middle", "tail")  # CCNet's split by perplexity: head <= c0 < middle <= c1 < tail
@@ -55,7 +56,7 @@ def rebucket_file(
     fs, _ = filesystem(output_url, storage)
     with fs.open(path, "rb") as f:
         table = with_buckets(pq.read_table(f), cutoffs, column, bucket)
-    write_whole(fs, path, lambda f: pq.write_table(table, f))
+    write_whole(fs, path, lambda f: write_portable(table, f))
     return bucket_counts(table.column(bucket))
 
 
@@ -109,4 +110,30 @@ def write_shard_files(output_url: str, storage: StorageSpec, shard: Shard, data:
     name = part_name(shard.index)
     for folder, table in ((DATA, data), (ERRORS, errors)):
         fs.makedirs(join(root, folder), exist_ok=True)
-        write_whole(fs, join(root, folder, f"{name}.parquet"), lambda f, t=table: pq.write_table(t, f))
+        write_whole(fs, join(root, folder, f"{name}.parquet"), lambda f, t=table: write_portable(t, f))
+
+
+def make_portable(
+    output_url: str, storage: StorageSpec, paths: list[str], expected: dict[str, pa.Schema]
+) -> int:
+    """Rewrite, whole, the files among `paths` that an older version wrote in a form Spark refuses
+    (nanosecond timestamps, unsigned integers), with their columns cast to the types this version writes
+    (`expected`: by folder, data or errors), so a resumed output reads as one; return how many changed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, _ = filesystem(output_url, storage)
+
+    def one(path: str) -> int:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if is_portable(pf.schema):
+                return 0
+            table = pf.read()
+        want = expected[path.rsplit("/", 2)[-2]]
+        types = {f.name: f.type for f in want}
+        table = table.cast(pa.schema([f.with_type(types.get(f.name, f.type)) for f in table.schema]))
+        write_whole(fs, path, lambda f: write_portable(table, f))
+        return 1
+
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(one, paths))
