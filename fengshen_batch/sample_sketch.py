@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from . import distinct
 from .outputs import sum_counts
-from .sketch import histogram, merge_histograms, quantiles
+from .sketch import histogram, merge_groups, merge_histograms, quantiles
 
 EXAMPLES = 10  # samples shown in each example table
 PROMPT_CHARS, TEXT_CHARS = 300, 600  # of each example's prompt and generation
@@ -206,13 +206,7 @@ def merge(summaries: list[dict]) -> dict:
         [e["longest_loops"] for e in ex],
         [e["random"] for e in ex],
     )
-    bys = {s.get("by") for s in summaries}
-    if len(bys) == 1 and (by := bys.pop()):
-        keys = sorted({k for s in summaries for k in s["groups"]})
-        merged["by"] = by
-        merged["groups"] = {
-            k: _merge_figures([s["groups"][k] for s in summaries if k in s["groups"]]) for k in keys
-        }
+    merged.update(merge_groups(summaries, _merge_figures))
     return merged
 
 

@@ -156,14 +156,19 @@ def merge(summaries: list[dict]) -> dict:
     merged["low"], merged["high"] = top("low", True), top("high", False)
     if any("buckets" in s for s in summaries):
         merged["buckets"] = sum_counts([s.get("buckets", {}) for s in summaries])
-    bys = {s.get("by") for s in summaries}
-    if len(bys) == 1 and (by := bys.pop()):
-        keys = sorted({k for s in summaries for k in s["groups"]})
-        merged["by"] = by
-        merged["groups"] = {
-            k: _merge_figures([s["groups"][k] for s in summaries if k in s["groups"]]) for k in keys
-        }
+    merged.update(merge_groups(summaries, _merge_figures))
     return merged
+
+
+def merge_groups(summaries: list[dict], merge_figures) -> dict:
+    """{"by", "groups"} of summaries all made for one `by` column, each group's figures merged with
+    `merge_figures` (a group found in some shards only is merged from those); {} otherwise."""
+    bys = {s.get("by") for s in summaries}
+    if len(bys) != 1 or not (by := bys.pop()):
+        return {}
+    keys = sorted({k for s in summaries for k in s["groups"]})
+    groups = {k: merge_figures([s["groups"][k] for s in summaries if k in s["groups"]]) for k in keys}
+    return {"by": by, "groups": groups}
 
 
 def figures(summary: dict) -> dict:

@@ -133,3 +133,16 @@ class FaultyS3Proxy:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def screenshot(page, shot, profile, size: str = "1100,900"):
+    """Open the HTML file `page` in headless Chromium (no network, a throwaway profile) and save a PNG of it
+    to `shot`; the finished process, for its return code and stderr."""
+    import subprocess
+
+    return subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size={size}", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip

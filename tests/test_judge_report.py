@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -210,13 +209,9 @@ def test_report_html_opens_in_headless_chromium(tmp_path, replica):
                              "bits_per_byte": [0.54, 2.16]}), out / "data" / "part-000000.parquet")  # fmt: skip
     build_report(OutputStore(str(out), StorageSpec()), {"model": "m", "spec": {"text_column": "text"}})
     shot = tmp_path / "shot.png"
-    res = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,900",
-         (out / "report" / "report.html").as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    from tests.helpers import screenshot
+
+    res = screenshot(out / "report" / "report.html", shot, tmp_path / "profile", "1100,900")
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 10_000
     assert "&lt;b&gt;x&lt;/b&gt;" in (out / "report" / "report.html").read_text()  # text is escaped

@@ -158,18 +158,7 @@ def test_stable_hashes_do_not_depend_on_the_process():
 
 
 def test_words_and_loops():
-    assert WORD.findall("北京天气很好, hello world!") == [
-        "北",
-        "京",
-        "天",
-        "气",
-        "很",
-        "好",
-        ",",
-        "hello",
-        "world",
-        "!",
-    ]
+    assert WORD.findall("北京天气很好, hello world!") == [*"北京天气很好", ",", "hello", "world", "!"]
     assert _loop(["a", "b", "c", "d"] * 4) == 16  # a 4-gram 4 times
     assert _loop(["a", "b", "c", "d"] * 3 + ["e"]) == 0  # 3 times is not a loop
     assert _loop(list("哈" * 15)) == 0 and _loop(list("哈" * 16)) == 16  # 16 words at least
@@ -181,26 +170,7 @@ def _rows(n_prompts: int, n: int, seed: int) -> list[dict]:
     """Samples shaped like a sampling job's: duplicates across prompts, collapsed prompts, loops, zero-token
     samples, mixed languages and lengths."""
     rng = random.Random(seed)
-    vocabulary = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "then",
-        "ran",
-        "away",
-        "北",
-        "京",
-        "天",
-        "气",
-        "很",
-        "好",
-        "。",
-        "，",
-    ]
+    vocabulary = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", *"北京天气很好。，"]
     rows = []
     for i in range(n_prompts):
         collapsed = i % 9 == 0
@@ -372,13 +342,9 @@ def test_generate_report_opens_in_headless_chromium_with_its_images(tmp_path):
     page = (out / "report" / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page  # every text escaped
     shot = tmp_path / "shot.png"
-    res = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
-         (out / "report" / "report.html").as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    from tests.helpers import screenshot
+
+    res = screenshot(out / "report" / "report.html", shot, tmp_path / "profile", "1200,900")
     assert res.returncode == 0, res.stderr[-2000:]
     # the histograms were drawn on the page: their bar colours (stop blue, length red) are on screen
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
