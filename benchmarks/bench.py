@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -288,7 +289,8 @@ def write_table(results_dir: Path) -> None:
     latest = {}
     for path in sorted(results_dir.glob("*.json")):
         r = json.loads(path.read_text())
-        latest[r["device"]] = (path.name, r)
+        if "scoring" in r and "generation" in r:  # this script's files (the folder holds the others' too)
+            latest[r["device"]] = (path.name, r)
     lines = ["| device | file | peak TFLOP/s | GB/s | scoring tok/s | MFU | gen tok/s (batch) | roofline | "
              "vs seed (score / gen) | vs HF batched | pipeline | load s | peak GB |",
              "|" + " --- |" * 13]  # fmt: skip
@@ -347,7 +349,10 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
     slug = name.lower().replace(" ", "-")
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    except FileNotFoundError:  # a machine without git (the GPU machines' image)
+        sha = subprocess.CompletedProcess([], 1, os.environ.get("FENGSHEN_GIT_SHA", ""), "")
     result = {
         "device": slug, "date": dt.date.today().isoformat(), "git_sha": sha.stdout.strip() or None,
         "config": cfg, "dtype": dtype_name, "peak_bf16_tflops": peak, "hbm_gbps": bw,

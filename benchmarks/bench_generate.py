@@ -591,9 +591,15 @@ def _provenance(device) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=ROOT)  # fmt: skip
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT)  # fmt: skip
+    except FileNotFoundError:  # a machine without git (the GPU machines' image)
+        sha = subprocess.CompletedProcess([], 1, os.environ.get("FENGSHEN_GIT_SHA", ""), "")
+        dirty = subprocess.CompletedProcess([], 1, "", "")
     # the working tree may differ from HEAD: a digest of the code that ran says which engine these figures are for
     code = hashlib.sha1()
     for f in sorted((ROOT / "fengshen_batch").rglob("*.py")):

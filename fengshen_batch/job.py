@@ -23,7 +23,7 @@ from .inputs import inspect_inputs, make_shards
 from .loading import check_model_source, model_fingerprint
 from .outputs import DATA, ERRORS, OutputStore, ShardStats, part_name, spec_hash, sum_counts
 from .portable import portable_schema
-from .progress import Display, quiet_ray, start_board, watch
+from .progress import Display, quiet_ray, start_board, stop_board, watch
 from .schemas import JUDGE_FIELDS, data_schema, error_schema, result_names
 from .spec import GenerateJob, ScoreJob, spec_record
 from .storage import filesystem, redact_url, storage_options
@@ -283,6 +283,7 @@ def run_job(
     finally:
         stop_watching.set()
         watcher.join(timeout=5)
+        stop_board(board)
         display.close()
     missing = [s.index for s in shards if s.index not in stats]
     if missing:

@@ -277,6 +277,14 @@ def start_board():
     return ray.remote(num_cpus=0)(Board).remote()
 
 
+def stop_board(board) -> None:
+    """End the job's Board (a driver running several jobs keeps no old boards)."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.kill(board)
+
+
 def watch(
     board, display: Display, expected_actors: int, kind: str, stop: threading.Event
 ) -> threading.Thread:
