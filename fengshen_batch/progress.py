@@ -104,8 +104,8 @@ class Display:
     `update` (committed shards, from the main thread) and `live` (the actors' in-flight counts, from the
     watcher thread) are cheap; the display decides when to draw. Rows count input rows finished (for
     generation: prompts whose samples are all done), in flight or committed; tokens are the ones generated
-    (generation) or scored; errors and shards count committed shards. The ETA is rows left / rows per second
-    so far. Before any rows, `phase` prints what is happening (once per change).
+    (generation) or scored; errors and shards count committed shards. Rates and the ETA (rows left / rows
+    per second) count from the first counts seen, not from start-up. Before any rows, `phase` prints what is happening (once per change).
     """
 
     def __init__(
@@ -123,6 +123,7 @@ class Display:
         self.committed = (0, 0, 0)  # rows, tokens, errors of the shards committed in this run
         self.echo, self.every_s = echo, every_s
         self.started = self.last = time.monotonic()
+        self.first: tuple[float, int, int] | None = None  # when, and at which counts, work was first seen
         self.live = sys.stdout.isatty() if live is None else live
         self.bar = None  # drawn from the first results on: what Ray prints while starting stays above it
         self.lock = threading.Lock()  # the main thread and the watcher thread both update
@@ -154,8 +155,17 @@ class Display:
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]",
         )  # fmt: skip
 
+    def _since_first(self) -> tuple[float, int, int]:
+        """(seconds, rows, tokens) since the first counts arrived: rates leave out Ray's and the model's
+        start-up, which would drag them (and the ETA) down for the first minutes of a GPU job."""
+        if self.first is None:
+            return 0.0, 0, 0
+        at, rows, tokens = self.first
+        return time.monotonic() - at, self.rows - rows, self.tokens - tokens
+
     def _rate(self) -> float:
-        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+        seconds, _, tokens = self._since_first()
+        return tokens / seconds if seconds > 0 else 0.0
 
     def _what(self) -> str:
         samples = f"{self.samples:,} samples, " if self.samples else ""
@@ -176,6 +186,8 @@ class Display:
         self.samples = live.get("samples", 0)
         if not rows and not self.tokens and not self.shards:
             return
+        if self.first is None:
+            self.first = (time.monotonic(), rows, self.tokens)
         if self.live and self.bar is None:
             self._draw()
         if self.bar is not None:
@@ -190,8 +202,8 @@ class Display:
             self.echo(self.line())
 
     def line(self) -> str:
-        elapsed = time.monotonic() - self.started
-        rate = self.rows / elapsed if elapsed > 0 else 0.0
+        seconds, rows, _ = self._since_first()
+        rate = rows / seconds if seconds > 0 else 0.0
         eta = _clock((self.total_rows - self.rows) / rate) if rate else "?"
         return f"{self.rows}/{self.total_rows} rows, {self._what().replace('tok/s', 'tokens/s')}, ETA {eta}"
 
