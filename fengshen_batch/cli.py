@@ -29,12 +29,17 @@ def _run(fields: dict, overwrite: bool, ray_progress: bool) -> None:
 
 
 def _exit_on_drift(result: api.JobResult) -> None:
-    """A drifted score job is complete, but a scheduler must see it: exit DRIFT_EXIT_CODE."""
-    if result.drifted:
+    """A drifted score job is complete, but a scheduler must see it: exit DRIFT_EXIT_CODE. The job printed
+    its breaches; a retry that found it complete says them again (a drifted night stays red)."""
+    _exit_if_drifted(result.manifest.get("drift"), say=result.already_complete)
+
+
+def _exit_if_drifted(drift: dict | None, say: bool = True) -> None:
+    if drift and drift.get("exceeded"):
         from .baseline import DRIFT_EXIT_CODE
 
-        if result.already_complete:  # a retry of a drifted night stays red
-            click.echo("drift: " + "; ".join(result.manifest["drift"]["breaches"]), err=True)
+        if say:
+            click.echo("drift: " + "; ".join(drift["breaches"]), err=True)
         sys.exit(DRIFT_EXIT_CODE)
 
 
@@ -196,11 +201,7 @@ def report(output, by, endpoint_url, baseline, baseline_check, drift_threshold):
     else:
         headline = f"{summary['samples']:,} samples, {summary['limit_hit_fraction'] or 0:.1%} hit the limit"
     click.echo(f"report: {output.rstrip('/')}/report/report.html ({headline})")
-    if summary.get("drift", {}).get("exceeded"):
-        from .baseline import DRIFT_EXIT_CODE
-
-        click.echo("drift: " + "; ".join(summary["drift"]["breaches"]), err=True)
-        sys.exit(DRIFT_EXIT_CODE)
+    _exit_if_drifted(summary.get("drift"))
 
 
 @main.command()

@@ -81,13 +81,12 @@ class _Summary:
     answers. O(bins) in memory, not O(shards)."""
 
     def __init__(self, kind: str):
-        if kind == "score":
-            from .sketch import merge
-        elif kind == "generate":
-            from .sample_sketch import merge
+        if kind in ("score", "generate"):
+            from .report import sketches
+
+            self.merge = sketches(kind).merge
         else:
-            merge = sum_counts
-        self.merge = merge
+            self.merge = sum_counts
         self.merged: dict | None = None
         self.complete = True  # False once a shard has none (committed by an older version)
 

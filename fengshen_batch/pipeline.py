@@ -34,7 +34,6 @@ from .spec import GenerateJob, ScoreJob, build_spec
 
 log = logging.getLogger(__name__)
 
-
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
 COMMIT_SCHEMA = pa.schema(
@@ -130,12 +129,10 @@ class ModelActor:
     ):
         init_at = time.time()
         self.spec = build_spec(spec)
-        key = ray.get_runtime_context().get_actor_id()
-        if board is not None:  # the driver's line says the model is loading (it may take minutes)
-            board.post.remote(key, {"phase": "loading"})
+        self.reporter = Reporter(board, self.spec)  # says "loading" to the driver's line
         self.replicas, self.token_budget, imported_at = load_replicas(self.spec)
         engine = self.replicas.engine
-        self.reporter = Reporter(board, self.spec, engine.engine.stats if engine is not None else None)
+        self.reporter.ready(engine.engine.stats if engine is not None else None)
         self.id_column, self.output = id_column, output
         self.id_field = id_column or ID_COLUMN  # derived by read_shard where the input has no id column
         self.data_schema, self.error_schema = schemas  # as written
@@ -224,14 +221,14 @@ class ModelActor:
         import pyarrow.compute as pc
 
         failed = pc.is_valid(part.column("error_kind"))
-        errors = pc.sum(failed).as_py() or 0
+        errors = pc.sum(failed).as_py() or 0  # one row each
         if self.spec.kind == "generate":
-            self.reporter.add(rows=len(pc.unique(part.filter(failed).column("_row"))), errors=errors)
+            self.reporter.add(rows=errors, errors=errors)
             return
         column = "token_count" if self.spec.kind == "score" else "candidate_token_count"
         values = part.filter(pc.invert(failed)).column(column)
         tokens = pc.sum(pc.list_flatten(values) if pa.types.is_list(values.type) else values).as_py() or 0
-        self.reporter.add(rows=len(pc.unique(part.column("_row"))), tokens=tokens, errors=errors)
+        self.reporter.add(rows=part.num_rows, tokens=tokens, errors=errors)  # one output row per input row
 
     def _prompt_field(self) -> str | None:
         """The prompts' column in the shard's internal data (for the report's examples), if it has one."""

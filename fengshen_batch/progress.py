@@ -226,24 +226,29 @@ METRICS = {  # Ray metrics of a running job (exported as ray_fengshen_<name>_tot
 
 class Reporter:
     """An actor's in-flight counts, posted to the job's Board a few times a second (when they changed) and
-    added to Ray metrics (`ray.util.metrics` counters, tagged with the job's name and kind) as they grow."""
+    added to Ray metrics (`ray.util.metrics` counters, tagged with the job's name and kind) as they grow.
+    Made before the replica loads, so the driver's line can say it is loading (it may take minutes)."""
 
-    def __init__(self, board, spec, engine_stats=None):
+    def __init__(self, board, spec):
         import ray
         from ray.util.metrics import Counter
 
-        self.board, self.engine_stats = board, engine_stats
+        self.board, self.engine_stats = board, None
         self.key = ray.get_runtime_context().get_actor_id() or "driver"
         self.tags = {"job": spec.name or spec.kind, "kind": spec.kind}
         self.counts = dict.fromkeys(COUNTS, 0)  # rows, samples, tokens, errors (scoring: added per slice)
         self.metrics = {
             k: Counter(f"fengshen_{k}", description=METRICS[k], tag_keys=("job", "kind")) for k in COUNTS
         }
-        self.exported = dict.fromkeys(COUNTS, 0)
-        self.phase = "ready"
-        self.posted: dict | None = None
+        self.phase = "loading"
+        self.posted = {"phase": None, **self.counts}  # the last state posted (its counts: in the metrics)
         self.lock = threading.Lock()
+        self.flush()
         threading.Thread(target=self._loop, name="fengshen-progress", daemon=True).start()
+
+    def ready(self, engine_stats=None) -> None:
+        """The replica is loaded; a generate job's engine counts its prompts, samples and tokens itself."""
+        self.engine_stats, self.phase = engine_stats, "ready"
 
     def add(self, **counts: int) -> None:
         for k, v in counts.items():
@@ -271,9 +276,8 @@ class Reporter:
                 if self.board is not None:
                     self.board.post.remote(self.key, state)
                 for k in COUNTS:
-                    if state[k] > self.exported[k]:
-                        self.metrics[k].inc(state[k] - self.exported[k], tags=self.tags)
-                        self.exported[k] = state[k]
+                    if state[k] > self.posted[k]:
+                        self.metrics[k].inc(state[k] - self.posted[k], tags=self.tags)
             self.posted = state
 
     def _loop(self) -> None:

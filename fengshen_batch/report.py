@@ -123,8 +123,7 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 """
 
 
-# Each kind's result columns a summary reads (by their own names), the column that marks its output, and
-# its summariser: f(data, text column, by, id column) -> summary.
+# Each kind's result columns a summary reads (by their own names), and the column that marks its output.
 RESULTS = {
     "score": (["nll_sum", "token_count", "ppl", "byte_count", "bits_per_byte", "bucket", "bpb_diff"], "ppl"),
     "generate": (["sample_index", "generation", "prompt_tokens", "generated_tokens", "finish_reason",
@@ -132,20 +131,14 @@ RESULTS = {
 }  # fmt: skip
 
 
-def _summarize(kind: str):
+def sketches(kind: str):
+    """The module that summarises a kind's shards and merges the summaries (`summarize`, `merge`):
+    `sketch` for scoring, `sample_sketch` for generation."""
     if kind == "generate":
-        from .sample_sketch import summarize
+        from . import sample_sketch as module
     else:
-        from .sketch import summarize
-    return summarize
-
-
-def _merge(kind: str):
-    if kind == "generate":
-        from .sample_sketch import merge
-    else:
-        from .sketch import merge
-    return merge
+        from . import sketch as module
+    return module
 
 
 def _file_summary(
@@ -173,7 +166,9 @@ def _file_summary(
     for c in (id_column, by):  # a column that is both, e.g. `--by bucket`, is also kept under its own name
         if c and c not in out.column_names:
             out = out.append_column(c, table.column(c))
-    return _summarize(kind)(out, text_column if text_column in out.column_names else None, by, id_column)
+    return sketches(kind).summarize(
+        out, text_column if text_column in out.column_names else None, by, id_column
+    )
 
 
 def summaries_from_files(
@@ -211,7 +206,7 @@ def merged_summary(
     if fresh and need_buckets and not any("buckets" in s for s in summaries):
         fresh = False
     parts = summaries if fresh else summaries_from_files(store, kind, text_column, by, prefix, id_column)
-    return _merge(kind)(parts)
+    return sketches(kind).merge(parts)
 
 
 def build_report(
@@ -244,12 +239,8 @@ def build_report(
             summary["drift"] = drift(summary["comparison"], threshold)
     store.fs.makedirs(store._p(REPORT), exist_ok=True)
     store.fs.pipe_file(store._p(REPORT, "summary.json"), json.dumps(summary, indent=2).encode())
-    if by == spec.get(
-        "report_by"
-    ):  # what a later job compares itself with (not a rebuild for another column)
-        sketch = {
-            k: v for k, v in merged.items() if k not in ("low", "high")
-        }  # sums and histograms, no texts
+    if by == spec.get("report_by"):  # what a later job compares itself with (not a rebuild for another by)
+        sketch = {k: v for k, v in merged.items() if k not in ("low", "high")}  # sums, histograms; no texts
         store.fs.pipe_file(store._p(REPORT, SKETCH), json.dumps(sketch).encode())
     png = _histogram_png(merged["ppl"], summary["corpus_ppl"], baseline.sketch["ppl"] if baseline else None)
     store.fs.pipe_file(store._p(REPORT, "ppl_histogram.png"), png)

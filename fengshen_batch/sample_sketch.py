@@ -165,25 +165,48 @@ def summarize(data: pa.Table, prompt_column: str | None, by: str | None, id_colu
     s["loop"] = loop_words(word_ids, s["sample_of"], n)
 
     summary = _group_figures(s, np.ones(n, dtype=bool))
-    prompts = data.column(prompt_column).to_pylist() if prompt_column else [None] * n
-    rows = [
-        {"id": ids[i], "sample_index": int(data.column("sample_index")[i].as_py()),
-         "prompt": (prompts[i] or "")[:PROMPT_CHARS], "generation": texts[i][:TEXT_CHARS],
-         "nll_per_token": float(s["nll_per_token"][i]) if s["generated_tokens"][i] else None, "generated_tokens": int(s["generated_tokens"][i]),
-         "finish_reason": s["finish_reason"][i], "loop_words": int(s["loop"][i])}
-        for i in range(n)
-    ]  # fmt: skip
-    scored = [r for r in rows if r["generated_tokens"] > 0]
-    keys = distinct.stable_hashes(f"{r['id']}\x1f{r['sample_index']}" for r in rows)
-    for r, k in zip(rows, keys, strict=True):
-        r["key"] = int(k)
-    summary["examples"] = _pick([scored], [[r for r in rows if r["loop_words"]]], [rows])
+    summary["examples"] = _shard_examples(data, s, texts, ids, prompt_column)
     if by:
         keys_by = ["null" if v is None else str(v) for v in data.column(by).to_pylist()]
         column = np.asarray(keys_by, dtype=object)
         summary["by"] = by
         summary["groups"] = {g: _group_figures(s, column == g) for g in sorted(set(keys_by))}
     return summary
+
+
+def _fewest(values: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """The indices in `among` holding the EXAMPLES smallest `values`, ties at the cut included (so the
+    tie-breaking by id stays `_examples`' to do)."""
+    if len(among) <= EXAMPLES:
+        return among
+    cut = np.partition(values[among], EXAMPLES - 1)[EXAMPLES - 1]
+    return among[values[among] <= cut]
+
+
+def _shard_examples(data: pa.Table, s: dict, texts: list[str], ids: list, prompt_column: str | None) -> dict:
+    """The shard's example tables; rows are built only for the samples that can be picked."""
+    n = data.num_rows
+    scored = np.flatnonzero(s["generated_tokens"] > 0)
+    looped = np.flatnonzero(s["loop"] > 0)
+    sample_index = data.column("sample_index").to_pylist()
+    keys = distinct.stable_hashes(f"{ids[i]}\x1f{sample_index[i]}" for i in range(n))
+    nll = s["nll_per_token"]
+    chosen = {i: None for part in (_fewest(nll, scored), _fewest(-nll, scored), _fewest(-s["loop"], looped),
+                                   _fewest(keys, np.arange(n))) for i in part.tolist()}  # fmt: skip
+    prompts = data.column(prompt_column) if prompt_column else None
+    for i in chosen:
+        chosen[i] = {
+            "id": ids[i], "sample_index": sample_index[i],
+            "prompt": ((prompts[i].as_py() if prompts is not None else None) or "")[:PROMPT_CHARS],
+            "generation": texts[i][:TEXT_CHARS],
+            "nll_per_token": float(nll[i]) if s["generated_tokens"][i] else None,
+            "generated_tokens": int(s["generated_tokens"][i]), "finish_reason": s["finish_reason"][i],
+            "loop_words": int(s["loop"][i]), "key": int(keys[i]),
+        }  # fmt: skip
+    rows = list(chosen.values())
+    return _pick(
+        [[r for r in rows if r["generated_tokens"] > 0]], [[r for r in rows if r["loop_words"]]], [rows]
+    )
 
 
 def _pick(scored: list[list[dict]], loops: list[list[dict]], every: list[list[dict]]) -> dict:

@@ -320,6 +320,11 @@ def fill_dates(text: str, date: str | None = None) -> str:
 
 def load_spec(path: str | Path) -> AnyJob:
     """Read and validate a YAML spec; `{date}` and `{date-N}` anywhere in it become dates (`fill_dates`)."""
+    return build_spec(read_spec_fields(path))
+
+
+def read_spec_fields(path: str | Path) -> dict:
+    """A YAML spec's fields, dates filled in, not yet validated (`build_spec` does that)."""
     try:
         fields = yaml.safe_load(fill_dates(Path(path).read_text(encoding="utf-8")))
     except OSError as e:
@@ -328,7 +333,7 @@ def load_spec(path: str | Path) -> AnyJob:
         raise SpecError(f"job spec {path} is not valid YAML: {e}") from None
     if not isinstance(fields, dict):
         raise SpecError(f"job spec {path} must be a mapping of fields, got {type(fields).__name__}")
-    return build_spec(fields)
+    return fields
 
 
 def spec_record(spec: AnyJob) -> dict:

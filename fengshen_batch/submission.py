@@ -39,7 +39,7 @@ import yaml
 from . import __version__
 from .errors import SubmitError
 from .loading import _HUB_ID  # the same test as loading.localize's, so submit and the driver agree
-from .spec import SpecError, fill_dates, load_spec, run_date
+from .spec import SpecError, build_spec, read_spec_fields, run_date
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 180  # a head that has just started, on a busy machine, can take minutes
@@ -253,12 +253,11 @@ def plan(
     package: str = "image",
 ) -> Plan:
     """Validate the spec and build the job (entrypoint, runtime_env), without touching the network."""
-    spec = load_spec(spec_path)  # validated here, before anything reaches the cluster
+    fields = read_spec_fields(spec_path)
+    spec = build_spec(fields)  # validated here, before anything reaches the cluster
     sid = submission_id or default_submission_id(spec.name)
     spec_dir = Path(spec_path).resolve().parent
-    # load_spec has read and validated this text; here it is the same fields as a dict, to rewrite paths in.
-    fields = yaml.safe_load(fill_dates(Path(spec_path).read_text(encoding="utf-8")))
-    fields = resolve_paths(fields, spec_dir, address)
+    fields = resolve_paths(fields, spec_dir, address)  # the same fields, local paths rewritten
     runtime_env, note = build_runtime_env(spec.runtime_env, spec_dir, working_dir, package)
     text = yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
     if _HEREDOC in text.splitlines():
