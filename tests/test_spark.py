@@ -31,6 +31,10 @@ PASSTHROUGH = ["crawled", "price", "tags", "meta", "attrs"]
 
 @pytest.fixture(scope="module")
 def spark():
+    if not shutil.which("java"):
+        pytest.fail(
+            "the Spark round trip needs a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless)"
+        )
     session = (
         SparkSession.builder.master("local[1]").appName("fengshen-batch-tests")
         .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
