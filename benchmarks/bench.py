@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fengshen_batch.engine.llm_engine import LLMEngine  # noqa: E402
-from fengshen_batch.generation import generate_tokens  # noqa: E402
-from fengshen_batch.loading import Replica, load_replica  # noqa: E402
+from fengshen_batch.kinds.generation import generate_tokens  # noqa: E402
+from fengshen_batch.kinds.scoring import score_tokens  # noqa: E402
+from fengshen_batch.model.load import Replica, load_replica  # noqa: E402
 from fengshen_batch.params import EngineParams, GenerateParams  # noqa: E402
-from fengshen_batch.scoring import score_tokens  # noqa: E402
 
 GPT2_35B = dict(vocab_size=50304, n_positions=1024, n_embd=3072, n_layer=30, n_head=32, n_inner=12288)
 CPU_SMALL = dict(vocab_size=8192, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_inner=1024)
@@ -250,8 +250,8 @@ def bench_pipeline(model_dir: Path, cfg, device, dtype_name, quick) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fengshen_batch.job import run_job
-    from fengshen_batch.scoring import score_texts
+    from fengshen_batch.job.run import run_job
+    from fengshen_batch.kinds.scoring import score_texts
     from fengshen_batch.spec import build_spec
     from fengshen_batch.tiny_model import SAMPLE_LINES
 
@@ -350,7 +350,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
     slug = name.lower().replace(" ", "-")
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        )
     except FileNotFoundError:  # a machine without git (the GPU machines' image)
         sha = subprocess.CompletedProcess([], 1, os.environ.get("FENGSHEN_GIT_SHA", ""), "")
     result = {

@@ -37,7 +37,7 @@ def main() -> None:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from fengshen_batch.storage import write_whole
+    from fengshen_batch.io.storage import write_whole
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import CPU_SMALL, GPT2_35B, _peak_gb, build, sync  # noqa: E402
 from fengshen_batch.engine.llm_engine import EngineStats, LLMEngine  # noqa: E402
-from fengshen_batch.generation import generate_tokens  # noqa: E402
+from fengshen_batch.kinds.generation import generate_tokens  # noqa: E402
+from fengshen_batch.kinds.rows import RowError  # noqa: E402
 from fengshen_batch.params import EngineParams, GenerateParams  # noqa: E402
-from fengshen_batch.results import RowError  # noqa: E402
 
 TEMPERATURE, TOP_P, EOS = 0.8, 0.95, 0
 # HF fills an unset top_k with 50 (GenerationConfig._get_default_generation_params): top_k=0 turns it off, so

@@ -177,8 +177,8 @@ def engine_script(inp: str, model_dir: str, threads: int, stop: str | None, max_
 
     sys.path.insert(0, str(ROOT))
     from fengshen_batch.engine.llm_engine import EngineThread, LLMEngine
-    from fengshen_batch.generation import generate
-    from fengshen_batch.loading import load_replica
+    from fengshen_batch.kinds.generation import generate
+    from fengshen_batch.model.load import load_replica
     from fengshen_batch.spec import build_spec
 
     torch.set_num_threads(threads)

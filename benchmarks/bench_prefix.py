@@ -97,8 +97,8 @@ def on_off(replica, w: dict, warm: dict, max_num_seqs: int | None, device) -> di
 def judge_paths(replica, rng, questions: int, answers: int = 4, answer_len: int = 4,
                 shared=(4, 8, 16, 32, 64, 128)) -> dict:  # fmt: skip
     """Seconds per question for the dense pass and the cached prefill (see the module doc)."""
-    from fengshen_batch.prefix_scoring import score_shared
-    from fengshen_batch.scoring import score_tokens
+    from fengshen_batch.kinds.prefix_scoring import score_shared
+    from fengshen_batch.kinds.scoring import score_tokens
 
     V, out = replica.model.vocab_size, {}
     for L in shared:

@@ -55,7 +55,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from fengshen_batch.sample_sketch import summarize
+    from fengshen_batch.reports.generate_sketch import summarize
     from fengshen_batch.tiny_model import build_tiny_gpt2
 
     work = Path(tempfile.mkdtemp(prefix="bench-report-"))

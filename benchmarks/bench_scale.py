@@ -6,7 +6,7 @@ words, about 30 tokens) and a `body` passthrough column of 1-2 KB that rides alo
 hours per system on 2 cores; what the job adds - reading shards, writing files, markers, summaries - grows
 with rows and bytes, which this keeps, while a cheaper model call makes that overhead a larger share.)
 
-Systems, each in a fresh process on an embedded local Ray started the same way (`pipeline.init_ray`),
+Systems, each in a fresh process on an embedded local Ray started the same way (`workers.cluster.init_ray`),
 2 actors of 1 CPU each:
     job   `fengshen-batch run` of a score spec (shards of one input file each, report, optional quantile
           buckets): actors read and write their shards, the driver commits markers;
@@ -60,8 +60,8 @@ BARE = """
 import sys, time
 import pyarrow as pa
 import ray
-from fengshen_batch import pipeline
-from fengshen_batch.progress import quiet_ray
+from fengshen_batch.workers import cluster
+from fengshen_batch.job.display import quiet_ray
 
 model, src, dst, actors, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 
@@ -70,14 +70,14 @@ class Scorer:
     def __init__(self):
         import torch
 
-        from fengshen_batch.loading import load_replica
+        from fengshen_batch.model.load import load_replica
 
         torch.set_num_threads(1)
         self.replica = load_replica(model, device="cpu", dtype="auto")
         self.budget = 2048
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from fengshen_batch.scoring import score_texts
+        from fengshen_batch.kinds.scoring import score_texts
 
         results, self.budget = score_texts(self.replica, table.column("text").to_pylist(), None, self.budget)
         ok = [getattr(r, "nll_sum", None) is not None for r in results]
@@ -88,7 +88,7 @@ class Scorer:
 
 try:
     quiet_ray(None, False)
-    pipeline.init_ray(None, min_cpus=actors)
+    cluster.init_ray(None, min_cpus=actors)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_parquet(src)
     ds = ds.map_batches(Scorer, batch_size=batch, batch_format="pyarrow",

@@ -73,8 +73,8 @@ def run(
     `overwrite`: replace a finished output of another configuration (the old one stays published until the
     new one is complete). `progress`: where the job's lines go (None: nowhere); in a terminal the live
     progress line draws itself. `ray_progress`: Ray Data's own progress bars as well."""
-    from .job import run_job
-    from .outputs import OutputStore
+    from .io.outputs import OutputStore
+    from .job.run import run_job
 
     spec = as_spec(job)
     manifest = run_job(
@@ -99,10 +99,9 @@ def report(
     A score job's report is compared with `baseline` (default: the job's own), its drift judged against
     `drift_threshold` (default: the job's); `summary["drift"]["exceeded"]` says whether it drifted."""
     from .errors import JobError
-    from .outputs import OutputStore
-    from .report import build_report
-    from .sample_report import build_sample_report
-    from .storage import StorageSpec
+    from .io.outputs import OutputStore
+    from .io.storage import StorageSpec
+    from .kinds import KINDS, get
 
     storage = StorageSpec(endpoint_url=endpoint_url)
     store = OutputStore(output, storage)
@@ -111,17 +110,16 @@ def report(
         raise JobError(f"{output} has no _SUCCESS: only a finished job's output has a report")
     spec = manifest["spec"]
     kind = spec.get("kind", "score")
+    if kind not in KINDS:
+        raise JobError(f"{output} is the output of a {kind!r} job, which this version does not know")
     by = by or spec.get("report_by")
     summaries = [m.get("summary") for m in store.committed().values()]  # the shards' own, if they match
+
+    def compare():  # a score job's: the baseline and drift threshold, the arguments' or the job's own
+        return _baseline(manifest, storage, baseline, baseline_check, drift_threshold)
+
     try:
-        if kind == "generate":
-            return build_sample_report(store, manifest, by, summaries)
-        if kind != "score":
-            raise JobError(
-                f"{output} is the output of a {kind} job, which has no report (score and generate do)"
-            )
-        base, threshold = _baseline(manifest, storage, baseline, baseline_check, drift_threshold)
-        return build_report(store, manifest, by, summaries, base, threshold)
+        return get(kind).rebuild_report(store, manifest, by, summaries, compare)
     except ValueError as e:
         raise JobError(str(e)) from None
 
@@ -130,8 +128,8 @@ def _baseline(manifest: dict, storage, url: str | None, check: bool | None, thre
     """The baseline a report is compared with and the drift threshold: the arguments, else the job's own."""
     from pydantic import ValidationError
 
-    from .baseline import load_baseline
     from .errors import SpecError
+    from .reports.baseline import load_baseline
     from .spec import DriftThreshold
 
     spec = manifest["spec"]
@@ -174,7 +172,7 @@ def submit(
     `py-modules`, `pip`), a submission id already used is not run again. Local paths of a YAML spec are
     relative to its folder; of a spec object or dict, to the current directory; a remote cluster refuses them
     (use bucket URLs). `wait`: follow the logs until the job ends and return its final status."""
-    from . import submission as jobs
+    from .submission import submit as jobs
 
     echo = progress or (lambda _: None)
     with _spec_file(job, address) as path:
@@ -197,7 +195,7 @@ def _spec_file(job: AnyJob | dict | str | Path, address: str) -> Iterator[Path]:
         return
     import yaml
 
-    from .submission import resolve_paths
+    from .submission.plan import resolve_paths
 
     spec = as_spec(job)
     fields = {"kind": spec.kind, **spec.model_dump(mode="json", exclude_unset=True)}

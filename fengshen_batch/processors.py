@@ -9,7 +9,7 @@
 `score`, `generate` and `judge` take any `ray.data.Dataset` and the spec's keys (but `input` and `output`) as
 keyword arguments, and return a lazy Dataset: every row with the job's result columns appended (the same names
 and types as the job's data files; generation: one row per sample) and `error_kind`/`error_message` (null on a
-good row), so one bad row never stops the pipeline. The actors run the job's own code (`pipeline.RowsActor`:
+good row), so one bad row never stops the pipeline. The actors run the job's own code (`workers.actors.RowsActor`:
 the same replica, engine, batching and keyed seeds), so numbers equal the job's for the same rows and ids.
 Unlike a job there are no markers, resume, errors/ folder or report: the pipeline owns its output. A job
 gives exactly-once output, resumes after a failure and reports; a processor fits a step into a pipeline.
@@ -26,11 +26,11 @@ _NOT_A_FILE = "<ray.data.Dataset>"  # the spec's input/output: the processor rea
 
 
 def _processor(kind: str, ds: ray.data.Dataset, fields: dict) -> ray.data.Dataset:
-    from . import pipeline
     from .errors import SpecError
-    from .loading import check_model_source
+    from .io.storage import storage_options
+    from .model.source import check_model_source
     from .spec import build_spec
-    from .storage import storage_options
+    from .workers import cluster, pools
 
     for key in ("input", "output", "kind"):
         if key in fields:
@@ -39,11 +39,11 @@ def _processor(kind: str, ds: ray.data.Dataset, fields: dict) -> ray.data.Datase
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:  # before any actor starts, as a job checks it
             check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
-    pipeline.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    cluster.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
     gpus = (
-        spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if pipeline.cluster_gpus() else 0.0)
+        spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if cluster.cluster_gpus() else 0.0)
     )
-    return pipeline.map_rows(ds, spec, gpus)
+    return pools.map_rows(ds, spec, gpus)
 
 
 def score(ds: ray.data.Dataset, **spec_keys) -> ray.data.Dataset:

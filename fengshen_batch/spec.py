@@ -25,8 +25,8 @@ from pydantic import (
 )
 
 from .errors import SpecError
+from .io.storage import StorageSpec, redact_url
 from .params import Dtype, EngineParams, GenerateParams, ScoreParams
-from .storage import StorageSpec, redact_url
 
 
 class JobBase(BaseModel):

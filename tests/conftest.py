@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-# Ray on loopback only, set before anything imports ray (see fengshen_batch.pipeline.init_ray).
+# Ray on loopback only, set before anything imports ray (see fengshen_batch.workers.cluster.init_ray).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest  # noqa: E402
 
-from fengshen_batch.loading import load_replica  # noqa: E402
+from fengshen_batch.model.load import load_replica  # noqa: E402
 from fengshen_batch.tiny_model import build_tiny_gpt2  # noqa: E402
 from tests.helpers import PLANTED_SECRET  # noqa: E402
 

@@ -21,7 +21,7 @@ import contextlib
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from fengshen_batch.job import run_job  # noqa: E402
+from fengshen_batch.job.run import run_job  # noqa: E402
 from fengshen_batch.spec import build_spec  # noqa: E402
 
 

@@ -71,3 +71,10 @@ def test_run_returns_the_manifest_it_wrote_and_a_rerun_finds_it_complete(tmp_pat
     assert any(line.startswith("done: 9 rows") for line in lines)
     again = fb.run(fb.ScoreJob(**{k: v for k, v in spec.items() if k != "kind"}), progress=None)
     assert again.already_complete and again.manifest == on_disk
+    # fb.report after a job (whose finish step imported fengshen_batch.reports): still the function
+    summary = fb.report(spec["output"])
+    assert summary["rows"] == 9 and summary == json.loads(
+        (tmp_path / "out" / "report" / "summary.json").read_text()
+    )
+    with pytest.raises(fb.JobError, match="no _SUCCESS"):
+        fb.report(str(tmp_path / "in"))

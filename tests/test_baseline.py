@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from fengshen_batch import JobError
-from fengshen_batch.baseline import DRIFT_EXIT_CODE, ks_distance
 from fengshen_batch.cli import main
-from fengshen_batch.job import run_job
-from fengshen_batch.sketch import BINS_PER_DECADE, histogram
+from fengshen_batch.job.run import run_job
+from fengshen_batch.reports.baseline import DRIFT_EXIT_CODE, ks_distance
+from fengshen_batch.reports.histograms import BINS_PER_DECADE, histogram
 from fengshen_batch.spec import build_spec, load_spec
 from fengshen_batch.tiny_model import build_tiny_gpt2
 from tests.helpers import write_texts

@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from lm_eval import utils as lm_utils
 
 from fengshen_batch.cli import main
-from fengshen_batch.generation import generate, keep_best
-from fengshen_batch.job import JobError, run_job
+from fengshen_batch.errors import JobError
+from fengshen_batch.job.run import run_job
+from fengshen_batch.kinds.generation import generate, keep_best
+from fengshen_batch.kinds.scoring import score_texts
 from fengshen_batch.params import GenerateParams
-from fengshen_batch.scoring import score_texts
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES, build_tiny_gpt2
 from tests.helpers import write_texts
@@ -74,7 +75,7 @@ def test_generation_token_logprobs_equal_hf_forward(replica, hf_model):
 
 
 def test_keep_best_keeps_the_lowest_nll_per_token():
-    from fengshen_batch.results import Sample
+    from fengshen_batch.kinds.rows import Sample
 
     samples = [
         Sample(i, "x", 3, n, "length", nll)

@@ -16,7 +16,7 @@ from fengshen_batch.engine.sampler import CANDIDATES, sample, sample_full, sampl
 from fengshen_batch.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from fengshen_batch.engine.sequence import Request
 from fengshen_batch.engine.stop import StopChecker, token_bytes
-from fengshen_batch.generation import generate
+from fengshen_batch.kinds.generation import generate
 from fengshen_batch.params import EngineParams, GenerateParams
 from fengshen_batch.tiny_model import SAMPLE_LINES
 

@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from fengshen_batch import rows
 from fengshen_batch.cli import main
-from fengshen_batch.generation import generate
-from fengshen_batch.job import run_job
-from fengshen_batch.scoring import score_texts
+from fengshen_batch.job.run import run_job
+from fengshen_batch.kinds import process as rows
+from fengshen_batch.kinds.generation import generate
+from fengshen_batch.kinds.score import KIND as SCORE
+from fengshen_batch.kinds.scoring import score_texts
 from fengshen_batch.spec import build_spec
 from tests.helpers import FaultyS3Proxy, make_bucket, model_actor_pids, wait_for, write_texts
 
@@ -113,14 +114,14 @@ def test_driver_killed_at_random_points_then_rerun_resumes(tmp_path, replica, ra
 
 
 def test_a_row_the_engine_cannot_process_becomes_an_error_row(replica, monkeypatch):
-    real = rows._run_engine
+    real = SCORE.run
 
     def poisoned(replicas, spec, texts, ids, budget, usage=None):
         if "POISON" in texts:
             raise ValueError("cannot process this row")
         return real(replicas, spec, texts, ids, budget, usage)
 
-    monkeypatch.setattr(rows, "_run_engine", poisoned)
+    monkeypatch.setattr(SCORE, "run", poisoned)
     spec = build_spec({"kind": "score", "model": "m", "input": "i", "output": "o"})
     table = pa.table(
         {"id": ["a", "b", "c"], "text": ["北京", "POISON", "ok"], "_shard": [0] * 3, "_row": [0, 1, 2]}

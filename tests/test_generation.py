@@ -17,9 +17,9 @@ from transformers import (
 from fengshen_batch.engine import sampler
 from fengshen_batch.engine.llm_engine import LLMEngine
 from fengshen_batch.engine.sampler import penalize, sample_full, sample_key
-from fengshen_batch.generation import generate
+from fengshen_batch.kinds.generation import generate
+from fengshen_batch.kinds.rows import RowError
 from fengshen_batch.params import EngineParams, GenerateParams
-from fengshen_batch.results import RowError
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
 PROMPTS = ["北京位于", "Diabetics should not eat", SAMPLE_LINES[2], "a", SAMPLE_LINES[3] + SAMPLE_LINES[4]]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fengshen_batch.inputs import inspect_inputs, make_shards, read_shard
-from fengshen_batch.storage import StorageSpec
+from fengshen_batch.io.inputs import inspect_inputs, make_shards, read_shard
+from fengshen_batch.io.storage import StorageSpec
 
 
 def _files(tmp_path):

@@ -18,9 +18,9 @@ import yaml
 from click.testing import CliRunner
 
 from fengshen_batch.cli import main
-from fengshen_batch.generation import generate
-from fengshen_batch.job import run_job
-from fengshen_batch.scoring import score_texts
+from fengshen_batch.job.run import run_job
+from fengshen_batch.kinds.generation import generate
+from fengshen_batch.kinds.scoring import score_texts
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
 from tests.helpers import PLANTED_SECRET, make_bucket

@@ -14,9 +14,10 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from fengshen_batch.job import run_job
-from fengshen_batch.judging import CRITERIA, accuracy, declarative, judge, label_counts
-from fengshen_batch.outputs import sum_counts
+from fengshen_batch.io.outputs import sum_counts
+from fengshen_batch.job.run import run_job
+from fengshen_batch.kinds.judge import accuracy, label_counts
+from fengshen_batch.kinds.judging import CRITERIA, declarative, judge
 from fengshen_batch.spec import SpecError, build_spec
 
 TEMPLATES = [
@@ -198,9 +199,9 @@ def test_score_report_matches_the_output(tmp_path, replica):
     not shutil.which("chromium"), reason="Chromium is not installed (Debian package chromium)"
 )
 def test_report_html_opens_in_headless_chromium(tmp_path, replica):
-    from fengshen_batch.outputs import OutputStore
-    from fengshen_batch.report import build_report
-    from fengshen_batch.storage import StorageSpec
+    from fengshen_batch.io.outputs import OutputStore
+    from fengshen_batch.io.storage import StorageSpec
+    from fengshen_batch.reports.score_report import build_report
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fengshen_batch.engine.gpt2 import GPT2
-from fengshen_batch.loading import ModelLoadError, fetch_to_cache, load_replica, resolve_dtype
+from fengshen_batch.model.load import load_replica, resolve_dtype
+from fengshen_batch.model.source import ModelLoadError, fetch_to_cache
 from tests.helpers import make_bucket
 
 
@@ -141,8 +142,8 @@ def test_checkpoint_missing_a_tensor_names_it(tiny_model_dir, tmp_path):
 def test_our_tokenizer_equals_transformers_autotokenizer(tiny_model_dir, tmp_path, files):
     from transformers import AutoTokenizer
 
+    from fengshen_batch.model.tokenizer import GPT2TextTokenizer
     from fengshen_batch.tiny_model import SAMPLE_LINES
-    from fengshen_batch.tokenizer import GPT2TextTokenizer
 
     path = tiny_model_dir
     if files != "tokenizer.json":  # the layout of the Fengshenbang checkpoints: no tokenizer.json

@@ -14,8 +14,8 @@ from fengshen_batch.engine.llm_engine import LLMEngine
 from fengshen_batch.engine.prefix_cache import BLOCK, PrefixIndex, block_hashes
 from fengshen_batch.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from fengshen_batch.engine.sequence import Request
-from fengshen_batch.generation import PromptUsage, generate_tokens
-from fengshen_batch.job import run_job
+from fengshen_batch.job.run import run_job
+from fengshen_batch.kinds.generation import PromptUsage, generate_tokens
 from fengshen_batch.params import EngineParams, GenerateParams
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
@@ -293,9 +293,9 @@ def _sample(sched, seqs, rng):
 def test_judge_rows_that_open_alike_score_their_opening_once_and_equal_lm_eval(
     replica, hf_model, monkeypatch
 ):
-    from fengshen_batch import prefix_scoring
-    from fengshen_batch.judging import judge
-    from fengshen_batch.scoring import score_tokens
+    from fengshen_batch.kinds import prefix_scoring
+    from fengshen_batch.kinds.judging import judge
+    from fengshen_batch.kinds.scoring import score_tokens
     from tests.test_judge_report import _lm_eval_nll
 
     rows = [

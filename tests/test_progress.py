@@ -19,7 +19,7 @@ from pathlib import Path
 import pyte
 import yaml
 
-from fengshen_batch.progress import Display
+from fengshen_batch.job.display import Display
 from tests.helpers import write_texts
 
 BIN = Path(sys.executable).parent
@@ -175,14 +175,17 @@ def test_an_unset_max_num_seqs_is_not_a_warning(caplog):
 
 
 def test_the_line_shows_in_flight_work_and_phases_before_it():
-    from fengshen_batch.progress import phase_line
+    from fengshen_batch.job.display import phase_line
+    from fengshen_batch.kinds import get
+
+    first = get("generate").first_step
 
     lines: list[str] = []
     display = Display(100, 2, 0, lines.append, live=False, every_s=0)
-    display.phase(phase_line([], 2, "generate"))
-    display.phase(phase_line([{"phase": "loading"}], 2, "generate"))
-    display.phase(phase_line([{"phase": "loading"}], 2, "generate"))  # said once
-    display.phase(phase_line([{"phase": "computing"}, {"phase": "loading"}], 2, "generate"))
+    display.phase(phase_line([], 2, first))
+    display.phase(phase_line([{"phase": "loading"}], 2, first))
+    display.phase(phase_line([{"phase": "loading"}], 2, first))  # said once
+    display.phase(phase_line([{"phase": "computing"}, {"phase": "loading"}], 2, first))
     assert lines == ["starting 2 model actors ...", "1 of 2 actors loading the model ...",
                      "first prefill (the first tokens come next) ..."]  # fmt: skip
     display.in_flight([{"phase": "computing", "rows": 7, "samples": 14, "tokens": 300, "errors": 0},

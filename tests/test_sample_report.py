@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from fengshen_batch import distinct
 from fengshen_batch.cli import main
-from fengshen_batch.job import run_job
-from fengshen_batch.sample_sketch import (
+from fengshen_batch.job.run import run_job
+from fengshen_batch.reports import distinct
+from fengshen_batch.reports.generate_sketch import (
     LOOP_MIN_WORDS,
     LOOP_PERIODS,
     LOOP_REPEATS,
@@ -34,7 +34,7 @@ from fengshen_batch.sample_sketch import (
     normalize,
     summarize,
 )
-from fengshen_batch.sketch import QUANTILES
+from fengshen_batch.reports.histograms import QUANTILES
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
@@ -143,7 +143,7 @@ def test_distinct_counts_within_the_stated_error(n):
 
 
 def test_stable_hashes_do_not_depend_on_the_process():
-    code = "from fengshen_batch.distinct import stable_hashes; print(stable_hashes(['北京', 'a b']).tolist())"
+    code = "from fengshen_batch.reports.distinct import stable_hashes; print(stable_hashes(['北京', 'a b']).tolist())"
     runs = {
         subprocess.run(
             [sys.executable, "-c", code],
@@ -323,9 +323,9 @@ def test_greedy_samples_collapse_and_keep_best_reports_the_kept_samples(tmp_path
 def test_generate_report_opens_in_headless_chromium_with_its_images(tmp_path):
     from PIL import Image
 
-    from fengshen_batch.outputs import OutputStore
-    from fengshen_batch.sample_report import build_sample_report
-    from fengshen_batch.storage import StorageSpec
+    from fengshen_batch.io.outputs import OutputStore
+    from fengshen_batch.io.storage import StorageSpec
+    from fengshen_batch.reports.generate_report import build_sample_report
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
@@ -353,7 +353,7 @@ def test_generate_report_opens_in_headless_chromium_with_its_images(tmp_path):
 
 
 def test_report_by_leaves_older_generate_outputs_their_spec_hash():
-    from fengshen_batch.outputs import spec_hash
+    from fengshen_batch.io.outputs import spec_hash
     from fengshen_batch.spec import spec_record
 
     fields = {"kind": "generate", "model": "m/", "input": "in/", "output": "out/"}

@@ -11,11 +11,11 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from fengshen_batch import scoring
-from fengshen_batch.batching import run_packed
+from fengshen_batch.kinds import scoring
+from fengshen_batch.kinds.batching import run_packed
+from fengshen_batch.kinds.rows import RowError, ScoreResult
+from fengshen_batch.kinds.scoring import rolling_windows, score_texts
 from fengshen_batch.params import ScoreParams
-from fengshen_batch.results import RowError, ScoreResult
-from fengshen_batch.scoring import rolling_windows, score_texts
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
 TEXTS = [

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fengshen_batch.sketch import EXAMPLES, figures, merge, summarize
+from fengshen_batch.reports.score_sketch import EXAMPLES, figures, merge, summarize
 
 
 def _rows(n: int, seed: int = 0) -> pa.Table:

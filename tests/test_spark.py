@@ -15,7 +15,7 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
-from fengshen_batch.job import run_job
+from fengshen_batch.job.run import run_job
 from fengshen_batch.spec import build_spec
 
 SCHEMA = T.StructType([

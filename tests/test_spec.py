@@ -152,7 +152,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_drop_columns_and_result_prefix_from_the_command_line():
-    from fengshen_batch.cli_options import spec_fields
+    from fengshen_batch.cli.options import spec_fields
 
     opts = {"model": "m", "input_": "i", "output": "o", "drop_columns": ("ppl", "nll_sum"),
             "result_prefix": "new_", "endpoint_url": None, "region": None, "anonymous": None}  # fmt: skip

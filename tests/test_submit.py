@@ -20,7 +20,8 @@ import pytest
 import s3fs
 import yaml
 
-from fengshen_batch.submission import SubmitError, default_submission_id, local_version, plan
+from fengshen_batch.errors import SubmitError
+from fengshen_batch.submission.plan import default_submission_id, local_version, plan
 from tests.helpers import PLANTED_SECRET, make_bucket, write_texts
 
 BIN = Path(sys.executable).parent
@@ -179,7 +180,7 @@ def _expect(res, code: int, head: Head) -> None:
 
 def test_submission_ids_and_spec_checks(tmp_path, monkeypatch):
     from fengshen_batch.spec import SpecError
-    from fengshen_batch.submission import submit
+    from fengshen_batch.submission.submit import submit
 
     monkeypatch.setenv("FENGSHEN_RUN_DATE", "2026-11-21")
     assert default_submission_id("nightly-score") == "nightly-score-20261121"
@@ -265,13 +266,13 @@ def test_plan_resolves_local_paths_and_ships_the_package(tmp_path, monkeypatch):
 def test_remote_cluster_refuses_local_paths_before_connecting(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from fengshen_batch import submission as jobs
     from fengshen_batch.cli import main
+    from fengshen_batch.submission import submit as jobs
 
     def no_network(*args, **kwargs):
         raise AssertionError("submit opened a connection before refusing the spec")
 
-    monkeypatch.setattr(jobs, "_client", no_network)
+    monkeypatch.setattr(jobs, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.chdir(tmp_path)
     spec = _write_spec(tmp_path / "specs", name="remote", model="IDEA-CCNL/Wenzhong-GPT2-3.5B",
@@ -374,8 +375,9 @@ def test_local_paths_resolve_against_the_spec_folder(tmp_path, open_head, tiny_m
 
 def test_image_probe_failure_is_one_clear_line(open_head):
     code = (
-        "from fengshen_batch.probe import probe_image\nfrom fengshen_batch.submission import SubmitError, _client\n"
-        f"c = _client({open_head.address!r})\n"
+        "from fengshen_batch.submission.probe import probe_image\nfrom fengshen_batch.errors import SubmitError\n"
+        "from fengshen_batch.submission.client import connect\n"
+        f"c = connect({open_head.address!r})\n"
         "try:\n"
         f"    print('version', probe_image(c, {open_head.address!r}, {DATE!r}, module='fengshen_batch_absent'))\n"
         "except SubmitError as e:\n"

@@ -10,11 +10,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from fengshen_batch.generation import generate
-from fengshen_batch.job import JobError, run_job
-from fengshen_batch.loading import load_replica
+from fengshen_batch.errors import JobError
+from fengshen_batch.job.run import run_job
+from fengshen_batch.kinds.generation import generate
+from fengshen_batch.kinds.scoring import score_texts
+from fengshen_batch.model.load import load_replica
 from fengshen_batch.params import GenerateParams
-from fengshen_batch.scoring import score_texts
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
@@ -65,9 +66,9 @@ def test_an_input_with_result_columns_is_refused_then_dropped_or_prefixed(tmp_pa
     assert summary["rows"] == len(TEXTS) and summary["buckets"] == counts
 
     # the report rebuilt from the files reads the prefixed columns
-    from fengshen_batch.outputs import OutputStore
-    from fengshen_batch.report import build_report
-    from fengshen_batch.storage import StorageSpec
+    from fengshen_batch.io.outputs import OutputStore
+    from fengshen_batch.io.storage import StorageSpec
+    from fengshen_batch.reports.score_report import build_report
 
     rebuilt = build_report(OutputStore(str(prefixed), StorageSpec()), manifest, by="perplexity")
     assert rebuilt["corpus_ppl"] == pytest.approx(summary["corpus_ppl"])
@@ -135,8 +136,8 @@ def test_hive_partitions_become_columns_and_report_groups_add_up(tmp_path, repli
 
 
 def test_partition_folders_must_agree(tmp_path):
-    from fengshen_batch.inputs import InputError, inspect_inputs
-    from fengshen_batch.storage import StorageSpec
+    from fengshen_batch.io.inputs import InputError, inspect_inputs
+    from fengshen_batch.io.storage import StorageSpec
 
     (tmp_path / "in" / "lang=zh").mkdir(parents=True)
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "in" / "lang=zh" / "x.parquet")

@@ -7,9 +7,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from fengshen_batch import writer
-from fengshen_batch.inputs import Shard
-from fengshen_batch.storage import StorageSpec, filesystem
+from fengshen_batch.io import writer
+from fengshen_batch.io.inputs import Shard
+from fengshen_batch.io.storage import StorageSpec, filesystem
 from tests.helpers import make_bucket
 
 WRITE_TABLE = pq.write_table

@@ -9,4 +9,5 @@ model_runner.py  a scheduled step -> tensors -> logits (CUDA graphs for decode o
 sampler.py       repetition penalty, temperature, top-k/top-p, keyed reproducible draws
 stop.py          incremental stop-string checks on each new token's bytes
 llm_engine.py    the loop (schedule, run, sample, update), and a thread that keeps it fed
+replica.py       one model replica on one device (model, tokenizer, EOS id): what the engine runs on
 """

@@ -29,7 +29,7 @@ from .sequence import Request, Sequence
 from .stop import StopChecker
 
 if TYPE_CHECKING:  # the engine needs a replica's model, tokenizer and EOS id, not the loading code
-    from ..loading import Replica
+    from .replica import Replica
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,296 @@
+"""The `fengshen-batch` command: score, generate, run SPEC.yaml, demo.
+
+Options become a job spec (the same fields as a YAML spec), validated before Ray starts. User errors (a bad
+spec, input, model or output) print one line and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import api
+from ..spec import build_spec, fill_dates, load_spec
+from .options import RAY_PROGRESS, TOKEN_LOGPROBS, baseline_options, job_options, report_errors, spec_fields
+
+
+def _run(fields: dict, overwrite: bool, ray_progress: bool) -> None:
+    _exit_on_drift(
+        api.run(build_spec(fields), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    )
+
+
+def _exit_on_drift(result: api.JobResult) -> None:
+    """A drifted score job is complete, but a scheduler must see it: exit DRIFT_EXIT_CODE. The job printed
+    its breaches; a retry that found it complete says them again (a drifted night stays red)."""
+    _exit_if_drifted(result.manifest.get("drift"), say=result.already_complete)
+
+
+def _exit_if_drifted(drift: dict | None, say: bool = True) -> None:
+    if drift and drift.get("exceeded"):
+        from ..reports.baseline import DRIFT_EXIT_CODE
+
+        if say:
+            click.echo("drift: " + "; ".join(drift["breaches"]), err=True)
+        sys.exit(DRIFT_EXIT_CODE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """Offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray."""
+
+
+@main.command()
+@job_options
+@click.option("--text-column", help="Column holding the text to score. Default `text`.")
+@click.option("--report-by", help="Break the report's figures down by this column (e.g. source).")
+@click.option(
+    "--stride",
+    type=int,
+    help="New tokens scored per window after the first (default: the model context, lm-eval's windows). Smaller: more context per token, more compute.",
+)
+@click.option(
+    "--reference-model",
+    help="Also score every text with this model (any --model source): ref_* columns and bpb_diff "
+    "(Moore-Lewis filtering).",
+)
+@click.option(
+    "--bucket-by",
+    type=click.Choice(["ppl", "bits_per_byte", "bpb_diff"]),
+    help="The column buckets cut (with bucket_quantiles/bucket_thresholds in a spec). Default ppl.",
+)
+@TOKEN_LOGPROBS
+@baseline_options
+@report_errors
+def score(overwrite, ray_progress, **opts):
+    """Perplexity of every text (lm-eval loglikelihood_rolling semantics)."""
+    _run(spec_fields("score", opts), overwrite, ray_progress)
+
+
+@main.command()
+@job_options
+@click.option(
+    "--prompt-column",
+    help="Column holding the prompt (with --prompt-template: the column the filled prompt is written to). "
+    "Default `prompt`.",
+)
+@click.option(
+    "--prompt-template",
+    help="Build each prompt from the row's columns, Python format syntax: 'Write a {style} article about "
+    "{topic}.' ({{ }} for literal braces). A null in a named column is that row's error.",
+)
+@click.option(
+    "--keep-prompt/--no-keep-prompt",
+    default=None,
+    help="With --prompt-template: write the filled prompt to the output (default) or not.",
+)
+@click.option("--report-by", help="Break the report's figures down by this column (e.g. source).")
+@click.option(
+    "--keep-best",
+    type=int,
+    help="Keep the K of --num-return-sequences samples with the lowest NLL per token (best-of-n).",
+)
+@TOKEN_LOGPROBS
+@click.option("--max-new-tokens", type=int, help="Tokens to generate at most. Default 64.")
+@click.option(
+    "--max-new-tokens-column",
+    help="Integer column of per-row limits (null: --max-new-tokens); a bad value is that row's error.",
+)
+@click.option(
+    "--max-num-seqs",
+    type=int,
+    help="Sequences decoding at once per replica. Default: what the KV cache budget holds, at most 256.",
+)
+@click.option(
+    "--gpu-memory-utilization",
+    type=float,
+    help="Fraction of GPU memory for weights, activations and KV cache. Default 0.90.",
+)
+@click.option("--cpu-kv-cache-gb", type=float, help="CPU replicas: GiB for the KV cache. Default 2.")
+@click.option(
+    "--prefix-caching/--no-prefix-caching",
+    "enable_prefix_caching",
+    default=None,
+    help="Reuse cached K/V of shared prompt prefixes (few-shot headers, templates). Default on.",
+)
+@click.option(
+    "--max-concurrent-batches",
+    type=int,
+    help="Ray batches in flight per replica, feeding its one engine. Default 4.",
+)
+@click.option(
+    "--greedy",
+    is_flag=True,
+    default=None,
+    help="Greedy decoding (equal to HF generate with do_sample=False).",
+)
+@click.option("--temperature", type=float, help="Sampling temperature, >= 0 (0 = greedy). Default 1.0.")
+@click.option("--top-p", type=float, help="Nucleus sampling, in (0, 1]. Default 1.0 (off).")
+@click.option("--top-k", type=int, help="Top-k sampling, >= 0. Default 0 (off).")
+@click.option("--repetition-penalty", type=float, help="> 0; 1.0 (default) is off.")
+@click.option("--num-return-sequences", type=int, help="Samples per prompt, one output row each. Default 1.")
+@click.option("--stop", multiple=True, help="Stop string; the text is cut before it. Repeatable.")
+@click.option(
+    "--ignore-eos", is_flag=True, default=None, help="Always generate --max-new-tokens (fixed-length output)."
+)
+@click.option(
+    "--seed", type=int, help="Job seed: a sample depends only on it, the row id and the sample index."
+)
+@click.option(
+    "--prompt-too-long",
+    type=click.Choice(["truncate_left", "error"]),
+    help="Prompt longer than context - max_new_tokens: keep its end (default) or a row error.",
+)
+@report_errors
+def generate(overwrite, ray_progress, **opts):
+    """Generate continuations of every prompt."""
+    _run(spec_fields("generate", opts), overwrite, ray_progress)
+
+
+@main.command()
+@job_options
+@click.option("--candidates-column", help="List<string> column of ready candidate statements.")
+@click.option("--question-column", help="Question column (with --answers-column). Default `question`.")
+@click.option(
+    "--answers-column", help="List<string> column of candidate answers, made into statements by --template."
+)
+@click.option(
+    "--template",
+    help="`auto` (built-in English/Chinese rules, the default) or a format string with {question} and {answer}.",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["ppl", "nll", "bpb"]),
+    help="Lower wins: per-token perplexity (default), total NLL, or bits per byte.",
+)
+@click.option("--label-column", help="Correct candidate (index or text): accuracy goes into the manifest.")
+@click.option(
+    "--threshold",
+    type=float,
+    help="With one statement per row: judged true when its criterion value <= this.",
+)
+@click.option("--stride", type=int, help="As for score: new tokens per window after the first.")
+@report_errors
+def judge(overwrite, ray_progress, **opts):
+    """Judge facts by perplexity (Yuyuan): the least surprising candidate statement wins."""
+    _run(spec_fields("judge", opts), overwrite, ray_progress)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--by", help="Break the figures down by this column (e.g. source).")
+@click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config).")
+@baseline_options
+@report_errors
+def report(output, by, endpoint_url, baseline, baseline_check, drift_threshold):
+    """Rebuild OUTPUT/report/ (summary.json, histograms, report.html) from a finished score or generate job;
+    a score job's is compared with its baseline (or --baseline), exit 3 when it drifted past the threshold."""
+    baseline = fill_dates(baseline) if baseline else None
+    summary = api.report(output, by=by, endpoint_url=endpoint_url, baseline=baseline,
+                         baseline_check=baseline_check, drift_threshold=drift_threshold)  # fmt: skip
+    if "corpus_ppl" in summary:
+        headline = f"corpus ppl {summary['corpus_ppl']:,.2f}"
+    else:
+        headline = f"{summary['samples']:,} samples, {summary['limit_hit_fraction'] or 0:.1%} hit the limit"
+    click.echo(f"report: {output.rstrip('/')}/report/report.html ({headline})")
+    _exit_if_drifted(summary.get("drift"))
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml")
+@click.option(
+    "--overwrite", is_flag=True, help="Recompute everything, replacing a finished or different output."
+)
+@RAY_PROGRESS
+@report_errors
+def run(spec_path, overwrite, ray_progress):
+    """Run a job spec (kind: score|generate|judge, and the options above as snake_case keys)."""
+    _exit_on_drift(
+        api.run(load_spec(spec_path), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
+    )
+
+
+@main.command()
+@click.option(
+    "--output", default="demo-output", show_default=True, help="Where the demo writes its model and results."
+)
+@click.option("--address", help="Ray cluster to join. Default: an embedded local Ray.")
+@report_errors
+def demo(output, address):
+    """Build a tiny GPT2 and sample prompts, then score and generate on Ray, and show the results."""
+    from .demo import run_demo
+
+    run_demo(output, address, echo=click.echo)
+
+
+_ADDRESS = click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    required=True,
+    help="Ray dashboard address of the cluster, e.g. http://HEAD:8265 (default: RAY_ADDRESS).",
+)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml")
+@_ADDRESS
+@click.option("--wait", "wait_", is_flag=True, help="Follow the logs; exit 0 only if the job SUCCEEDED.")
+@click.option(
+    "--submission-id", help="Job id. Default: the spec's name and today's date (UTC), NAME-YYYYMMDD."
+)
+@click.option(
+    "--package",
+    type=click.Choice(["image", "py-modules", "pip"]),
+    default="image",
+    show_default=True,
+    help="How fengshen-batch reaches the cluster: installed in its image (checked by a probe job first), "
+    "this machine's copy as runtime_env py_modules, or runtime_env pip pinned to this machine's version.",
+)
+@click.option(
+    "--working-dir",
+    help="Also upload this folder as the job's working dir. Default: nothing is uploaded (the spec travels "
+    "in the job's entrypoint).",
+)
+@report_errors
+def submit(spec_path, address, wait_, submission_id, package, working_dir):
+    """Submit a job spec, from anywhere, to a Ray cluster (Jobs API); a second submit of the same id does not
+    run it again. Local paths in the spec are relative to its folder, and need a head on this machine."""
+    sub = api.submit(spec_path, address, wait=wait_, submission_id=submission_id, working_dir=working_dir,
+                     package=package, progress=click.echo)  # fmt: skip
+    if wait_:
+        click.echo(f"{sub.submission_id}: {sub.status}")
+        sys.exit(0 if sub.status == "SUCCEEDED" else 1)
+
+
+@main.command()
+@click.argument("submission_id")
+@_ADDRESS
+@report_errors
+def status(submission_id, address):
+    """Status of a submitted job."""
+    from ..submission import submit as jobs
+
+    click.echo(jobs.status(address, submission_id))
+
+
+@main.command()
+@click.argument("submission_id")
+@_ADDRESS
+@report_errors
+def logs(submission_id, address):
+    """Logs of a submitted job."""
+    from ..submission import submit as jobs
+
+    click.echo(jobs.logs(address, submission_id), nl=False)
+
+
+@main.command()
+@click.argument("submission_id")
+@_ADDRESS
+@report_errors
+def stop(submission_id, address):
+    """Stop a submitted job."""
+    from ..submission import submit as jobs
+
+    click.echo("stop requested" if jobs.stop(address, submission_id) else "job was not running")

@@ -1,0 +1,182 @@
+"""The output folder and its committer: per-shard Parquet committed by markers, then manifest.json and _SUCCESS.
+
+Layout under OUTPUT/:
+    data/part-000042.parquet      results of shard 42 (explicit schema, written even when empty)
+    errors/part-000042.parquet    rows of shard 42 that failed, with error_kind and error_message
+    _markers/part-000042.json     written last for the shard: it is committed (rows, tokens, spec hash)
+    manifest.json                 the job: spec, model, inputs, counts, timings, versions
+    _SUCCESS                      written last of all, when every shard is committed
+    _overwrite/                   an --overwrite run's new output, built beside the old one, then copied in
+
+The model actors write a shard's data and error files (`writer.py`); the driver only writes its marker, from
+the counts the actor sends back. Shard files have deterministic names, so a rerun rewrites an unmarked shard
+instead of duplicating it, and skips every shard whose marker exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .inputs import Shard
+from .storage import StorageSpec, filesystem, join, write_whole
+
+DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
+INTERNAL = ["_shard", "_row"]
+# Spec fields that change how a job runs but not its results: a rerun may change them freely.
+RUNTIME_FIELDS = {
+    "runtime_env",
+    "name",
+    "output",
+    "actors",
+    "gpus_per_actor",
+    "cpus_per_actor",
+    "batch_size",
+    "token_budget",
+    "address",
+    "max_num_seqs",
+    "gpu_memory_utilization",
+    "cpu_kv_cache_gb",
+    "cuda_graphs",
+    "enable_prefix_caching",
+    "max_concurrent_batches",
+    # what today's output is compared with, and when that comparison alerts: the report's, not the data's
+    "baseline",
+    "baseline_check",
+    "baseline_missing",
+    "drift_threshold",
+}
+
+
+# Fields a kind gained after outputs of it existed: left out of the hash while at their default, so a rerun
+# over an older output still finds its own configuration there.
+ADDED_FIELDS = {"generate": {"report_by": None}}
+
+
+def spec_hash(record: dict) -> str:
+    """Hash of the spec fields that determine results; markers carry it so configurations never mix."""
+    added = ADDED_FIELDS.get(record.get("kind"), {})
+    relevant = {
+        k: v for k, v in record.items() if k not in RUNTIME_FIELDS and not (k in added and v == added[k])
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sum_counts(counts: list[dict]) -> dict:
+    """Shards' counts added up key by key (nested dicts of numbers, e.g. a judge job's correct answers per
+    criterion): the driver's running total instead of a pass over the output."""
+    total: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = sum_counts([total.get(k, {}), v]) if isinstance(v, dict) else total.get(k, 0) + v
+    return total
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    rows: int  # input rows
+    results: int  # output rows in data/ (samples, for generation)
+    errors: int  # input rows in errors/
+    tokens: int  # tokens the model processed
+    error_kinds: dict[str, int] = field(default_factory=dict)  # rows in errors/ per error_kind
+    # Generation: prompt tokens run (one prefill per prompt) and those the prefix cache supplied
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+class OutputStore:
+    def __init__(self, url: str, storage: StorageSpec):
+        self.url = url.rstrip("/")
+        self._storage = storage
+        self.fs, self.path = filesystem(url, storage)
+
+    def path_to(self, *parts: str) -> str:
+        """The path of OUTPUT/parts... on its filesystem."""
+        return join(self.path, *parts)
+
+    def published_manifest(self) -> dict | None:
+        """The manifest of a finished job at this output, or None."""
+        if not self.fs.exists(self.path_to("_SUCCESS")):
+            return None
+        return json.loads(self.fs.cat_file(self.path_to("manifest.json")))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path) and bool(self.fs.ls(self.path))
+
+    def staging(self) -> OutputStore:
+        """Where an --overwrite run builds its output while the old one stays in place."""
+        return OutputStore(join(self.url, STAGING), self._storage)
+
+    def clear(self) -> None:
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
+    def replace_with(self, staging: OutputStore) -> None:
+        """Make the staged output this output: unpublish, copy the new files in, drop stale ones.
+
+        The staged copy is removed only at the end, so a run killed here redoes the copy on its rerun.
+        """
+        for name in ("_SUCCESS", "manifest.json"):
+            if self.fs.exists(self.path_to(name)):
+                self.fs.rm(self.path_to(name))
+        for folder in (DATA, ERRORS, MARKERS):  # markers last, as for a single shard
+            new = {p.rsplit("/", 1)[-1] for p in staging.fs.find(staging.path_to(folder))}
+            old = {p.rsplit("/", 1)[-1] for p in self.fs.find(self.path_to(folder))}
+            self.fs.makedirs(self.path_to(folder), exist_ok=True)
+            for name in sorted(new):
+                self.fs.copy(staging.path_to(folder, name), self.path_to(folder, name))
+            for name in sorted(old - new):
+                self.fs.rm(self.path_to(folder, name))
+        staging.clear()
+
+    def files(self, folder: str) -> list[str]:
+        """The Parquet files under OUTPUT/folder, in shard order."""
+        if not self.fs.exists(self.path_to(folder)):
+            return []
+        return sorted(p for p in self.fs.find(self.path_to(folder)) if p.endswith(".parquet"))
+
+    def read(self, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All of OUTPUT/folder as one table (None where it has no files)."""
+        tables = [pq.read_table(self.fs.open(p, "rb"), columns=columns) for p in self.files(folder)]
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def committed(self) -> dict[int, dict]:
+        """Markers of committed shards, listed once: {shard index: marker}."""
+        if not self.fs.exists(self.path_to(MARKERS)):
+            return {}
+        paths = [p for p in self.fs.find(self.path_to(MARKERS)) if p.endswith(".json")]
+        # One small GET each: in parallel, or a resumed night of 25k shards waits minutes before it starts.
+        with ThreadPoolExecutor(32) as pool:
+            markers = list(pool.map(lambda path: json.loads(self.fs.cat_file(path)), paths))
+        return {m["shard"]: m for m in markers}
+
+    def commit(self, shard: Shard, stats: ShardStats, hash_: str, summary: dict | None = None) -> None:
+        """Mark a shard committed, once a worker has written its data and error files (`writer.py`): a
+        shard without its marker is redone on a rerun. A marker also keeps the shard's summary (score: sketches; judge: label counts)."""
+        marker = {
+            "shard": shard.index,
+            "file": shard.name,
+            "start": shard.start,
+            "stop": shard.stop,
+            "spec_hash": hash_,
+            **stats.__dict__,
+            **({"summary": summary} if summary else {}),
+        }
+        self.fs.makedirs(self.path_to(MARKERS), exist_ok=True)
+        # Whole or not at all: a driver killed mid-write must not leave a marker a rerun cannot read.
+        data = json.dumps(marker).encode()
+        write_whole(self.fs, self.path_to(MARKERS, f"{part_name(shard.index)}.json"), lambda f: f.write(data))
+
+    def publish(self, manifest: dict) -> None:
+        data = json.dumps(manifest, indent=2).encode()
+        write_whole(self.fs, self.path_to("manifest.json"), lambda f: f.write(data))
+        self.fs.pipe_file(self.path_to("_SUCCESS"), b"")

@@ -1,0 +1,68 @@
+"""Run one job from a validated spec, in phases: check and plan (before Ray starts), start Ray, run and
+commit the shards, finish and publish.
+
+Order matters: the spec, the inputs (footers only), the output location and the model's config are checked
+before Ray starts or any replica loads, so a bad job fails in seconds with one line naming the problem.
+Shards already committed under the output (a rerun of an interrupted job) are skipped. The model actors
+read and write the shards; this driver only receives a commit record per shard and writes its marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from ..io.storage import redact_url
+from ..spec import GenerateJob, JudgeJob, ScoreJob
+from .checks import check_job, plan_output
+from .commit import run_shards
+from .display import quiet_ray
+from .finish import build_manifest, finish_job
+
+log = logging.getLogger(__name__)
+
+
+def run_job(
+    spec: ScoreJob | GenerateJob | JudgeJob,
+    progress: Callable[[str], None] = log.info,
+    overwrite: bool = False,
+    *,
+    ray_progress: bool = False,
+    live: bool | None = None,
+) -> dict:
+    """Run the job to completion and return its manifest (also written to OUTPUT/manifest.json).
+
+    `progress` prints lines for the user; the live display (`live`: default, when stdout is a terminal)
+    draws itself. `ray_progress`: Ray Data's own progress bars and INFO lines as well (then no live line).
+    """
+    started = time.time()
+    record, inputs, context = check_job(spec, progress)
+    plan = plan_output(spec, record, inputs, context, overwrite, progress)
+    if plan is None:
+        return {"status": "already_complete"}
+    startup = {"checks": time.time() - started}  # seconds of each start-up phase, for the manifest
+
+    gpus = start_ray(spec, ray_progress, progress, startup)
+    commits, run_start = run_shards(plan, gpus, progress, startup, started, ray_progress, live)
+
+    from ..workers.cluster import map_files
+
+    manifest = build_manifest(plan, commits, startup, started, run_start, gpus)
+    return finish_job(plan, commits, manifest, map_files, progress)
+
+
+def start_ray(spec, ray_progress: bool, progress, startup: dict) -> float:
+    """Join the spec's Ray (or start an embedded one); returns the GPUs each actor gets."""
+    quiet_ray(spec.address, ray_progress)
+    from ..workers import cluster  # Ray is imported only once the job is known to be runnable
+
+    t = time.time()
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    progress(f"joining Ray at {redact_url(address)} ..." if address else "starting a local Ray ...")
+    cluster.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    startup["ray_start"] = time.time() - t
+    if spec.gpus_per_actor is not None:
+        return spec.gpus_per_actor
+    return 1.0 if cluster.cluster_gpus() else 0.0

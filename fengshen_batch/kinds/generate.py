@@ -1,0 +1,136 @@
+"""Generate jobs: `num_return_sequences` samples of each prompt (the input's column, or a template filled from
+its columns), through one long-lived engine per replica, with per-row limits, best-of-n and a report."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from .base import Kind
+from .rows import RowError, Sample
+
+
+def fill_template(template: str, columns: list[str], row: dict) -> str | RowError:
+    """The row's prompt from `template` (str.format over its columns); a null in a named column, or a value
+    its format spec cannot take, is the row's error."""
+    missing = [c for c in columns if row[c] is None]
+    if missing:
+        return RowError("null_template_field", f"template column {missing[0]!r} is null in this row")
+    try:
+        return template.format(**row)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return RowError("bad_template_value", f"prompt_template: {type(e).__name__}: {e}"[:2000])
+
+
+def prompt_field(spec, renamed: dict[str, str]) -> str | None:
+    """The prompts' column in a shard's internal data (for the report's examples), if it has one: the
+    filled-in prompt where a template's is kept, else the input's (by its alias, `renamed`)."""
+    if spec.prompt_template:
+        return spec.prompt_column if spec.keep_prompt else None
+    return renamed.get(spec.prompt_column, spec.prompt_column)
+
+
+class Generate(Kind):
+    name = "generate"
+    fields = [
+        pa.field("sample_index", pa.int32()),
+        pa.field("generation", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("generated_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("generation_nll_sum", pa.float64()),
+    ]
+    whole_shard = True  # the engine admits the next shard's prompts as the current one's samples finish
+    first_step = "first prefill (the first tokens come next)"
+    needs_ids = True  # samples are seeded by row id
+
+    def result_fields(self, spec) -> list[pa.Field]:
+        fields = super().result_fields(spec)
+        if spec.prompt_template and spec.keep_prompt:
+            fields.insert(0, pa.field(spec.prompt_column, pa.string()))  # the filled-in prompt
+        return fields
+
+    def engine(self, spec, replica):
+        from ..engine.llm_engine import EngineThread, LLMEngine
+
+        return EngineThread(LLMEngine(replica, spec.params(), spec.engine_params(), spec.token_budget))
+
+    def items(self, spec, table, extra):
+        """(prompt, the row's max_new_tokens or None) per row; a template that cannot be filled is the
+        row's error."""
+        if spec.prompt_template:
+            names = spec.template_columns()
+            prompts = [
+                fill_template(spec.prompt_template, names, row) for row in table.select(names).to_pylist()
+            ]
+            if spec.keep_prompt:
+                extra[spec.prompt_column] = [p if isinstance(p, str) else None for p in prompts]
+        else:
+            prompts = table.column(spec.text_field).to_pylist()
+        column = spec.max_new_tokens_column
+        limits = table.column(column).to_pylist() if column else [None] * len(prompts)
+        return list(zip(prompts, limits, strict=True))
+
+    def run(self, replicas, spec, items, ids, budget, usage):
+        from .generation import generate, keep_best
+
+        prompts, limits = zip(*items, strict=True) if items else ((), ())
+        results = generate(replicas.model, prompts, ids, spec.params(), limits, replicas.engine, usage)
+        if spec.keep_best:
+            results = [r if isinstance(r, RowError) else keep_best(r, spec.keep_best) for r in results]
+        return results, budget
+
+    def rows(self, samples: list[Sample]) -> list[dict]:
+        return [
+            {"sample_index": s.sample_index, "generation": s.generation, "prompt_tokens": s.prompt_tokens,
+             "generated_tokens": s.generated_tokens, "finish_reason": s.finish_reason,
+             "generation_nll_sum": s.generation_nll_sum, "token_ids": s.token_ids, "token_logprobs": s.token_logprobs}
+            for s in samples
+        ]  # fmt: skip
+
+    def tokens(self, good: pa.Table) -> int:
+        import pyarrow.compute as pc
+
+        return int(sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens")))
+
+    def summarize(self, spec, data, renamed, id_field):
+        from ..reports.generate_sketch import summarize
+
+        return summarize(data, prompt_field(spec, renamed), spec.report_by, id_field)
+
+    def merge(self, summaries):
+        from ..reports.generate_sketch import merge
+
+        return merge(summaries)
+
+    def add_to_manifest(self, spec, manifest, shards) -> None:
+        """Prompt tokens (one prefill per prompt), those the prefix cache supplied and those computed,
+        added up from the shards' records (markers of older versions count nothing)."""
+        prompt = sum(m.get("prompt_tokens", 0) for m in shards)
+        cached = sum(m.get("cached_prompt_tokens", 0) for m in shards)
+        manifest["counts"].update(
+            prompt_tokens=prompt, cached_prompt_tokens=cached, prefilled_prompt_tokens=prompt - cached
+        )
+        manifest["prefix_cache_hit_rate"] = round(cached / max(1, prompt), 4)
+
+    def finish(self, spec, store, manifest, summary, context) -> None:
+        from ..reports.generate_report import build_sample_report
+
+        took, t = manifest.setdefault("finish_seconds", {}), time.time()
+        if spec.keep_best:  # samples generated and not kept: each good row made n samples and kept k of them
+            n, k = spec.num_return_sequences, spec.keep_best
+            manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
+        build_sample_report(store, manifest, spec.report_by, [summary])
+        took["report"] = round(time.time() - t, 3)
+
+    def done_note(self, manifest) -> str:
+        return f", prefix cache hit rate {manifest['prefix_cache_hit_rate']:.0%}"
+
+    def rebuild_report(self, store, manifest, by, summaries, compare):
+        from ..reports.generate_report import build_sample_report
+
+        return build_sample_report(store, manifest, by, summaries)
+
+
+KIND = Generate()

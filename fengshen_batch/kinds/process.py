@@ -1,0 +1,108 @@
+"""A batch of rows through its job kind's work: the one path the job's actors and the processors share.
+
+The kind prepares each row's input (texts; statements from questions and answers; prompts, filled templates
+and per-row limits) and runs it through the replica (scoring, judging, or the generation engine); a batch
+that fails is retried row by row, so one bad row cannot fail the job. Results become output rows
+(generation repeats an input row once per sample) and columns: the result columns (null on a failed row)
+and `error_kind`/`error_message` (null on a good row). The writer splits good rows into `data/` and failed
+ones into `errors/`; a processor returns them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from ..engine.replica import Replica
+from . import get
+from .rows import RowError
+from .schemas import ERROR_FIELDS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replicas:
+    """What one actor computes with: its model, the generation engine over it (generate jobs), and the
+    reference model (score jobs with one)."""
+
+    model: Replica
+    engine: object | None = None  # LLMEngine or EngineThread
+    reference: Replica | None = None
+
+
+def run_rows(
+    replicas: Replicas, spec, items: list, ids: list[str], budget: int, usage=None
+) -> tuple[list, int]:
+    """The kind's work on a batch; if the batch fails, row by row, so that one bad row cannot fail the job.
+
+    CUDA out-of-memory is not a row's fault: it propagates (after the engine's own back-off) and Ray
+    retries the batch.
+    """
+    kind = get(spec.kind)
+    try:
+        return kind.run(replicas, spec, items, ids, budget, usage)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        log.exception("batch of %d rows failed; retrying row by row", len(items))
+    results = []
+    for item, row_id in zip(items, ids, strict=True):
+        try:
+            (result,), budget = kind.run(replicas, spec, [item], [row_id], budget, usage)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            result = RowError("engine_error", f"{type(e).__name__}: {e}"[:2000])
+        results.append(result)
+    return results, budget
+
+
+def to_columns(spec, results: list, extra: dict[str, list]) -> tuple[list[int], dict[str, list], list]:
+    """(input row of each output row, result columns, row error of each output row). `extra`: columns with
+    one value per input row (the filled-in prompt)."""
+    kind = get(spec.kind)
+    take, cols, errors = [], {f.name: [] for f in kind.result_fields(spec)}, []
+    for i, r in enumerate(results):
+        failed = isinstance(r, RowError)
+        for values in [{}] if failed else kind.rows(r):
+            take.append(i)
+            errors.append(r if failed else None)
+            for name, column in cols.items():
+                column.append(extra[name][i] if name in extra else values.get(name))
+    return take, cols, errors
+
+
+def process_table(
+    replicas: Replicas,
+    spec,
+    table: pa.Table,
+    id_field: str,
+    token_budget: int,
+    row_errors: list[RowError | None] | None = None,
+    usage=None,
+) -> tuple[pa.Table, int]:
+    """Run the kind's work on one batch; return (input rows + result and error columns, the budget that
+    fit). `row_errors`: rows already known bad (their RowError), which the engine never sees; `usage`:
+    generation's prompt tokens and prefix-cache hits are added to it."""
+    kind = get(spec.kind)
+    ids = [str(i) for i in table.column(id_field).to_pylist()]
+    extra: dict[str, list] = {}
+    items = kind.items(spec, table, extra)
+    results = list(row_errors or [None] * len(items))
+    good = [i for i, e in enumerate(results) if e is None]
+    found, budget = run_rows(
+        replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget, usage
+    )
+    for i, r in zip(good, found, strict=True):
+        results[i] = r
+    take, cols, errors = to_columns(spec, results, extra)
+    out = table.take(pa.array(take, pa.int64()))
+    for f in kind.result_fields(spec):
+        out = out.append_column(f, pa.array(cols[f.name], f.type))
+    out = out.append_column(ERROR_FIELDS[0], pa.array([e and e.kind for e in errors], pa.string()))
+    out = out.append_column(ERROR_FIELDS[1], pa.array([e and e.message for e in errors], pa.string()))
+    return out, budget

@@ -1,0 +1,79 @@
+"""Per-row results of the engine. A row either succeeds or carries a `RowError`: the job never crashes on one."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one input row could not be processed; it goes to the job's errors output."""
+
+    kind: str  # machine-readable: null_text, empty_text, prompt_too_long, ...
+    message: str
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    nll_sum: float  # natural log, summed over every token of the text (float64)
+    token_count: int
+    byte_count: int  # UTF-8 bytes of the text
+    # With token logprobs asked for: the text's token ids and the natural-log probability of each, in order
+    token_ids: list[int] | None = None
+    token_logprobs: list[float] | None = None
+    reference: ScoreResult | None = None  # the same text under the job's reference model
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.token_count)
+
+    @property
+    def bits_per_byte(self) -> float:
+        # Comparable across tokenizers and languages (Chinese costs several bytes a character).
+        return self.nll_sum / (self.byte_count * math.log(2))
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_index: int
+    generation: str  # text after the prompt, cut before the first stop string
+    prompt_tokens: int  # after any left truncation
+    generated_tokens: int  # tokens produced, up to and including EOS or the one completing a stop string
+    finish_reason: Literal["stop", "length"]
+    generation_nll_sum: float  # -log p of the produced tokens at temperature 1, unwarped
+    token_ids: list[int] | None = None  # the generated_tokens tokens
+    token_logprobs: list[float] | None = None  # log p of each at temperature 1, before any warping
+
+    @property
+    def nll_per_token(self) -> float:
+        """The fluency that best-of-n ranks samples by (lower is better)."""
+        return self.generation_nll_sum / max(1, self.generated_tokens)
+
+
+def check_text(text: object) -> RowError | None:
+    """The row-level checks shared by scoring and generation."""
+    if text is None:
+        return RowError("null_text", "text is null")
+    if not isinstance(text, str):
+        return RowError("not_a_string", f"text is {type(text).__name__}, not a string")
+    if text == "":
+        return RowError("empty_text", "text is empty: nothing to score or continue")
+    return None
+
+
+def id_errors(ids: list) -> list[RowError | None]:
+    """A null id, or an id seen earlier in the same rows (a shard), is that row's error: results are
+    joined and samples seeded by id, so it must name one row."""
+    seen: set = set()
+    out: list[RowError | None] = []
+    for i in ids:
+        if i is None:
+            out.append(RowError("null_id", "the row's id is null"))
+        elif i in seen:
+            out.append(RowError("duplicate_id", f"id {str(i)[:200]!r} appears earlier in this shard"))
+        else:
+            seen.add(i)
+            out.append(None)
+    return out

@@ -1,0 +1,153 @@
+"""Score jobs: the perplexity and bits per byte of each text (lm-eval `loglikelihood_rolling`), optionally
+under a reference model too (Moore-Lewis), with CCNet buckets, a report, and a comparison with an earlier
+night's output (baseline and drift)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+
+from .base import Kind, list_tokens
+from .rows import RowError, ScoreResult
+
+
+def _with_reference(main: list, ref: list) -> list:
+    """Each text's result under the model with its result under the reference attached; a text the
+    reference cannot score is a row error too."""
+    return [m if isinstance(m, RowError) else r if isinstance(r, RowError) else replace(m, reference=r)
+            for m, r in zip(main, ref, strict=True)]  # fmt: skip
+
+
+class Score(Kind):
+    name = "score"
+    fields = [
+        pa.field("nll_sum", pa.float64()),
+        pa.field("token_count", pa.int64()),
+        pa.field("ppl", pa.float64()),
+        pa.field("byte_count", pa.int64()),
+        pa.field("bits_per_byte", pa.float64()),
+    ]
+
+    def result_names(self, spec) -> list[str]:
+        names = super().result_names(spec)
+        return names + ["bucket"] if spec.bucket_quantiles or spec.bucket_thresholds else names
+
+    def run(self, replicas, spec, items, ids, budget, usage):
+        from .scoring import score_texts
+
+        results, budget = score_texts(replicas.model, items, spec.params(), budget, spec.token_logprobs)
+        if replicas.reference is not None:
+            ref, budget = score_texts(replicas.reference, items, spec.params(), budget)
+            results = _with_reference(results, ref)
+        return results, budget
+
+    def rows(self, r: ScoreResult) -> list[dict]:
+        row = {"nll_sum": r.nll_sum, "token_count": r.token_count, "ppl": r.ppl, "byte_count": r.byte_count,
+               "bits_per_byte": r.bits_per_byte, "token_ids": r.token_ids, "token_logprobs": r.token_logprobs}  # fmt: skip
+        if (ref := r.reference) is not None:
+            row |= {"ref_nll_sum": ref.nll_sum, "ref_token_count": ref.token_count, "ref_ppl": ref.ppl,
+                    "ref_bits_per_byte": ref.bits_per_byte, "bpb_diff": r.bits_per_byte - ref.bits_per_byte}  # fmt: skip
+        return [row]
+
+    def tokens(self, good: pa.Table) -> int:
+        return list_tokens(good.column("token_count"))
+
+    def prepare_data(self, spec, data: pa.Table) -> pa.Table:
+        if not spec.bucket_thresholds:
+            return data
+        from ..reports.buckets import with_buckets  # fixed cutoffs: the bucket is known at write time
+
+        return with_buckets(data, list(spec.bucket_thresholds), spec.bucket_by)
+
+    def summarize(self, spec, data, renamed, id_field):
+        from ..reports.score_sketch import summarize
+
+        return summarize(data, spec.text_column, spec.report_by, id_field)
+
+    def before_run(self, spec, record, progress) -> dict:
+        """The model's fingerprint (what a later job's baseline check compares: a few small reads), and the
+        baseline, read and checked now so that a bad one fails before any model loads."""
+        from ..io.storage import storage_options
+        from ..model.source import model_fingerprint
+        from ..reports.baseline import BaselineMissing, load_baseline
+
+        context = {"fingerprint": model_fingerprint(spec.model, storage_options(spec.model, spec.storage))}
+        if spec.baseline:
+            try:
+                context["baseline"] = load_baseline(
+                    spec.baseline, spec.storage, record, context["fingerprint"], spec.baseline_check
+                )
+            except BaselineMissing as e:
+                if spec.baseline_missing == "fail":
+                    raise
+                context["skipped"] = f"{e}; no comparison (baseline_missing: skip)"
+                progress(context["skipped"])
+        return context
+
+    def merge(self, summaries):
+        from ..reports.score_sketch import merge
+
+        return merge(summaries)
+
+    def finish(self, spec, store, manifest, summary, context) -> None:
+        """Quantile buckets (each data file rewritten with its bucket, in parallel tasks), then the report
+        from the shards' merged summary, compared with the baseline."""
+        from ..reports import score_sketch
+        from ..reports.histograms import quantile
+        from ..reports.score_report import build_report
+        from ..reports.summaries import merged_summary
+
+        if context.get("fingerprint"):
+            manifest["model_fingerprint"] = context["fingerprint"]
+        if context.get("skipped"):
+            manifest["baseline_skipped"] = context["skipped"]
+        took, t = manifest.setdefault("finish_seconds", {}), time.time()
+        # older shards (no summary in their markers): from the files
+        summary = merged_summary(
+            store, score_sketch, spec.text_column, spec.report_by, [summary], prefix=spec.result_prefix,
+            id_column=spec.id_column or "id",
+        )  # fmt: skip
+        if spec.bucket_thresholds:  # written with the data
+            manifest["bucket_cutoffs"] = list(spec.bucket_thresholds)
+        elif spec.bucket_quantiles:
+            cutoffs = [quantile(summary[spec.bucket_by], q) for q in spec.bucket_quantiles]
+            if None not in cutoffs:
+                summary["buckets"] = self._rebucket(spec, store, cutoffs, context["map_files"])
+                manifest["bucket_cutoffs"] = cutoffs
+                took["buckets"] = round(time.time() - t, 3)
+                t = time.time()
+        threshold = spec.drift_threshold.model_dump() if spec.drift_threshold else None
+        report = build_report(store, manifest, spec.report_by, [summary], context.get("baseline"), threshold)
+        if "drift" in report:
+            manifest["drift"] = report["drift"]
+        took["report"] = round(time.time() - t, 3)
+
+    @staticmethod
+    def _rebucket(spec, store, cutoffs: list[float], map_files) -> dict[str, int]:
+        """Every data file rewritten whole with its bucket column; rows per bucket."""
+        from ..io.outputs import DATA, sum_counts
+        from ..reports.buckets import rebucket_files
+
+        prefix = spec.result_prefix
+        parts = map_files(
+            rebucket_files, store.files(DATA), output_url=store.url, storage=spec.storage, cutoffs=cutoffs,
+            column=prefix + spec.bucket_by, bucket=prefix + "bucket",
+        )  # fmt: skip
+        return sum_counts(parts)
+
+    def report_lines(self, manifest, context) -> list[str]:
+        drift = manifest.get("drift", {})
+        if not drift.get("exceeded"):
+            return []
+        return [f"drift against {context['baseline'].url}: " + "; ".join(drift["breaches"])]
+
+    def rebuild_report(self, store, manifest, by, summaries, compare):
+        from ..reports.score_report import build_report
+
+        base, threshold = compare()
+        return build_report(store, manifest, by, summaries, base, threshold)
+
+
+KIND = Score()
