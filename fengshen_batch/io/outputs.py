@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import JobError
 from .inputs import Shard
-from .storage import StorageSpec, filesystem, join, write_whole
+from .storage import StorageSpec, filesystem, join, redact_url, write_whole
 
 DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
+# What this tool writes at the top of an output: anything else there is not ours to overwrite.
+OWN_ENTRIES = {DATA, ERRORS, MARKERS, STAGING, "report", "manifest.json", "_SUCCESS"}
 INTERNAL = ["_shard", "_row"]
 # Spec fields that change how a job runs but not its results: a rerun may change them freely.
 RUNTIME_FIELDS = {
@@ -104,10 +107,28 @@ class OutputStore:
         return join(self.path, *parts)
 
     def published_manifest(self) -> dict | None:
-        """The manifest of a finished job at this output, or None."""
+        """The manifest of a finished job at this output, or None. A `_SUCCESS` without a manifest of ours
+        (another tool's finished output, e.g. Spark's) is an error naming it."""
         if not self.fs.exists(self.path_to("_SUCCESS")):
             return None
-        return json.loads(self.fs.cat_file(self.path_to("manifest.json")))
+        try:
+            manifest = json.loads(self.fs.cat_file(self.path_to("manifest.json")))
+        except (FileNotFoundError, ValueError):
+            manifest = None
+        if not isinstance(manifest, dict) or "spec_hash" not in manifest:
+            raise JobError(
+                f"{redact_url(self.url)} holds a _SUCCESS without a fengshen-batch manifest.json: another tool's "
+                "output, which this job will neither read nor overwrite; use a new output"
+            )
+        return manifest
+
+    def foreign_entries(self) -> list[str]:
+        """Top-level entries of this output that no fengshen-batch job writes (empty for a fresh folder, or
+        one of our outputs)."""
+        if not self.fs.exists(self.path):
+            return []
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
+        return [n for n in names if n not in OWN_ENTRIES and not n.startswith(".")]
 
     def exists(self) -> bool:
         return self.fs.exists(self.path) and bool(self.fs.ls(self.path))

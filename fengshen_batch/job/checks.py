@@ -42,12 +42,19 @@ class JobPlan:
 
 
 def check_output_location(spec) -> None:
+    """The output and the input are apart, both ways: results written into an input would be read as input
+    by the next run, and an --overwrite of an output holding the input would delete the corpus."""
     in_fs, in_path = filesystem(spec.input, spec.storage)
     out_fs, out_path = filesystem(spec.output, spec.storage)
     a = in_fs.unstrip_protocol(in_path).rstrip("/")
     b = out_fs.unstrip_protocol(out_path).rstrip("/")
     if b == a or b.startswith(a + "/"):
         raise JobError(f"output {redact_url(spec.output)} is inside the input {redact_url(spec.input)}")
+    if a.startswith(b + "/"):
+        raise JobError(
+            f"the input {redact_url(spec.input)} is inside the output {redact_url(spec.output)}: results would "
+            "be written beside the input (and --overwrite would delete it); give the output a folder of its own"
+        )
 
 
 def check_result_names(spec, input_names: list[str], read: list[str]) -> None:
@@ -105,6 +112,14 @@ def plan_output(
     shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
+    if foreign := store.foreign_entries():
+        # never written by this tool: not ours to mix results into, nor to delete with --overwrite
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise JobError(
+            f"output {redact_url(spec.output)} holds {shown}, which no fengshen-batch job writes: it is not one "
+            "of this tool's outputs" + (", and --overwrite deletes only those" if overwrite else "")
+            + "; use a new output folder"
+        )
     published = store.published_manifest()
     if published and not overwrite:
         if published.get("spec_hash") != hash_:
