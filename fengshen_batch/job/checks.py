@@ -117,7 +117,8 @@ def plan_output(
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise JobError(
             f"output {redact_url(spec.output)} holds {shown}, which no fengshen-batch job writes: it is not one "
-            "of this tool's outputs" + (", and --overwrite deletes only those" if overwrite else "")
+            "of this tool's outputs"
+            + (", and --overwrite deletes only those" if overwrite else "")
             + "; use a new output folder"
         )
     published = store.published_manifest()
