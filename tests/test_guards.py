@@ -3,13 +3,18 @@ tool wrote, is refused before anything starts, with --overwrite or without, and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from fengshen_batch.cli import main
+from fengshen_batch.job.run import run_job
+from fengshen_batch.spec import build_spec
+from tests.helpers import write_texts
 
 
 def _cli(args):
@@ -67,3 +72,26 @@ def test_another_tools_folder_is_neither_overwritten_nor_written_into(tmp_path, 
     )
     assert res.exit_code == 2 and "_SUCCESS without a fengshen-batch manifest.json" in res.output, res.output
     assert _tree(empty) == {"_SUCCESS": b""}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_overwrite_replaces_only_the_shard_files_and_keeps_what_a_user_put_beside_them(tmp_path, replica):
+    write_texts(tmp_path / "in", files=(5, 4))
+    base = {"kind": "score", "model": str(replica.source), "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"), "shard_rows": 3}  # fmt: skip
+    run_job(build_spec(base), progress=lambda _: None)
+    notes = tmp_path / "out" / "data" / "notes"  # a user's own files inside our data/
+    notes.mkdir()
+    (notes / "readme.txt").write_text("kept")
+    (tmp_path / "out" / "data" / "LICENSE").write_text("kept too")
+    old = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    new = run_job(
+        build_spec({**base, "bucket_thresholds": [100, 1000]}), progress=lambda _: None, overwrite=True
+    )
+    assert new["spec_hash"] != old["spec_hash"]
+    assert (notes / "readme.txt").read_text() == "kept" and (tmp_path / "out" / "data" / "LICENSE").exists()
+    parts = sorted(p.name for p in (tmp_path / "out" / "data").glob("part-*.parquet"))
+    assert parts == [f"part-{i:06d}.parquet" for i in range(new["shards"])]
+    table = pq.read_table([tmp_path / "out" / "data" / p for p in parts])
+    assert table.num_rows == 9 and "bucket" in table.column_names
+    assert not (tmp_path / "out" / "_overwrite").exists()

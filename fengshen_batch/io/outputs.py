@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -82,6 +83,9 @@ def sum_counts(counts: list[dict]) -> dict:
 
 def part_name(index: int) -> str:
     return f"part-{index:06d}"
+
+
+PART_FILE = re.compile(r"part-\d{6}\.(parquet|json)")  # a shard's data, errors or marker file
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,22 @@ class OutputStore:
             if self.fs.exists(self.path_to(name)):
                 self.fs.rm(self.path_to(name))
         for folder in (DATA, ERRORS, MARKERS):  # markers last, as for a single shard
-            new = {p.rsplit("/", 1)[-1] for p in staging.fs.find(staging.path_to(folder))}
-            old = {p.rsplit("/", 1)[-1] for p in self.fs.find(self.path_to(folder))}
+            new, old = staging.own_files(folder), self.own_files(folder)
             self.fs.makedirs(self.path_to(folder), exist_ok=True)
             for name in sorted(new):
                 self.fs.copy(staging.path_to(folder, name), self.path_to(folder, name))
             for name in sorted(old - new):
                 self.fs.rm(self.path_to(folder, name))
         staging.clear()
+
+    def own_files(self, folder: str) -> set[str]:
+        """Names of the shard files directly in OUTPUT/folder (`part-000042.parquet`, `.json`): the files
+        jobs of this tool write there. Anything else (a user's nested folder, another name) is never
+        copied or removed by an overwrite."""
+        if not self.fs.exists(self.path_to(folder)):
+            return set()
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path_to(folder), detail=False))
+        return {n for n in names if PART_FILE.fullmatch(n)}
 
     def files(self, folder: str) -> list[str]:
         """The Parquet files under OUTPUT/folder, in shard order."""
