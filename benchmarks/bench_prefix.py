@@ -84,7 +84,8 @@ def on_off(replica, w: dict, warm: dict, max_num_seqs: int | None, device) -> di
         r["prefill_fraction_of_prompt_tokens"] = st["prefill_tokens"] / max(1, st["prompt_tokens"])
         out[name] = r
         print(f"  {name}: {r['wall_s']:.1f}s, {r['output_tokens_per_s']:.0f} tok/s, prefill {st['prefill_seconds']:.1f}s"
-              f" for {st['prefill_tokens']} of {st['prompt_tokens']} prompt tokens, decode {st['decode_seconds']:.1f}s",
+              f" for {st['prefill_tokens']} of {st['prompt_tokens']} prompt tokens, decode {st['decode_seconds']:.1f}s"
+              f", K/V read over live {st.get('kv_read_over_live', float('nan')):.2f}",
               flush=True)  # fmt: skip
     out["on_vs_off"] = out["ours_off"]["wall_s"] / out["ours_on"]["wall_s"]
     pairs = list(zip(outputs["ours_off"], outputs["ours_on"], strict=True))

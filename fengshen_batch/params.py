@@ -61,7 +61,7 @@ class EngineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Sequences decoding at once per replica. None: as many as the KV cache budget holds, at most 256.
+    # Sequences decoding at once per replica (fewer while their tokens outgrow the KV cache). None: 256.
     max_num_seqs: int | None = Field(default=None, ge=1)
     # GPU: the fraction of device memory the weights, activations and KV cache may take together.
     gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fengshen_batch.engine.gpt2 import Group
-from fengshen_batch.engine.kv_cache import KVCache
+from fengshen_batch.engine.kv_cache import BLOCK, KVCache
 from fengshen_batch.engine.llm_engine import EngineThread, LLMEngine
 from fengshen_batch.engine.sampler import CANDIDATES, sample, sample_full, sample_key
 from fengshen_batch.engine.scheduler import DecodeStep, PrefillStep, Scheduler
@@ -36,33 +36,33 @@ def _hf_greedy(replica, hf_model, ids, limit):
 
 
 def test_gpt2_forward_equals_hf_logits_through_chunked_prefill_and_decode(replica, hf_model):
+    """Three sequences in scattered KV blocks (tables out of order): chunked prefill of unequal chunks, then
+    decode in two groups of different span, each position's logits equal to HF's."""
     model = replica.model
-    cache = KVCache(model.n_layer, 4, model.n_head, model.max_len, model.head_dim, model.dtype, model.device)
+    cache = KVCache(model.n_layer, 16, model.n_head, model.head_dim, model.dtype, model.device)
     seqs = [replica.encode(p)[:40] for p in (PROMPTS[1], PROMPTS[5], PROMPTS[7])]  # lengths differ
+    tables = [[9, 2, 14], [5, 11, 1], [3, 15, 7]]  # 3 blocks of 16 each: positions 0..47
     with torch.no_grad():
         ref = [hf_model(torch.tensor([s])).logits[0].float() for s in seqs]  # (T, V) each
-        # Prefill the first 10 tokens of each, in slots 2, 0, 3 (chunks of unequal width), then 5 more each.
-        slots = torch.tensor([2, 0, 3])
+        # Prefill the first 10 tokens of each, then 5 more each.
         for start, end in ((0, 10), (10, 15)):
             tokens = [t for s in seqs for t in s[start:end]]
             n = end - start
             seq_idx = torch.arange(3).repeat_interleave(n)
             last = torch.arange(1, 4) * n - 1
-            groups = [Group(0, 3, 0, 3 * n, n, end)]
-            logits = model.prefill(cache, torch.tensor(tokens), seq_idx, torch.arange(n).repeat(3), slots,
-                                   torch.full((3,), start), groups, last)  # fmt: skip
+            groups = [Group(0, 3, 0, 3 * n, n, 2 * BLOCK)]
+            logits = model.prefill(cache, torch.tensor(tokens), seq_idx, torch.arange(n).repeat(3),
+                                   torch.tensor(tables), torch.full((3,), start), groups, last)  # fmt: skip
             for b in range(3):
                 torch.testing.assert_close(logits[b], ref[b][end - 1], rtol=1e-4, atol=1e-4)
-        # Decode: move each sequence to slot = its row (0..2) is not possible, so decode all 4 slots with
-        # slot 1 free; feed each sequence's next true token (teacher forcing).
+        # Decode with teacher forcing: sequence 0 alone in a short group, the others in a longer one.
         for pos in range(15, 25):
-            ids = torch.zeros(4, dtype=torch.long)
-            p = torch.full((4,), model.max_len - 1)
-            for b, slot in enumerate(slots.tolist()):
-                ids[slot], p[slot] = seqs[b][pos], pos
-            logits = model.decode(cache, ids, p, pos + 1)
-            for b, slot in enumerate(slots.tolist()):
-                torch.testing.assert_close(logits[slot], ref[b][pos], rtol=1e-4, atol=1e-4)
+            ids = torch.tensor([s[pos] for s in seqs])
+            p = torch.full((3,), pos)
+            span = -(-(pos + 1) // BLOCK) * BLOCK
+            logits = model.decode(cache, ids, p, torch.tensor(tables), [(0, 1, span), (1, 3, 3 * BLOCK)])
+            for b in range(3):
+                torch.testing.assert_close(logits[b], ref[b][pos], rtol=1e-4, atol=1e-4)
 
 
 def _req(n_tokens, n=1, limit=4, ident=0):
@@ -70,7 +70,7 @@ def _req(n_tokens, n=1, limit=4, ident=0):
 
 
 def test_scheduler_admits_chunks_and_alternates_without_a_model():
-    sched = Scheduler(num_slots=3, token_budget=10)
+    sched = Scheduler(num_blocks=40, max_seqs=3, token_budget=10)
     a, b, c = _req(4, n=2, ident="a"), _req(25, ident="b"), _req(3, ident="c")
     for r in (a, b, c):
         sched.add(r)
@@ -78,27 +78,51 @@ def test_scheduler_admits_chunks_and_alternates_without_a_model():
     assert isinstance(step, PrefillStep)
     assert [(ch.request.ident, ch.start, ch.end) for ch in step.chunks] == [("a", 0, 4), ("b", 0, 6)]
     assert [s.slot for s in a.seqs] == [0, 1] and b.seqs[0].slot == 2
+    assert a.seqs[0].table == a.seqs[1].table and len(b.seqs[0].table) == 2  # shared; 25 tokens: 2 blocks
     assert sched.prefilled(step) == [a]  # a's prompt is whole: both samples run; b is half done
     step = sched.schedule()  # running sequences and a prefill pending: a decode comes first
-    assert isinstance(step, DecodeStep) and [s.slot for s in step.seqs] == [0, 1] and step.width == 2
-    step = sched.schedule()  # c waits: no free slot; b continues within the budget
+    assert isinstance(step, DecodeStep) and [s.slot for s in step.seqs] == [0, 1]
+    # a's prompt ends mid-block: one sample writes it in place, the other gets its own copy first
+    assert len(step.copies) == 1 and a.seqs[0].table != a.seqs[1].table
+    step = sched.schedule()  # c waits: no free row; b continues within the budget
     assert [(ch.request.ident, ch.start, ch.end) for ch in step.chunks] == [("b", 6, 16)]
     sched.prefilled(step)
-    sched.finish(a.seqs[0])  # slot 0 frees at once
+    sched.finish(a.seqs[0])  # its row and its blocks free at once
     assert isinstance(sched.schedule(), DecodeStep)
     step = sched.schedule()
     assert [(ch.request.ident, ch.start, ch.end) for ch in step.chunks] == [("b", 16, 25), ("c", 0, 1)]
-    assert c.seqs[0].slot == 0  # the lowest free slot
+    assert c.seqs[0].slot == 0  # the lowest free row
     sched.prefilled(step)
     dec = sched.schedule()
-    assert [s.request.ident for s in dec.seqs] == ["a", "b"] and dec.width == 3  # slot 0 holds c, not running
-    sched.finish(a.seqs[1])  # slot 1 frees below b (slot 2) and nothing waits: b moves down
-    sched.prefilled(sched.schedule())  # c completes
-    dec = sched.schedule()
-    assert dec.moves == [(2, 1, b.seqs[0].position)] and b.seqs[0].slot == 1 and dec.width == 2
+    assert [s.request.ident for s in dec.seqs] == ["a", "b"]  # c is still prefilling: no empty rows
     requeued = sched.requeue_all(shrink=True)
-    assert {r.ident for r in requeued} == {"b", "c"} and sched.cap == 1  # a had finished
+    assert {r.ident for r in requeued} == {"a", "b", "c"} and sched.cap == 1
     assert list(sched.waiting)[0].prefilled == 0 and len(sched.free) == 3
+    assert sched.blocks.free_count == 39  # every block back
+
+
+def test_preemption_when_blocks_run_out_puts_the_newest_back_from_scratch():
+    """Two requests whose samples outgrow the blocks: the newest is preempted (its blocks released, back at
+    the front of the queue) and runs again once there is room; the oldest runs to its limit."""
+    sched = Scheduler(num_blocks=7, max_seqs=4, token_budget=64)  # 6 blocks of 16 tokens
+    old, new = _req(20, limit=40, ident="old"), _req(20, limit=40, ident="new")
+    sched.add(old)
+    sched.add(new)
+    preempted = False
+    while sched.has_work():
+        step = sched.schedule()
+        if isinstance(step, PrefillStep):
+            for req in sched.prefilled(step):
+                req.seqs[0].tokens.append(1)  # the first token comes from the prefill's logits
+            continue
+        for seq in step.seqs:
+            seq.tokens.append(1)
+            if len(seq.tokens) >= seq.request.max_new_tokens:
+                sched.finish(seq)
+        preempted |= new.seqs[0].status.value == "waiting"
+    assert preempted and sched.preemptions >= 1
+    assert len(old.seqs[0].tokens) == len(new.seqs[0].tokens) == 40
+    assert sched.blocks.free_count == 6
 
 
 def test_candidate_sampling_equals_the_full_vocabulary_path():
@@ -219,6 +243,7 @@ def test_engine_thread_serves_concurrent_callers_and_survives_a_failed_step(repl
             worker.run(_requests(replica, params, 2)[:3])
         engine.runner.decode = real
         assert not engine.has_work() and len(engine.scheduler.free) == 4
+        assert engine.scheduler.blocks.free_count == engine.cache.blocks - 1
         again = _requests(replica, params, 2)
         worker.run(again)
         assert [[s.tokens for s in r.seqs] for r in again] == expected
@@ -247,8 +272,8 @@ def test_out_of_memory_admits_fewer_sequences_and_loses_nothing(replica):
 
 
 def test_bucketed_decode_path_pads_without_touching_other_slots(replica):
-    """The CUDA-graph path's static buffers and bucket padding, run eagerly here (no GPU): padded rows and
-    free slots write scratch only, so results equal the exact-width path while prompts prefill beside."""
+    """The CUDA-graph path's static buffers and bucket padding, run eagerly here (no GPU): padded rows write
+    the null block only, so results equal the exact-width path while prompts prefill beside."""
     params = GenerateParams(max_new_tokens=9, seed=2, temperature=0.9, num_return_sequences=2)
     expected = _samples(
         LLMEngine(replica, params, EngineParams(max_num_seqs=16)), _requests(replica, params, 2)
@@ -259,30 +284,29 @@ def test_bucketed_decode_path_pads_without_touching_other_slots(replica):
     def eager_capture(B, S):
         shapes.append((B, S))
         out = torch.empty(B, runner.model.vocab_size)
-        return (
-            lambda: out.copy_(runner.model.decode(runner.cache, runner._ids[:B], runner._pos[:B], S))
-        ), out
+        ids, pos, tables = runner._ids[:B], runner._pos[:B], runner._tables[:B, : S // BLOCK]
+        return (lambda: out.copy_(runner.model.decode(runner.cache, ids, pos, tables, [(0, B, S)]))), out
 
     runner.graphs_on, runner._capture = True, eager_capture
     assert _samples(engine, _requests(replica, params, 2)) == expected
     assert shapes and all(
-        B in runner.buckets and (S % 128 == 0 or replica.max_length == S) for B, S in shapes
+        B in runner.buckets and (S % 128 == 0 or -(-replica.max_length // BLOCK) * BLOCK == S)
+        for B, S in shapes
     )
     assert any(B > 1 for B, _ in shapes)
 
 
-def test_the_tail_is_compacted_and_computes_no_empty_rows(replica):
-    """A short sequence finishing below a long one: the long one moves down (its K/V with it), so decode
-    steps compute only running rows, and its output is unchanged."""
-    params = GenerateParams(max_new_tokens=40, seed=4, temperature=0.9, repetition_penalty=1.2)
-    prompts = [replica.encode(PROMPTS[0])[:10], replica.encode(PROMPTS[5])[:12]]
-    alone = _samples(LLMEngine(replica, params, EngineParams(max_num_seqs=1)),
-                     [Request(1, prompts[1], [sample_key(4, "b", 0)], 40)])  # fmt: skip
-    engine = LLMEngine(replica, params, EngineParams(max_num_seqs=2))
-    reqs = [
-        Request(0, prompts[0], [sample_key(4, "a", 0)], 2),
-        Request(1, prompts[1], [sample_key(4, "b", 0)], 40),
-    ]
-    got = _samples(engine, reqs)
-    assert got[1] == alone[0] and len(got[0][0]) <= 2
-    assert engine.stats.decode_slots - engine.stats.decode_tokens <= 1  # at most one step with a hole
+def test_blocks_running_out_preempt_and_change_no_output(replica):
+    """A KV cache of three contexts for many long samples: sequences are preempted and rerun, decode
+    computes no empty rows, and every sample equals the one an ample engine makes."""
+    params = GenerateParams(max_new_tokens=30, seed=4, temperature=0.9, repetition_penalty=1.2)
+    expected = _samples(
+        LLMEngine(replica, params, EngineParams(max_num_seqs=16)), _requests(replica, params, 2)
+    )
+    model = replica.model
+    per_block = 2 * model.n_layer * model.d * BLOCK * 4  # float32 K and V
+    tight = EngineParams(max_num_seqs=16, cpu_kv_cache_gb=3 * (model.max_len // BLOCK) * per_block / 2**30)
+    engine = LLMEngine(replica, params, tight)
+    assert _samples(engine, _requests(replica, params, 2)) == expected
+    assert engine.stats.preemptions > 0 and engine.stats.decode_slots == engine.stats.decode_tokens
+    assert engine.scheduler.blocks.free_count == engine.cache.blocks - 1

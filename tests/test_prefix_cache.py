@@ -1,4 +1,4 @@
-"""Prefix caching: the index and the scheduler's placements without a model, then the engine's outputs with
+"""Prefix caching over the paged KV cache: the block manager and the scheduler without a model, then the engine's outputs with
 caching on against caching off (and HF `generate` on each prompt alone) on few-shot prompts, exact hit
 counts, invalidation after an out-of-memory requeue, and a job's manifest counts."""
 
@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from fengshen_batch.engine.block_manager import BlockManager, block_hashes
+from fengshen_batch.engine.kv_cache import BLOCK
 from fengshen_batch.engine.llm_engine import LLMEngine
-from fengshen_batch.engine.prefix_cache import BLOCK, PrefixIndex, block_hashes
 from fengshen_batch.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from fengshen_batch.engine.sequence import Request
 from fengshen_batch.job.run import run_job
@@ -28,67 +29,71 @@ def _chunks(step):
     return [(ch.request.ident, ch.start, ch.end) for ch in step.chunks]
 
 
-def test_placements_take_the_longest_cached_prefix_and_prefill_the_rest():
-    sched = Scheduler(num_slots=4, token_budget=40, prefix_caching=True)
+def test_prompts_take_the_longest_cached_prefix_by_reference_and_prefill_the_rest():
+    sched = Scheduler(num_blocks=40, max_seqs=4, token_budget=40, prefix_caching=True)
     a, b = Request("a", HEADER + [1, 2, 3], [0], 4), Request("b", HEADER + [4, 5], [0], 4)
     sched.add(a), sched.add(b)
     step = sched.schedule()
-    assert _chunks(step) == [("a", 0, 40)] and step.copies == []  # nothing cached yet; the budget is spent
+    assert _chunks(step) == [("a", 0, 40)]  # nothing cached yet; the budget is spent
     sched.prefilled(step)  # a's two full header blocks are written: findable from now on
     step = sched.schedule()
-    # b's header comes from a's slot (still prefilling): two blocks copied, only its tail computed
-    assert _chunks(step) == [("a", 40, 43), ("b", 32, 42)] and step.copies == [(0, 1, 0, 32)]
-    assert b.cached == 32 and b.seqs[0].slot == 1
+    # b's header is a's two blocks (a still prefilling), held by reference: only its tail is computed
+    assert _chunks(step) == [("a", 40, 43), ("b", 32, 42)] and b.cached == 32
+    shared = a.seqs[0].table[:2]
+    assert b.seqs[0].table[:2] == shared and all(sched.blocks.ref[x] == 2 for x in shared)
     sched.prefilled(step)
     assert isinstance(sched.schedule(), DecodeStep)
-    sched.finish(a.seqs[0])  # slot 0 is free, its K/V and entries intact
+    sched.finish(a.seqs[0])  # a lets go; b still holds the header
+    assert all(sched.blocks.ref[x] == 1 for x in shared)
     c = Request("c", HEADER[:20] + [9], [0], 4)  # one block in common
     d = Request("d", HEADER, [0], 4)  # the whole header
-    e = Request("e", HEADER[:32], [0], 4)  # exactly two blocks: the last token is still computed
+    e = Request("e", HEADER[:32], [0], 4)  # exactly two blocks: the block of its last token is computed
     for r in (c, d, e):
         sched.add(r)
     step = sched.schedule()
-    # c takes free slot 0 as it is (it holds c's first block: no copy); d and e copy from slot 1 (b's), which
-    # holds both blocks, since c's prefill now overwrites slot 0 past its first block
-    assert _chunks(step) == [("c", 16, 21), ("d", 32, 40), ("e", 31, 32)]
-    assert [s.seqs[0].slot for s in (c, d, e)] == [0, 2, 3]
-    assert step.copies == [(1, 2, 0, 32), (1, 3, 0, 31)]
+    assert _chunks(step) == [("c", 16, 21), ("d", 32, 40), ("e", 16, 32)]
+    assert [r.seqs[0].table[0] for r in (c, d, e)] == [shared[0]] * 3 and d.seqs[0].table[1] == shared[1]
     sched.prefilled(step)
-    # after a failed step every slot in use forgets what it held: a requeued prompt is prefilled whole
+    # after a failed step the requests start again; the registered blocks were never written by it, so
+    # they are found again
     requeued = sched.requeue_all(shrink=False)
-    assert {r.ident for r in requeued} == {"b", "c", "d", "e"}
-    assert all(sched.prefix.held(s) == 0 for s in range(4))
+    assert {r.ident for r in requeued} == {"b", "c", "d", "e"} and sched.blocks.free_count == 39
     step = sched.schedule()
-    assert step.copies == [] and _chunks(step)[0] == ("b", 0, 40)
+    assert _chunks(step)[0] == ("b", 32, 42)
 
 
-def test_compaction_leaves_the_prefix_in_both_slots():
-    sched = Scheduler(num_slots=2, token_budget=100, prefix_caching=True)
-    a, b = Request("a", HEADER + [1], [0], 1), Request("b", HEADER + [2], [0], 8)
-    sched.add(a), sched.add(b)
-    sched.prefilled(sched.schedule())  # both in one step: no hit (nothing was written before it)
-    assert a.cached == b.cached == 0
-    sched.finish(a.seqs[0])
+def test_a_freed_prefix_stays_findable_until_its_blocks_are_handed_out_again():
+    sched = Scheduler(num_blocks=8, max_seqs=2, token_budget=100, prefix_caching=True)  # 7 blocks
+    a = Request("a", HEADER + [1], [0], 1)
+    sched.add(a)
+    sched.prefilled(sched.schedule())
+    sched.finish(a.seqs[0])  # all free again, the header blocks still registered
+    b = Request("b", HEADER + [2], [0], 1)
+    sched.add(b)
     step = sched.schedule()
-    assert step.moves == [(1, 0, b.seqs[0].position)]  # b moves down into slot 0
-    c = Request("c", HEADER + [3], [0], 4)
-    sched.add(c)
-    step = sched.schedule()
-    # slot 1 (free again) still holds the header it was moved from: c takes it with no copy
-    assert isinstance(step, PrefillStep) and step.copies == [] and c.seqs[0].slot == 1 and c.cached == 32
+    assert b.cached == 32 and b.seqs[0].table[:2] == a_table(sched, HEADER)
+    sched.prefilled(step)
+    sched.finish(b.seqs[0])
+    other = Request("o", list(range(200, 300)), [0], 8)  # 7 blocks: takes every block, the header's too
+    sched.add(other)
+    sched.prefilled(sched.schedule())
+    sched.finish(other.seqs[0])
+    assert sched.blocks.cached(HEADER + [3], block_hashes(HEADER + [3])) == []
+
+
+def a_table(sched, prompt):
+    return sched.blocks.cached(prompt + [0], block_hashes(prompt + [0]))
 
 
 def test_a_hash_collision_costs_a_hit_never_an_output():
-    index = PrefixIndex(2)
+    blocks = BlockManager(8, prefix_caching=True)
     prompt = HEADER + [1]
-    index.take(0, prompt, 0)
-    index.register(0, block_hashes(prompt), len(prompt))
-    index.release(0)
+    table = blocks.allocate([], 3, holders=1)
+    blocks.register(table, prompt, block_hashes(prompt), len(prompt))
+    blocks.release(table)
     other = [7] * len(prompt)  # other tokens, given the first prompt's hashes as if they collided
-    place = index.place(other, block_hashes(prompt), [0, 1])
-    assert place.start == 0 and place.copy is None
-    place = index.place(prompt, block_hashes(prompt), [0, 1])
-    assert (place.slot, place.start, place.copy) == (0, 2 * BLOCK, None)
+    assert blocks.cached(other, block_hashes(prompt)) == []
+    assert len(blocks.cached(prompt, block_hashes(prompt))) == 2
 
 
 # -- the engine on few-shot prompts: one shared header, short row parts, per-row limits
@@ -144,8 +149,8 @@ def test_outputs_equal_with_caching_on_and_off_whatever_the_engine(replica, hf_m
     assert off_stats.cached_tokens == 0 and off_stats.prefill_tokens == off_stats.prompt_tokens
     shuffled = list(range(len(prompts)))
     random.Random(5).shuffle(shuffled)
-    # one slot (every prompt after the first finds the header in a freed slot), 3 slots with the tail
-    # compacted, a budget smaller than the header (chunked prompts copy from a slot still prefilling)
+    # one sequence (every prompt after the first finds the header in freed blocks), 3 sequences, a budget
+    # smaller than the header (chunked prompts share blocks of a prompt still prefilling)
     for seqs, budget, order in ((1, None, None), (3, 40, shuffled), (16, 20, None), (16, 45, shuffled)):
         on, stats = _run(replica, params, True, prompts, limits, order, seqs, budget)
         _same(on, off)
@@ -167,13 +172,12 @@ def test_hits_are_counted_exactly(replica):
     assert stats.prefill_tokens == stats.prompt_tokens - stats.cached_tokens
 
 
-def test_out_of_memory_requeue_forgets_the_dropped_slots_and_changes_nothing(replica):
+def test_out_of_memory_requeue_changes_nothing_and_keeps_the_written_prefixes(replica):
     prompts, limits = _few_shot(replica)
     params = GenerateParams(max_new_tokens=10, seed=9, temperature=0.7)
     expected, _ = _run(replica, params, False, prompts, limits)
     engine = LLMEngine(replica, params, EngineParams(max_num_seqs=6), token_budget=60)
-    sched, real_prefill, real_requeue = engine.scheduler, engine.runner.prefill, engine.scheduler.requeue_all
-    calls, dropped = [], []
+    real_prefill, calls = engine.runner.prefill, []
 
     def flaky(step):
         calls.append(step)
@@ -181,21 +185,12 @@ def test_out_of_memory_requeue_forgets_the_dropped_slots_and_changes_nothing(rep
             raise torch.OutOfMemoryError("simulated")
         return real_prefill(step)
 
-    def requeue(shrink):
-        in_use = set(range(sched.num_slots)) - set(sched.free)
-        held = [sched.prefix.held(s) for s in in_use]
-        out = real_requeue(shrink)
-        dropped.append((held, [sched.prefix.held(s) for s in in_use]))
-        return out
-
-    engine.runner.prefill, sched.requeue_all = flaky, requeue
+    engine.runner.prefill = flaky
     got = generate_tokens(replica, prompts, [f"r{i}" for i in range(len(prompts))], params, limits,
                           engine=engine)  # fmt: skip
     _same(got, expected)
-    assert engine.stats.oom_backoffs == 1 and len(dropped) == 1
-    before, after = dropped[0]
-    assert any(before) and not any(after)  # they held prefixes; after the requeue none of them does
-    assert engine.stats.cached_tokens > 0
+    assert engine.stats.oom_backoffs == 1 and engine.stats.cached_tokens > 0
+    assert engine.scheduler.blocks.free_count == engine.cache.blocks - 1
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -228,65 +223,73 @@ def test_a_few_shot_job_counts_its_hits_and_equals_the_job_without_caching(tmp_p
     assert off["counts"]["cached_prompt_tokens"] == 0 == off["prefix_cache_hit_rate"]
 
 
-def test_every_cached_prefix_holds_what_its_prompt_would_compute_under_random_schedules():
-    """No model: a shadow cache records which token each slot position was computed from (copies, chunks,
-    sample copies, decode writes and scratch, compaction moves, failed steps that leave garbage). Before
-    every prefill chunk, the positions its prompt takes from the cache must hold exactly its tokens; at every
-    decode step, each running slot must hold its whole prompt."""
+def test_every_read_finds_what_its_tokens_would_compute_under_random_schedules():
+    """No model: a shadow cache records, for each block position, the tokens its K/V was computed from
+    (prefill chunks, decode writes, copies on write, preemption, failed steps that leave garbage). Before every
+    prefill chunk the positions its prompt takes from the cache, and at every decode step every position a
+    running sequence reads, must hold exactly its own tokens."""
     rng = random.Random(7)
-    context, garbage = 96, -1
-    hits = 0
-    for trial in range(30):
-        slots = rng.choice([1, 2, 3, 5, 8])
-        sched = Scheduler(slots, rng.choice([7, 16, 40, 200]), prefix_caching=True)
-        shadow = [[garbage] * context for _ in range(slots)]
+    hits = preempted = 0
+    for trial in range(40):
+        num_blocks = rng.choice([8, 10, 12, 20, 64])
+        sched = Scheduler(
+            num_blocks, rng.choice([1, 2, 3, 5, 8]), rng.choice([7, 16, 40, 200]), prefix_caching=True
+        )
+        shadow = [[None] * BLOCK for _ in range(num_blocks)]  # block -> offset -> tokens up to that position
         heads = [[rng.randrange(1, 50) for _ in range(rng.randrange(0, 60))] for _ in range(3)]
         reqs = []
         for i in range(rng.randrange(5, 25)):
             prompt = rng.choice(heads) + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 20))]
-            reqs.append(Request(i, prompt, list(range(rng.choice([1, 1, 2]))), rng.randrange(1, 10)))
-        reqs = [r for r in reqs if r.n <= slots]
-        for r in reqs:
-            sched.add(r)
+            req = Request(i, prompt, list(range(rng.choice([1, 1, 2, 3]))), rng.randrange(1, 60))
+            if sched.fits_alone(req):
+                reqs.append(req)
+                sched.add(req)
+
+        def holds(seq_tokens, table, upto, shadow=shadow):
+            return all(
+                shadow[table[p // BLOCK]][p % BLOCK] == tuple(seq_tokens[: p + 1]) for p in range(upto)
+            )
+
         while sched.has_work():
             step = sched.schedule()
-            if rng.random() < 0.05:  # a failed step: what it wrote into slots in use is garbage
-                for s in set(range(slots)) - set(sched.free):
-                    shadow[s] = [garbage] * context
+            if rng.random() < 0.05:  # a failed step: what it would write is garbage
+                if isinstance(step, PrefillStep):
+                    for ch in step.chunks:
+                        for p in range(ch.start, ch.end):
+                            shadow[ch.request.seqs[0].table[p // BLOCK]][p % BLOCK] = "garbage"
+                else:
+                    for s, d in step.copies:
+                        shadow[d] = list(shadow[s])
+                    for seq in step.seqs:
+                        shadow[seq.table[seq.position // BLOCK]][seq.position % BLOCK] = "garbage"
                 sched.requeue_all(shrink=False)
                 continue
             if isinstance(step, PrefillStep):
-                for src, dst, a, b in step.copies:
-                    shadow[dst][a:b] = shadow[src][a:b]
                 for ch in step.chunks:
-                    slot = ch.request.seqs[0].slot
-                    assert shadow[slot][: ch.start] == ch.request.prompt[: ch.start], (trial, ch)
+                    table = ch.request.seqs[0].table
+                    assert holds(ch.request.prompt, table, ch.start), (trial, ch)
                     hits += ch.start if ch.start == ch.request.cached else 0
-                for ch in step.chunks:
-                    shadow[ch.request.seqs[0].slot][ch.start : ch.end] = ch.request.prompt[ch.start : ch.end]
+                    for p in range(ch.start, ch.end):
+                        shadow[table[p // BLOCK]][p % BLOCK] = tuple(ch.request.prompt[: p + 1])
                 for req in sched.prefilled(step):
-                    for seq in req.seqs[1:]:
-                        shadow[seq.slot][: len(req.prompt)] = shadow[req.seqs[0].slot][: len(req.prompt)]
-                    _sample(sched, req.seqs, rng)  # a sample's first token comes from its prefill
+                    _sample(sched, req.seqs, rng, 0.03)  # a sample's first token comes from its prefill
                 continue
-            for src, dst, length in step.moves:
-                shadow[dst][:length] = shadow[src][:length]
-            for slot in range(step.width):
-                seq = sched.running.get(slot)
-                if seq is None:
-                    shadow[slot][context - 1] = garbage  # scratch
-                    continue
-                assert shadow[slot][: len(seq.request.prompt)] == seq.request.prompt, (trial, slot)
-                shadow[slot][seq.position] = -2  # a generated token's K/V: never a prompt token
-            _sample(sched, step.seqs, rng)
-        assert all(r.done for r in reqs)
-    assert hits > 1000  # prefixes were found (and checked) many times
+            for s, d in step.copies:
+                shadow[d] = list(shadow[s])
+            for seq in step.seqs:
+                tokens = seq.request.prompt + seq.tokens
+                assert holds(tokens, seq.table, seq.position), (trial, seq.request.ident)
+                shadow[seq.table[seq.position // BLOCK]][seq.position % BLOCK] = tuple(tokens)
+            _sample(sched, step.seqs, rng, 0.03)
+        preempted += sched.preemptions
+        assert all(r.done for r in reqs) and sched.blocks.free_count == num_blocks - 1
+    assert hits > 1000 and preempted > 10  # prefixes were found, and sequences preempted, many times
 
 
-def _sample(sched, seqs, rng):
+def _sample(sched, seqs, rng, p_end=0.2):
     for seq in seqs:
         seq.tokens.append(0)
-        if len(seq.tokens) >= seq.request.max_new_tokens or rng.random() < 0.2:
+        if len(seq.tokens) >= seq.request.max_new_tokens or rng.random() < p_end:
             sched.finish(seq)
 
 

@@ -155,23 +155,28 @@ def test_generate_progress_moves_from_the_first_tokens_not_the_first_commit(tmp_
     assert "does not fit the KV cache" not in text
 
 
-def test_an_unset_max_num_seqs_is_not_a_warning(caplog):
+def test_the_kv_cache_is_planned_in_blocks_and_said_once_at_info(caplog):
+    """Memory is planned in blocks (concurrency follows live tokens); an unset max_num_seqs is no warning."""
     import logging
 
+    import pytest
     import torch
 
-    from fengshen_batch.engine.kv_cache import plan_slots, slot_bytes
+    from fengshen_batch.engine.kv_cache import BLOCK, block_bytes, plan_blocks
 
-    fits = 10
-    gb = fits * slot_bytes(2, 64, 64, torch.float32) / 2**30
+    gb = 40 * block_bytes(2, 64, torch.float32) / 2**30
     shape = dict(n_layer=2, d_model=64, context=64, dtype=torch.float32, device=torch.device("cpu"),
                  gpu_memory_utilization=0.9, cpu_kv_cache_gb=gb)  # fmt: skip
     with caplog.at_level(logging.INFO, logger="fengshen_batch.engine.kv_cache"):
-        assert plan_slots(max_num_seqs=None, **shape) == fits  # "what fits": said at INFO
-        assert [r.levelname for r in caplog.records] == ["INFO"]
-        caplog.clear()
-        assert plan_slots(max_num_seqs=64, **shape) == fits  # the user's value cannot be honoured: a warning
-        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert plan_blocks(max_num_seqs=None, **shape) == (41, 256)  # 40 blocks and the null block
+        assert plan_blocks(max_num_seqs=64, **shape) == (41, 64)
+        assert plan_blocks(max_num_seqs=2, **shape) == (9, 2)  # no more than 2 whole contexts of 4 blocks
+        assert {r.levelname for r in caplog.records} == {"INFO"}
+    with pytest.raises(MemoryError, match="cpu_kv_cache_gb"):
+        plan_blocks(
+            max_num_seqs=None,
+            **{**shape, "cpu_kv_cache_gb": (64 // BLOCK - 1) * block_bytes(2, 64, torch.float32) / 2**30},
+        )
 
 
 def test_the_line_shows_in_flight_work_and_phases_before_it():

@@ -4,13 +4,14 @@ It is built from a checkpoint's config and tensors (`transformer.h.0.attn.c_attn
 GPT2Model, `h.0.attn.c_attn.weight`), so a replica loads without transformers' modeling code (seconds of
 imports per actor) and straight onto its device. GPT2's layout is kept: Conv1D weights are (in, out), so a
 projection is `addmm(bias, x, W)`. All linear layers run on packed tokens (N, d): a prefill of mixed-length
-chunks computes no padding. Only attention sees a per-sequence layout, and it reads the cache up to each
-step's longest live length, never the whole context.
+chunks computes no padding. Only attention sees a per-sequence layout: prefill gathers each chunk's blocks of the paged cache up to its
+group's span; decode on CPU reads each row's blocks in place (`attention.py`), on CUDA it gathers them.
 
 Three entry points share one block:
 - `hidden`: a dense causal pass over right-padded rows (scoring; no cache);
-- `prefill`: chunks of several prompts into the engine's slot KV cache (a chunk may start mid-prompt);
-- `decode`: one token for each of the first `B` cache slots; fixed shapes, so it can be graph-captured.
+- `prefill`: chunks of several prompts into the engine's paged KV cache (a chunk may start mid-prompt);
+- `decode`: one token for each of B sequences, in groups of similar length; with one group its shapes are
+  fixed, so it can be graph-captured.
 `tests/test_engine.py` checks the logits against `GPT2LMHeadModel`.
 """
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
+from .attention import MIN_DECODE_ROWS, DecodeKernel, pad_rows
+from .kv_cache import BLOCK, KVCache
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class GPT2:
         self.max_len = config["n_positions"]
         self.dtype = self.wte.dtype
         self.device = self.wte.device
+        self.decode_attention = (
+            DecodeKernel()
+        )  # CPU decode attention over the paged cache, compiled on first use
         self.scales = []  # attention scale per layer, as HF's GPT2Attention computes it
         for i in range(config["n_layer"]):
             s = self.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
@@ -170,7 +175,7 @@ class GPT2:
         tokens: torch.Tensor,  # (N,) packed tokens of all chunks
         seq_idx: torch.Tensor,  # (N,) which chunk each token belongs to, 0..B-1
         t_idx: torch.Tensor,  # (N,) its offset inside its chunk
-        slots: torch.Tensor,  # (B,) cache slot of each chunk
+        tables: torch.Tensor,  # (B, nb) block table of each chunk's sequence, padded with the null block
         starts: torch.Tensor,  # (B,) cache position of each chunk's first token (tokens already cached)
         groups: list[Group],  # consecutive chunks that attend together (one group: all of them)
         last: torch.Tensor,  # (G,) packed index of the tokens whose logits are wanted
@@ -180,26 +185,30 @@ class GPT2:
         dev = tokens.device
         pos = starts[seq_idx] + t_idx  # (N,) absolute positions (the cache index = the position id)
         x = self.wte[tokens] + self.wpe[pos]  # (N, d)
-        per_group = []  # (group, its chunks' index within it per token, their slots, its mask)
+        per_group = []  # (group, its chunks' index within it per token, their block tables, its mask)
         for g in groups:
             local = seq_idx[g.lo_token : g.hi_token] - g.lo  # (Ng,) chunk within the group
             q_pos = starts[g.lo : g.hi, None] + torch.arange(g.width, device=dev)  # (Bg, T)
             # Query t of chunk b sees cache positions <= start_b + t: its prompt so far, causally.
             mask = (torch.arange(g.span, device=dev) <= q_pos[:, :, None])[:, None]  # (Bg, 1, T, S)
-            per_group.append((g, local, slots[g.lo : g.hi], mask))
+            per_group.append((g, local, tables[g.lo : g.hi, : g.span // BLOCK], mask))
+        blocks = tables[seq_idx, pos // BLOCK]  # (N,) where each token's K/V goes
+        offsets = pos % BLOCK
 
         def attend(i, q, k, v):
-            cache.k[i][slots[seq_idx], :, pos] = k  # (N, H, hd) into (slots, H, M, hd)
-            cache.v[i][slots[seq_idx], :, pos] = v
+            cache.write(i, blocks, offsets, k, v)  # (N, H, hd)
             out = q.new_empty(q.shape[0], H * hd)  # (N, d)
-            for g, local, g_slots, mask in per_group:
+            for g, local, g_tables, mask in per_group:
                 t = t_idx[g.lo_token : g.hi_token]
                 qp = q.new_zeros(g.hi - g.lo, g.width, H, hd)
                 qp[local, t] = q[g.lo_token : g.hi_token]
-                keys = cache.k[i][g_slots, :, : g.span]  # (Bg, H, S, hd)
-                vals = cache.v[i][g_slots, :, : g.span]
+                keys, vals = cache.gather(i, g_tables)  # (H, Bg, S, hd)
                 o = F.scaled_dot_product_attention(
-                    qp.transpose(1, 2), keys, vals, attn_mask=mask, scale=self.scales[i]
+                    qp.transpose(1, 2),
+                    keys.transpose(0, 1),
+                    vals.transpose(0, 1),
+                    attn_mask=mask,
+                    scale=self.scales[i],
                 )  # (Bg, H, T, hd)
                 out[g.lo_token : g.hi_token] = o.transpose(1, 2)[local, t].reshape(-1, H * hd)
             return out
@@ -207,31 +216,51 @@ class GPT2:
         x = self._blocks(x, attend)
         return self.logits(x[last])
 
-    def decode(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """One token for each of the first B slots: tokens, pos (B,). Attention reads positions < span.
-
-        Returns (B, V) float32 logits. Shapes depend only on (B, span), so a CUDA graph per bucket replays it.
-        A row without a running sequence is fed the last position (the model runner's scratch), never read.
-        """
+    def decode(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,  # (B,) the token each sequence feeds
+        pos: torch.Tensor,  # (B,) its position
+        tables: torch.Tensor,  # (B, nb) block tables, padded with the null block
+        groups: list[
+            tuple[int, int, int]
+        ],  # (first row, end row, span): rows attend in groups of similar span
+    ) -> torch.Tensor:
+        """One token for each of B sequences; attention of the rows lo..hi-1 of a group reads `span` positions
+        (a multiple of BLOCK, at most nb * BLOCK). Returns (B, V) float32 logits. With one group, shapes depend
+        only on (B, span), so a CUDA graph per bucket replays it (a padding row feeds a null-block position)."""
         B = tokens.shape[0]
         H, hd = self.n_head, self.head_dim
-        rows = torch.arange(B, device=tokens.device)
         x = self.wte[tokens] + self.wpe[pos]  # (B, d)
-        mask = (torch.arange(span, device=tokens.device) <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
+        blocks = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)  # (B,) where each new K/V goes
+        offsets = pos % BLOCK
+        on_cpu = tokens.device.type == "cpu"
+        per_group = []  # CPU: each group's (tables, lengths) padded to MIN_DECODE_ROWS; else its (Bg, 1, 1, S) mask
+        for lo, hi, span in groups:
+            if on_cpu:
+                per_group.append(pad_rows(tables[lo:hi, : span // BLOCK], pos[lo:hi] + 1, MIN_DECODE_ROWS))
+            else:
+                per_group.append(
+                    (torch.arange(span, device=tokens.device) <= pos[lo:hi, None])[:, None, None]
+                )
 
         def attend(i, q, k, v):
-            cache.k[i][rows, :, pos] = k  # (B, H, hd)
-            cache.v[i][rows, :, pos] = v
-            keys, vals = cache.k[i][:B, :, :span], cache.v[i][:B, :, :span]  # (B, H, S, hd): views, no copy
-            if q.device.type == "cpu":
-                # One query per row: two batched matmuls beat the CPU flash kernel (tiled for long queries)
-                # by about 2x at 256 rows.
-                att = (q[:, :, None] @ keys.transpose(-1, -2)) * self.scales[i]  # (B, H, 1, S)
-                out = att.masked_fill_(~mask, float("-inf")).softmax(-1) @ vals
-            else:
-                out = F.scaled_dot_product_attention(
-                    q[:, :, None], keys, vals, attn_mask=mask, scale=self.scales[i]
-                )  # (B, H, 1, hd)
-            return out.reshape(B, H * hd)
+            cache.write(i, blocks, offsets, k, v)  # (B, H, hd)
+            out = q.new_empty(B, H * hd)
+            for (lo, hi, span), extra in zip(groups, per_group, strict=True):
+                if on_cpu:  # in place over the blocks (attention.py); padding rows cut off again
+                    qg = F.pad(q[lo:hi], (0, 0, 0, 0, 0, extra[0].shape[0] - (hi - lo)))
+                    o = self.decode_attention(qg, cache.k[i], cache.v[i], *extra, self.scales[i])[: hi - lo]
+                else:
+                    keys, vals = cache.gather(i, tables[lo:hi, : span // BLOCK])  # (H, Bg, S, hd)
+                    o = F.scaled_dot_product_attention(
+                        q[lo:hi, :, None],
+                        keys.transpose(0, 1),
+                        vals.transpose(0, 1),
+                        attn_mask=extra,
+                        scale=self.scales[i],
+                    )  # (Bg, H, 1, hd)
+                out[lo:hi] = o.reshape(hi - lo, H * hd)
+            return out
 
         return self.logits(self._blocks(x, attend))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..params import EngineParams, GenerateParams
-from .kv_cache import KVCache, plan_slots
+from .kv_cache import KVCache, plan_blocks
 from .model_runner import ModelRunner
 from .sampler import penalize, sample, sample_full
 from .scheduler import DecodeStep, PrefillStep, Scheduler
@@ -54,6 +54,9 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     oom_backoffs: int = 0
+    preemptions: int = 0  # requests put back in the queue when the KV blocks ran out (changes no output)
+    decode_kv_read: int = 0  # K/V positions decode attention read (rows x span, padding included)
+    decode_kv_live: int = 0  # of them, the positions the rows hold
     # what a watcher counts while work is in flight (a requeued step's tokens count twice)
     sampled_tokens: int = 0  # tokens appended to samples
     finished_samples: int = 0
@@ -62,6 +65,11 @@ class EngineStats:
     @property
     def useful_slot_fraction(self) -> float:
         return self.decode_tokens / self.decode_slots if self.decode_slots else 1.0
+
+    @property
+    def kv_read_over_live(self) -> float:
+        """K/V decode attention read over the live K/V of its rows (1.0: exactly what the rows hold)."""
+        return self.decode_kv_read / self.decode_kv_live if self.decode_kv_live else 1.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -74,7 +82,8 @@ class EngineStats:
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "useful_slot_fraction": self.useful_slot_fraction,
-                "syncs_per_step": self.syncs_per_step, "prefix_cache_hit_rate": self.prefix_cache_hit_rate}  # fmt: skip
+                "syncs_per_step": self.syncs_per_step, "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
+                "kv_read_over_live": self.kv_read_over_live}  # fmt: skip
 
 
 class LLMEngine:
@@ -93,17 +102,17 @@ class LLMEngine:
         self.replica, self.params = replica, params
         self.model = replica.model
         m = self.model
-        slots = plan_slots(
+        blocks, slots = plan_blocks(
             n_layer=m.n_layer, d_model=m.d, context=m.max_len, dtype=m.dtype, device=m.device,
             max_num_seqs=engine.max_num_seqs, gpu_memory_utilization=engine.gpu_memory_utilization,
             cpu_kv_cache_gb=engine.cpu_kv_cache_gb,
         )  # fmt: skip
-        self.cache = KVCache(m.n_layer, slots, m.n_head, m.max_len, m.head_dim, m.dtype, m.device)
-        self.runner = ModelRunner(m, self.cache, cuda_graphs=engine.cuda_graphs)
+        self.cache = KVCache(m.n_layer, blocks, m.n_head, m.head_dim, m.dtype, m.device)
+        self.runner = ModelRunner(m, self.cache, slots, cuda_graphs=engine.cuda_graphs)
         budget = token_budget or (8192 if m.device.type == "cuda" else 2048)
-        self.scheduler = Scheduler(slots, budget, prefix_caching=engine.enable_prefix_caching)
+        self.scheduler = Scheduler(blocks, slots, budget, prefix_caching=engine.enable_prefix_caching)
         self.stop = StopChecker(replica.tokenizer, params.stop, m.vocab_size) if params.stop else None
-        # (slots, V) bool: tokens of each slot's prompt and output, for the repetition penalty.
+        # (rows, V) bool: tokens of each sequence's prompt and output (by its row), for the repetition penalty.
         self.seen = (
             torch.zeros(slots, m.vocab_size, dtype=torch.bool, device=m.device)
             if params.repetition_penalty != 1.0
@@ -111,8 +120,9 @@ class LLMEngine:
         )
         self.stats = EngineStats()
         self._full_steps = 0  # steps left to sample over the full vocabulary (see FULL_SAMPLING_STEPS)
-        log.info("engine: %d sequence slots (%.2f GiB KV cache), %d-token step budget, prefix caching %s",
-                 slots, self.cache.nbytes / 2**30, budget, "on" if engine.enable_prefix_caching else "off")  # fmt: skip
+        log.info("engine: up to %d sequences, %d KV blocks (%.2f GiB), %d-token step budget, prefix caching %s",
+                 slots, blocks - 1, self.cache.nbytes / 2**30, budget,
+                 "on" if engine.enable_prefix_caching else "off")  # fmt: skip
 
     @property
     def max_num_seqs(self) -> int:
@@ -129,6 +139,11 @@ class LLMEngine:
             )
         if request.n > self.scheduler.num_slots:
             raise ValueError(f"{request.n} samples per prompt exceed max_num_seqs={self.scheduler.num_slots}")
+        if not self.scheduler.fits_alone(request):
+            raise ValueError(
+                f"{request.n} samples of {len(request.prompt)} + {request.max_new_tokens} tokens need more KV "
+                "cache than the engine has: raise gpu_memory_utilization or cpu_kv_cache_gb"
+            )
 
     def add(self, *requests: Request) -> None:
         """Queue requests, all or none: every one is checked before any is queued."""
@@ -144,6 +159,7 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Run one step; return the requests that finished in it."""
         plan = self.scheduler.schedule()
+        self.stats.preemptions = self.scheduler.preemptions
         if plan is None:
             return []
         try:
@@ -176,15 +192,13 @@ class LLMEngine:
             self.stats.prefill_tokens += sum(c.end - c.start for c in plan.chunks)
             self.stats.prefill_seconds += time.perf_counter() - start
             return finished
-        for src, dst, length in plan.moves:
-            self.cache.copy(src, [dst], 0, length)
-            if self.seen is not None:
-                self.seen[dst] = self.seen[src]
         logits = self.runner.decode(plan)
+        self.stats.decode_kv_read += self.runner.last_kv[0]
+        self.stats.decode_kv_live += self.runner.last_kv[1]
         finished = self._advance(plan.seqs, logits)
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(plan.seqs)
-        self.stats.decode_slots += plan.width
+        self.stats.decode_slots += len(plan.seqs)
         self.stats.decode_seconds += time.perf_counter() - start
         return finished
 
@@ -268,17 +282,18 @@ class EngineThread:
     """Drives one engine from a background thread; callers from several threads `submit` and wait.
 
     A Ray actor with several calls in flight feeds one engine: while one batch's sequences decode, the next
-    batch's prompts queue up and are admitted as slots free, so the replica never drains between batches.
+    batch's prompts queue up and are admitted as sequences finish, so the replica never drains between batches.
     A step that fails (other than out-of-memory, which the engine absorbs) fails every request in the
     engine; their callers retry row by row.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, threads: int | None = None):
         self.engine = engine
         self._lock = threading.Condition()
         self._pending: list[tuple[list[Request], Future]] = []
         self._inflight: list[tuple[list[Request], Future]] = []
         self._closed = False
+        self._threads = threads  # CPU: intra-op threads of this thread's compute
         self._thread = threading.Thread(target=self._loop, name="fengshen-engine", daemon=True)
         self._thread.start()
 
@@ -303,6 +318,8 @@ class EngineThread:
 
     def _loop(self) -> None:
         engine = self.engine
+        if self._threads:  # this thread's own OpenMP team does the compute (see workers/actors.load_replicas)
+            torch.set_num_threads(self._threads)
         while True:
             with self._lock:
                 while not self._pending and not engine.has_work() and not self._closed:

@@ -1,8 +1,10 @@
 """The model step: turn a scheduled step into tensors, run the GPT2 forward, return logits.
 
 Prefill runs eagerly (its shapes change every step). Decode on CUDA replays a CUDA graph captured per
-(batch bucket, span bucket), lazily on first use, so the launch cost of 30 layers is paid once per bucket and
-not per token; on CPU it runs eagerly at the exact width and span. The runner makes no scheduling decisions.
+(batch bucket, span bucket), lazily on first use, with the block tables and positions as static inputs, so
+the launch cost of 30 layers is paid once per bucket and not per token. On CPU decode runs eagerly with its
+rows sorted by length and cut into groups of similar span, so attention reads little more than each row's
+live K/V. The runner makes no scheduling decisions.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import torch
 
 from .gpt2 import GPT2, Group
-from .kv_cache import KVCache
+from .kv_cache import BLOCK, NULL_BLOCK, KVCache
 from .scheduler import DecodeStep, PrefillStep
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,17 @@ def bucketed_span(span: int, bucket: int, context: int) -> int:
     return min(context, round_up(span, bucket))
 
 
+def block_span(span: int, bucket: int, context: int) -> int:
+    """`bucketed_span` in whole KV blocks (a paged read takes whole blocks; positions past the context are
+    masked)."""
+    return round_up(bucketed_span(span, bucket, context), BLOCK)
+
+
+# CPU decode: a group of rows (sorted by length) is cut where its span would exceed its first row's by this
+# factor, so that attention reads at most about this much more than the rows' live K/V.
+DECODE_GROUP_SLACK = 1.2
+
+
 def batch_buckets(max_rows: int) -> list[int]:
     """Decode batch sizes that get a graph: 1, 2, 4, 8, then multiples of 16, up to max_rows."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_rows] + list(range(16, max_rows, 16))
@@ -41,13 +54,13 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 
 def pack_chunks(
-    chunks: list[tuple[int, list[int], int]],
+    chunks: list[tuple[list[int], list[int], int]],
     context: int,
     device: torch.device,
     wanted: list[tuple[int, int]] | None = None,
 ):
-    """(slot, tokens, start) chunks -> the packed tensors of `GPT2.prefill` (tokens, seq_idx, t_idx, slots,
-    starts, last), its attention groups, and where each chunk's first token sits in the packing (by chunk
+    """(block table, tokens, start) chunks -> the packed tensors of `GPT2.prefill` (tokens, seq_idx, t_idx,
+    tables, starts, last), its attention groups, and where each chunk's first token sits in the packing (by chunk
     index). `last` holds the packed index of each (chunk, offset) of `wanted` (None: every token), so that
     a step's inputs reach the device in one transfer.
 
@@ -57,14 +70,14 @@ def pack_chunks(
     Rounded, they do not: with gpt2.MIN_ROWS, a row's bits depend only on its tokens, and a prefix copied from
     the cache is the K/V its prompt would compute."""
     order = sorted(range(len(chunks)), key=lambda b: len(chunks[b][1]))
-    tokens, seq_idx, t_idx, slots, starts, groups = [], [], [], [], [], []
+    tokens, seq_idx, t_idx, tables, starts, groups = [], [], [], [], [], []
     offsets = [0] * len(chunks)
     for b, c in enumerate(order):
-        slot, toks, start = chunks[c]
+        table, toks, start = chunks[c]
         n = len(toks)
         offsets[c] = len(tokens)
         width = round_up(n, PREFILL_WIDTH_BUCKET)
-        span = bucketed_span(start + n, EAGER_SPAN_BUCKET, context)
+        span = block_span(start + n, EAGER_SPAN_BUCKET, context)
         if groups and width <= 2 * groups[-1].width:  # at most twice the group's shortest: join it
             g = groups[-1]
             groups[-1] = Group(g.lo, b + 1, g.lo_token, len(tokens) + n, width, max(g.span, span))
@@ -73,75 +86,108 @@ def pack_chunks(
         tokens += toks
         seq_idx += [b] * n
         t_idx += range(n)
-        slots.append(slot)
+        tables.append(table)
         starts.append(start)
-    n, B = len(tokens), len(slots)
+    n, B = len(tokens), len(tables)
+    nb = max(g.span for g in groups) // BLOCK
+    flat = [b for table in tables for b in (table[:nb] + [NULL_BLOCK] * (nb - len(table)))]
     last = range(n) if wanted is None else [offsets[c] + i for c, i in wanted]
-    packed = torch.tensor([*tokens, *seq_idx, *t_idx, *slots, *starts, *last], dtype=torch.long)
-    return packed.to(device, non_blocking=True).split([n, n, n, B, B, len(last)]), groups, offsets
+    packed = torch.tensor([*tokens, *seq_idx, *t_idx, *flat, *starts, *last], dtype=torch.long)
+    out = list(packed.to(device, non_blocking=True).split([n, n, n, B * nb, B, len(last)]))
+    out[3] = out[3].view(B, nb)
+    return out, groups, offsets
+
+
+def decode_groups(spans: list[int], slack: float = DECODE_GROUP_SLACK) -> list[tuple[int, int, int]]:
+    """Rows sorted by span -> (first row, end row, span) groups: a group grows while its last (longest) row's
+    span stays within `slack` of its first row's."""
+    groups: list[tuple[int, int, int]] = []
+    for r, s in enumerate(spans):
+        if groups and s <= slack * spans[groups[-1][0]]:
+            lo, _, _ = groups[-1]
+            groups[-1] = (lo, r + 1, s)
+        else:
+            groups.append((r, r + 1, s))
+    return groups
 
 
 class ModelRunner:
-    def __init__(self, model: GPT2, cache: KVCache, cuda_graphs: bool = True):
+    def __init__(self, model: GPT2, cache: KVCache, max_seqs: int, cuda_graphs: bool = True):
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.context = model.max_len
+        self.max_blocks = -(-self.context // BLOCK)
         self.graphs_on = cuda_graphs and self.device.type == "cuda"
-        self.buckets = batch_buckets(cache.slots)
+        self.buckets = batch_buckets(max_seqs)
         self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self._pool = None
         # Static inputs of the captured decode graphs (one set shared by all buckets).
-        self._ids = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+        self._ids = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+        self._tables = torch.zeros(max_seqs, self.max_blocks, dtype=torch.long, device=self.device)
+        # the last decode's K/V positions read (rows x span, padding rows included) and live (each row's own)
+        self.last_kv = (0, 0)
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     def prefill(self, step: PrefillStep) -> torch.Tensor:
         """Cache the step's prompt chunks; return (G, V) logits at the last prompt token of each chunk that
-        completes its prompt, in chunk order."""
-        for src, dst, start, end in step.copies:  # cached prefixes into new slots, before anything reads them
-            self.cache.copy(src, [dst], start, end)
+        completes its prompt, in chunk order. (The prompt's other samples hold the same blocks.)"""
         chunks = [
-            (ch.request.seqs[0].slot, ch.request.prompt[ch.start : ch.end], ch.start) for ch in step.chunks
+            (ch.request.seqs[0].table, ch.request.prompt[ch.start : ch.end], ch.start) for ch in step.chunks
         ]
         wanted = [(b, ch.end - ch.start - 1) for b, ch in enumerate(step.chunks) if ch.completes]
-        packed, groups, _ = pack_chunks(chunks, self.cache.context, self.device, wanted)
-        logits = self.model.prefill(self.cache, *packed[:5], groups, packed[5])
-        for ch in step.chunks:  # the other samples of a completed prompt get a copy of its K/V
-            if ch.completes and ch.request.n > 1:
-                seqs = ch.request.seqs
-                self.cache.copy(seqs[0].slot, [s.slot for s in seqs[1:]], 0, ch.end)
-        return logits
+        packed, groups, _ = pack_chunks(chunks, self.context, self.device, wanted)
+        return self.model.prefill(self.cache, *packed[:5], groups, packed[5])
 
     def decode(self, step: DecodeStep) -> torch.Tensor:
         """(len(step.seqs), V) logits, one row per running sequence in step order."""
-        width = step.width
-        ids = [0] * width
-        # A slot in 0..width-1 without a running sequence writes its scratch K/V at the last position, which
-        # no prefill touches and which its own sequence rewrites before reading.
-        pos = [self.cache.context - 1] * width
-        rows = []
-        for s in step.seqs:
-            ids[s.slot], pos[s.slot] = s.tokens[-1], s.position
-            rows.append(s.slot)
-        span = max(s.position for s in step.seqs) + 1  # rounded up below, as in prefill
-        packed = self._to_device([*ids, *pos, *rows])
-        ids_t, pos_t, rows_t = packed.split([width, width, len(rows)])
+        self.cache.copy_blocks([s for s, _ in step.copies], [d for _, d in step.copies])  # copies on write
+        seqs = step.seqs
         if self.graphs_on:
-            logits = self._replay(ids_t, pos_t, width, span)
-        else:
-            span = bucketed_span(span, EAGER_SPAN_BUCKET, self.cache.context)
-            logits = self.model.decode(self.cache, ids_t, pos_t, span)
-        return logits if len(rows) == width else logits[rows_t]
+            return self._replay(seqs)
+        # Rows by length, in groups of similar span: each group reads its own span, not the batch's longest.
+        order = sorted(range(len(seqs)), key=lambda r: seqs[r].position)
+        spans = [block_span(seqs[r].position + 1, EAGER_SPAN_BUCKET, self.context) for r in order]
+        groups = decode_groups(spans)
+        self.last_kv = (sum((hi - lo) * span for lo, hi, span in groups), sum(s.position + 1 for s in seqs))
+        nb = spans[-1] // BLOCK
+        flat = []
+        for r in order:
+            table = seqs[r].table[:nb]
+            flat += table + [NULL_BLOCK] * (nb - len(table))
+        B = len(seqs)
+        ids = [seqs[r].tokens[-1] for r in order]
+        pos = [seqs[r].position for r in order]
+        packed = self._to_device([*ids, *pos, *order, *flat])
+        ids_t, pos_t, order_t, tables = packed.split([B, B, B, B * nb])
+        logits = self.model.decode(self.cache, ids_t, pos_t, tables.view(B, nb), groups)  # rows in `order`
+        out = torch.empty_like(logits)
+        out[order_t] = logits
+        return out
 
-    def _replay(self, ids: torch.Tensor, pos: torch.Tensor, width: int, span: int) -> torch.Tensor:
+    def _replay(self, seqs) -> torch.Tensor:
+        """Decode through the CUDA graph of the batch's bucket and its longest span's bucket."""
+        width = len(seqs)
         B = self.buckets[bisect.bisect_left(self.buckets, width)]
-        S = bucketed_span(span, SPAN_BUCKET, self.cache.context)
+        S = block_span(max(s.position for s in seqs) + 1, SPAN_BUCKET, self.context)
+        nb = S // BLOCK
+        self.last_kv = (B * S, sum(s.position + 1 for s in seqs))
+        flat = []
+        for s in seqs:
+            table = s.table[:nb]
+            flat += table + [NULL_BLOCK] * (nb - len(table))
+        packed = self._to_device([*(s.tokens[-1] for s in seqs), *(s.position for s in seqs), *flat])
+        ids, pos, tables = packed.split([width, width, width * nb])
         self._ids[:width].copy_(ids)
         self._pos[:width].copy_(pos)
+        self._tables[:width, :nb].copy_(tables.view(width, nb))
+        # padding rows feed position 0 of the null block: written, never read (masked everywhere)
         self._ids[width:B].zero_()
-        self._pos[width:B].fill_(self.cache.context - 1)
+        self._pos[width:B].zero_()
+        self._tables[width:B, :nb].fill_(NULL_BLOCK)
         if (B, S) not in self._graphs:
             self._graphs[(B, S)] = self._capture(B, S)
         replay, out = self._graphs[(B, S)]
@@ -151,15 +197,15 @@ class ModelRunner:
     def _capture(self, B: int, S: int):
         """Capture decode at batch B and span S (gpt-fast / nano-vllm's way: warm up on a side stream);
         return (replay function, its output tensor)."""
-        ids, pos = self._ids[:B], self._pos[:B]
+        ids, pos, tables = self._ids[:B], self._pos[:B], self._tables[:B, : S // BLOCK]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.decode(self.cache, ids, pos, S)  # same inputs: rewrites the same K/V values
+            self.model.decode(self.cache, ids, pos, tables, [(0, B, S)])  # same inputs: rewrites the same K/V
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.decode(self.cache, ids, pos, S)
+            out = self.model.decode(self.cache, ids, pos, tables, [(0, B, S)])
         self._pool = graph.pool()
         log.debug("captured the decode graph for batch %d, span %d", B, S)
         return graph.replay, out

@@ -1,24 +1,26 @@
 """Which sequences run in the next model step. Plain Python: no tensors, testable without a model.
 
 Each step is either a prefill (prompt chunks within a token budget) or a decode (one token for every running
-sequence). A request is admitted when slots for all of its n samples are free; it is prefilled in chunks of
-at most the budget, so a long prompt never stalls the running sequences for more than one chunk: while
-sequences are running, prefill and decode steps alternate. A sequence that ends frees its slot at once and the
-next step can admit a waiting request into it. Slots are handed out lowest first, which keeps the running
-sequences packed at the front of the cache, where the decode step reads them.
+sequence). A request is admitted when rows for its n samples are free (`max_num_seqs` caps them) and the KV
+blocks of its prompt can be had (`block_manager.BlockManager`): with prefix caching, the blocks of the longest
+cached prefix are taken by reference and the prefill starts after them. A prompt is prefilled in chunks of at
+most the budget, so a long prompt never stalls the running sequences for more than one chunk: while
+sequences are running, prefill and decode steps alternate. A sequence that ends releases its blocks at once.
 
-With prefix caching, an admitted prompt starts its prefill after the longest prefix some slot already holds
-(`prefix_cache.PrefixIndex`): a free slot holding it is handed out as it is, else the prefix is copied into
-the new slot first; only the rest counts against the token budget.
+Before a decode, every running sequence gets room for its next token (a fresh block, or its own copy of a
+block its prompt's other samples share). When no block is free, the newest request is preempted: its blocks
+released and the request put back at the front of the queue, from scratch (keyed sampling and batch-invariant
+steps make its rerun produce the same samples), as nano-vllm and vLLM preempt.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .prefix_cache import PrefixIndex, block_hashes
+from .block_manager import BlockManager, block_hashes, blocks_for
+from .kv_cache import BLOCK
 from .sequence import Request, Sequence, Status
 
 
@@ -36,34 +38,43 @@ class Chunk:
 @dataclass(frozen=True)
 class PrefillStep:
     chunks: list[Chunk]
-    # (from slot, to slot, first position, end position): cached prefixes copied into new slots, done first
-    copies: list[tuple[int, int, int, int]] = ()
 
 
 @dataclass(frozen=True)
 class DecodeStep:
-    seqs: list[Sequence]  # ordered by slot
-    width: int  # slots 0..width-1 are computed (the highest running slot + 1)
-    moves: list[tuple[int, int, int]] = ()  # (from slot, to slot, cached positions): compaction, done first
+    seqs: list[Sequence]  # by row
+    copies: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (from block, to block): copies on write, first
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int, prefix_caching: bool = False):
-        if num_slots < 1 or token_budget < 1:
-            raise ValueError("the scheduler needs at least one slot and a token budget of at least 1")
-        self.num_slots = num_slots
-        self.cap = num_slots  # slots that may be in use; lowered after an out-of-memory error
+    def __init__(self, num_blocks: int, max_seqs: int, token_budget: int, prefix_caching: bool = False):
+        if max_seqs < 1 or token_budget < 1:
+            raise ValueError("the scheduler needs at least one sequence and a token budget of at least 1")
+        self.blocks = BlockManager(num_blocks, prefix_caching)
+        self.num_slots = max_seqs  # rows: sequences that may run at once
+        self.cap = max_seqs  # lowered after an out-of-memory error
         self.token_budget = token_budget
-        self.free = list(range(num_slots))  # a heap: the lowest free slot first
+        self.free = list(range(max_seqs))  # a heap of free rows, the lowest first
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # admitted, prompt not complete, in admission order
-        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.running: dict[int, Sequence] = {}  # row -> sequence
+        self.preemptions = 0
+        self._admitted = 0
         self._last_was_prefill = False
-        self.prefix = PrefixIndex(num_slots) if prefix_caching else None
+
+    def fits_alone(self, request: Request) -> bool:
+        """Whether the request could run with nothing beside it: every sample to its limit."""
+        whole = blocks_for(len(request.prompt) + request.max_new_tokens)
+        return request.n <= self.num_slots and request.n * whole <= self.blocks.num_blocks - 1
 
     def add(self, request: Request) -> None:
-        if request.n > self.num_slots:
-            raise ValueError(f"{request.n} samples per prompt need more than the {self.num_slots} slots")
+        if not self.fits_alone(request):
+            raise ValueError(
+                f"{request.n} samples of {len(request.prompt)} + {request.max_new_tokens} tokens need more than "
+                f"the engine's {self.num_slots} sequences or {self.blocks.num_blocks - 1} KV blocks"
+            )
         self.waiting.append(request)
 
     @property
@@ -73,81 +84,86 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
-    def _admissible(self, request: Request) -> bool:
-        if len(self.free) < request.n:
-            return False
-        return self.in_use == 0 or self.in_use + request.n <= self.cap
-
     def schedule(self) -> PrefillStep | DecodeStep | None:
         """The next step, or None when there is nothing to run."""
         if not (self.running and self._last_was_prefill):
-            chunks, copies = self._prefill_chunks()
+            chunks = self._prefill_chunks()
             if chunks:
                 self._last_was_prefill = True
-                return PrefillStep(chunks, copies)
+                return PrefillStep(chunks)
         self._last_was_prefill = False
         if not self.running:
             return None
-        moves = [] if self.waiting and self._admissible(self.waiting[0]) else self._compact()
-        seqs = [self.running[s] for s in sorted(self.running)]
-        return DecodeStep(seqs, seqs[-1].slot + 1, moves)
+        copies = self._make_room()
+        if not self.running:  # everything was preempted back into the queue
+            return self.schedule()
+        return DecodeStep([self.running[s] for s in sorted(self.running)], copies)
 
-    def _compact(self) -> list[tuple[int, int, int]]:
-        """Move the highest running sequences down into free slots below them, so that decode computes no
-        empty rows. Only when no waiting request would fill those slots next (the tail of the work): a move
-        copies a sequence's cached K/V once, an empty row costs a whole row every step."""
-        moves = []
-        while self.free and self.free[0] < (src := max(self.running)):
-            seq = self.running.pop(src)
-            seq.slot = heapq.heappushpop(self.free, src)  # the lowest free slot; src becomes free
-            self.running[seq.slot] = seq
-            moves.append((src, seq.slot, seq.position))
-            if self.prefix is not None:
-                self.prefix.move(src, seq.slot)
-        return moves
+    def _make_room(self) -> list[tuple[int, int]]:
+        """Room for each running sequence's next token, oldest request first; preempt the newest when the
+        blocks run out."""
+        copies = []
+        for seq in sorted(self.running.values(), key=lambda s: (s.request.order, s.index)):
+            if seq.status is not Status.RUNNING:  # preempted by an earlier turn of this loop
+                continue
+            while (room := self.blocks.append(seq.table, seq.position)) is None:
+                self._preempt_newest()
+                if seq.status is not Status.RUNNING:
+                    break
+            if isinstance(room, tuple):
+                copies.append(room)
+        return copies
 
-    def _prefill_chunks(self) -> tuple[list[Chunk], list[tuple[int, int, int, int]]]:
+    def _preempt_newest(self) -> None:
+        """The newest admitted request (running or prefilling) back to the front of the queue."""
+        newest = max([*(s.request for s in self.running.values()), *self.prefilling], key=lambda r: r.order)
+        if newest in self.prefilling:
+            self.prefilling.remove(newest)
+        for seq in newest.seqs:
+            if seq.status in (Status.RUNNING, Status.PREFILLING):
+                self.running.pop(seq.slot, None)
+                heapq.heappush(self.free, seq.slot)
+            self.blocks.release(seq.table)
+        newest.reset()
+        self.waiting.appendleft(newest)
+        self.preemptions += 1
+
+    def _prefill_chunks(self) -> list[Chunk]:
         budget = self.token_budget
-        chunks, copies = [], []
+        chunks = []
         for req in self.prefilling:
             if budget <= 0:
-                return chunks, copies
+                return chunks
             end = min(len(req.prompt), req.prefilled + budget)
             chunks.append(Chunk(req, req.prefilled, end))
             budget -= end - req.prefilled
-        while budget > 0 and self.waiting and self._admissible(self.waiting[0]):
+        while budget > 0 and self.waiting and (start := self._admit(self.waiting[0])) is not None:
             req = self.waiting.popleft()
-            start = self._admit(req, copies)
             self.prefilling.append(req)
             end = min(len(req.prompt), start + budget)
             chunks.append(Chunk(req, start, end))
             budget -= end - start
-        return chunks, copies
+        return chunks
 
-    def _admit(self, req: Request, copies: list) -> int:
-        """Give the request's samples their slots; return where its prefill starts (0 without a cached
-        prefix). A copy of a cached prefix into its first slot is appended to `copies`."""
-        start = 0
-        if self.prefix is None:
-            slots = [heapq.heappop(self.free) for _ in req.seqs]
-        else:
-            if req.hashes is None:
-                req.hashes = block_hashes(req.prompt)
-            place = self.prefix.place(req.prompt, req.hashes, self.free)
-            self.free.remove(place.slot)
-            heapq.heapify(self.free)
-            slots = [place.slot] + [heapq.heappop(self.free) for _ in req.seqs[1:]]
-            start = kept = place.start
-            if place.copy is not None:
-                src, kept, end = place.copy
-                copies.append((src, place.slot, kept, end))
-            self.prefix.take(place.slot, req.prompt, kept)  # its own blocks below `kept` stay valid
-            for slot in slots[1:]:
-                self.prefix.take(slot, req.prompt, 0)  # rewritten by the sample copy
-        for seq, slot in zip(req.seqs, slots, strict=True):
-            seq.slot, seq.status = slot, Status.PREFILLING
-        req.prefilled = req.cached = start
-        return start
+    def _admit(self, req: Request) -> int | None:
+        """Rows and blocks for the request's samples, if they can be had; returns where its prefill starts
+        (after its cached prefix), or None to keep it waiting."""
+        if len(self.free) < req.n or (self.in_use and self.in_use + req.n > self.cap):
+            return None
+        if req.hashes is None:
+            req.hashes = block_hashes(req.prompt) if self.blocks.prefix_caching else []
+        cached = self.blocks.cached(req.prompt, req.hashes)
+        new = blocks_for(len(req.prompt)) - len(cached)
+        # room for the prompt, and (beside other work) for each sample's first block past it or its copy
+        # of the last one; alone, a request that fits (`fits_alone`) is always admitted
+        if not self.blocks.can_allocate(cached, new + (req.n if self.in_use else 0)):
+            return None
+        table = self.blocks.allocate(cached, new, holders=req.n)
+        for seq in req.seqs:
+            seq.slot, seq.table, seq.status = heapq.heappop(self.free), list(table), Status.PREFILLING
+        req.prefilled = req.cached = len(cached) * BLOCK
+        req.order, self._admitted = self._admitted, self._admitted + 1
+        return req.prefilled
 
     def prefilled(self, step: PrefillStep) -> list[Request]:
         """Record a prefill step; return the requests whose whole prompt is now cached: their samples run."""
@@ -155,15 +171,12 @@ class Scheduler:
         for chunk in step.chunks:
             req = chunk.request
             req.prefilled = chunk.end
-            if self.prefix is not None:  # the K/V of prompt[:end] is written (copies done first)
-                self.prefix.register(req.seqs[0].slot, req.hashes, chunk.end)
+            self.blocks.register(req.seqs[0].table, req.prompt, req.hashes, chunk.end)
             if chunk.completes:
                 self.prefilling.remove(req)
                 for seq in req.seqs:
                     seq.status = Status.RUNNING
                     self.running[seq.slot] = seq
-                    if self.prefix is not None and seq is not req.seqs[0]:  # its sample copy is done too
-                        self.prefix.register(seq.slot, req.hashes, chunk.end)
                 complete.append(req)
         return complete
 
@@ -171,22 +184,23 @@ class Scheduler:
         seq.status = Status.FINISHED
         del self.running[seq.slot]
         heapq.heappush(self.free, seq.slot)
-        if self.prefix is not None:
-            self.prefix.release(seq.slot)
+        self.blocks.release(seq.table)
 
     def requeue_all(self, shrink: bool) -> list[Request]:
-        """Put every admitted request back at the front of the queue, its slots freed and its progress
-        dropped (after a failed step). `shrink`: after out-of-memory, admit half as many sequences."""
+        """Put every admitted request back at the front of the queue, its blocks released and its progress
+        dropped (after a failed step). `shrink`: after out-of-memory, admit half as many sequences. What the
+        failed step wrote is never read: it wrote only blocks that are not registered."""
         admitted = list(self.prefilling)
         for seq in self.running.values():
             if seq.request not in admitted:
                 admitted.append(seq.request)
         if shrink:
             self.cap = max(1, self.in_use // 2)
-        if self.prefix is not None:  # what the failed step wrote into them is never read
-            for slot in set(range(self.num_slots)) - set(self.free):
-                self.prefix.drop(slot)
-        for req in reversed(admitted):
+        for req in admitted:
+            for seq in req.seqs:
+                if seq.status is not Status.FINISHED:
+                    self.blocks.release(seq.table)
+        for req in sorted(admitted, key=lambda r: r.order, reverse=True):
             req.reset()
             self.waiting.appendleft(req)
         self.prefilling.clear()

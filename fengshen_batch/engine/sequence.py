@@ -1,8 +1,8 @@
 """Request and sequence state: what the scheduler and the engine know of each prompt and each sample.
 
-A `Request` is one prompt with its n samples. It is prefilled once (in chunks when long) into the slot of its
-first sample; the other samples get a copy of that K/V when the prefill completes. Each sample is then a
-`Sequence` decoding in its own slot until EOS, a stop string or its own token limit.
+A `Request` is one prompt with its n samples. It is prefilled once (in chunks when long) into the blocks of its
+first sample's table, which its other samples hold too (by reference). Each sample is then a `Sequence`
+decoding into its own blocks past the prompt until EOS, a stop string or its own token limit.
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ from enum import Enum
 
 
 class Status(Enum):
-    WAITING = "waiting"  # queued, no slot yet
-    PREFILLING = "prefilling"  # slots reserved, prompt partly in the cache
+    WAITING = "waiting"  # queued, no blocks yet
+    PREFILLING = "prefilling"  # blocks held, prompt partly in the cache
     RUNNING = "running"  # decoding
     FINISHED = "finished"
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One sample: its own slot, sampling key and output."""
+    """One sample: its block table, its row (`slot`: for per-sequence state such as the repetition
+    penalty's seen tokens), sampling key and output."""
 
     request: Request
     index: int  # sample index within the request
     key: int  # sampling key of (seed, row id, sample index)
     slot: int = -1
+    table: list[int] = field(default_factory=list)  # KV block of each BLOCK positions, in order
     tokens: list[int] = field(default_factory=list)  # generated ids, the ending one included
     nll: list[float] = field(default_factory=list)  # -log p of each, temperature 1, unwarped
     tail: bytes = b""  # the last bytes of the output, for incremental stop-string checks
@@ -48,6 +50,7 @@ class Request:
     first_index: int = 0  # sample index of keys[0] (a prompt's samples may be split over requests)
     prefilled: int = 0  # prompt tokens already in the cache
     cached: int = 0  # of them, taken from the prefix cache when it was admitted (not computed)
+    order: int = -1  # admission order (preemption takes the newest first)
     seqs: list[Sequence] = field(default_factory=list)
     hashes: list[int] | None = None  # the prompt's block hashes (prefix caching), computed once
 
@@ -63,8 +66,8 @@ class Request:
         return all(s.status is Status.FINISHED for s in self.seqs)
 
     def reset(self) -> None:
-        """Back to the queue with nothing computed (after a failed step): keyed sampling makes a rerun
-        produce the same samples."""
+        """Back to the queue with nothing computed (after a failed step, or preempted; its blocks already
+        released): keyed sampling makes a rerun produce the same samples."""
         self.prefilled = self.cached = 0
         for s in self.seqs:
-            s.slot, s.tokens, s.nll, s.tail, s.status = -1, [], [], b"", Status.WAITING
+            s.slot, s.table, s.tokens, s.nll, s.tail, s.status = -1, [], [], [], b"", Status.WAITING

@@ -54,7 +54,10 @@ class Generate(Kind):
     def engine(self, spec, replica):
         from ..engine.llm_engine import EngineThread, LLMEngine
 
-        return EngineThread(LLMEngine(replica, spec.params(), spec.engine_params(), spec.token_budget))
+        threads = None if replica.device.type == "cuda" else max(1, int(spec.cpus_per_actor))
+        return EngineThread(
+            LLMEngine(replica, spec.params(), spec.engine_params(), spec.token_budget), threads
+        )
 
     def items(self, spec, table, extra):
         """(prompt, the row's max_new_tokens or None) per row; a template that cannot be filled is the

@@ -45,7 +45,11 @@ def load_replicas(spec):
     imported_at = time.time()
     on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     if not on_gpu:
-        torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
+        # A kind that computes in its engine thread loads with one intra-op thread here, so that this thread
+        # never starts an OpenMP team of its own: with two teams' threads on as many cores, libgomp stops
+        # spinning between parallel regions and every region waits on a futex (the CPU decode kernel ran 2x
+        # slower). The engine thread sets cpus_per_actor threads for itself.
+        torch.set_num_threads(1 if get(spec.kind).whole_shard else max(1, int(spec.cpus_per_actor)))
 
     def load(source: str):
         return load_replica(
