@@ -54,6 +54,9 @@ class JobBase(BaseModel):
     drop_columns: tuple[str, ...] = ()
     # Prefix of every result column (`new_` -> new_ppl, ...): re-scoring an output beside its old results.
     result_prefix: str = Field(default="", pattern=r"^([A-Za-z][A-Za-z0-9_]*)?$")
+    # A rerun over shards or a finished run of this job whose input files changed since (a file new, changed
+    # or gone): fail naming them, or recompute the shards they touched (job/resume.py).
+    on_input_change: Literal["fail", "recompute"] = "fail"
     # For `fengshen-batch submit`: Ray runtime_env of the job (pip, env_vars, ...); never credentials.
     runtime_env: dict = Field(default_factory=dict)
 

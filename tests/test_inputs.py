@@ -39,3 +39,30 @@ def test_shards_cover_every_row_once_across_row_groups(tmp_path):
         ("x.parquet:0", "a"), ("x.parquet:1", "b"), ("x.parquet:2", "c"),
     ]  # fmt: skip
     assert [r["_shard"] for r in rows] == [0, 0, 1, 1, 2]
+
+
+def test_a_file_rewritten_in_place_gets_a_new_version_locally_and_on_s3(tmp_path, s3_options, monkeypatch):
+    """The identity a rerun compares (size and ETag on S3, size and mtime locally) changes when a file is
+    rewritten with the same row count, and stays when nothing changed."""
+    import s3fs
+
+    from tests.helpers import make_bucket
+
+    make_bucket(s3_options, "versions")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_options["secret"])
+    fs = s3fs.S3FileSystem(**s3_options)
+    local = tmp_path / "in" / "a.parquet"
+    local.parent.mkdir()
+
+    def write(texts):
+        pq.write_table(pa.table({"text": texts}), local)
+        fs.put(str(local), "versions/in/a.parquet")
+
+    for url, storage in ((str(local.parent), StorageSpec()),
+                         ("s3://versions/in", StorageSpec(endpoint_url=s3_options["endpoint_url"]))):  # fmt: skip
+        write(["one", "two"])
+        first = inspect_inputs(url, storage, "text", None).files[0].version
+        assert first == inspect_inputs(url, storage, "text", None).files[0].version
+        write(["three", "four and more"])  # no cache invalidated here: the listing must not reuse one
+        assert inspect_inputs(url, storage, "text", None).files[0].version != first

@@ -119,6 +119,12 @@ def job_options(fn):
             help="Allow model code from the model repo. Off unless given.",
         ),
         click.option(
+            "--on-input-change",
+            type=click.Choice(["fail", "recompute"]),
+            help="A rerun whose input files changed since shards were committed: fail naming them (default), "
+            "or recompute the shards they touched.",
+        ),
+        click.option(
             "--overwrite",
             is_flag=True,
             help="Recompute everything, replacing a finished or different output.",

@@ -34,6 +34,7 @@ class InputFile:
     name: str  # path relative to the input root: the stable part of derived row ids
     rows: int
     partitions: tuple[tuple[str, str | None], ...] = ()  # hive `key=value` folders above the file
+    version: str = ""  # size and ETag (or mtime) when listed: a rerun tells a changed file by it
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Shard:
     start: int  # first row in the file
     stop: int  # one past the last row
     partitions: tuple[tuple[str, str | None], ...] = ()
+    version: str = ""  # its file's (InputFile.version)
 
     def __post_init__(self):  # after a trip through Arrow (Ray Data) the pairs come back as lists
         object.__setattr__(self, "partitions", tuple(tuple(p) for p in self.partitions))
@@ -60,26 +62,37 @@ class Inputs:
         return sum(f.rows for f in self.files)
 
 
-def _list(url: str, storage: StorageSpec) -> tuple[list[str], str, object]:
+def file_version(info: dict) -> str:
+    """What tells this version of a file from another: its size and the store's ETag (S3), generation (GCS) or
+    modification time (local, HDFS)."""
+    tag = next(
+        (info[k] for k in ("ETag", "etag", "generation", "mtime", "LastModified", "updated") if info.get(k)),
+        "",
+    )
+    return f"{info.get('size')}:{str(tag).strip(chr(34))}"
+
+
+def _list(url: str, storage: StorageSpec) -> tuple[list[str], str, object, dict[str, dict]]:
     fs, path = filesystem(url, storage)
+    fs.invalidate_cache()  # fsspec keeps one instance per options, with its listings: list afresh
     try:
         if any(c in path for c in "*?["):
             root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-            paths = fs.glob(path)
+            infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
-            root, paths = path, fs.find(path)
+            root, infos = path, fs.find(path, detail=True)
         elif fs.isfile(path):
-            root, paths = posixpath.dirname(path), [path]
+            root, infos = posixpath.dirname(path), {path: fs.info(path)}
         else:
             raise InputError(f"input not found: {redact_url(url)}")
     except InputError:
         raise
     except Exception as e:  # unreachable endpoint, refused credentials: say which, never the secret
         raise InputError(f"cannot list input {redact_url(url)}: {type(e).__name__}: {e}") from None
-    paths = sorted(p for p in paths if p.endswith((".parquet", ".pq")) and "/_" not in p.removeprefix(root))
+    paths = sorted(p for p in infos if p.endswith((".parquet", ".pq")) and "/_" not in p.removeprefix(root))
     if not paths:
         raise InputError(f"no Parquet files (*.parquet) under input {redact_url(url)}")
-    return paths, root, fs
+    return paths, root, fs, infos
 
 
 def _footer(fs, path: str) -> pq.FileMetaData:
@@ -146,7 +159,7 @@ def inspect_inputs(
 ) -> Inputs:
     """List and check the input files; return them with their row counts and the common schema: the
     files' columns, less `drop_columns`, then any hive partition keys (as strings) of their folders."""
-    paths, root, fs = _list(url, storage)
+    paths, root, fs, infos = _list(url, storage)
     with ThreadPoolExecutor(16) as pool:
         footers = list(pool.map(lambda p: _footer(fs, p), paths))
     # INT96 columns (Spark's default timestamps) are UTC instants: marked so, they are written back as such
@@ -191,7 +204,7 @@ def inspect_inputs(
     if id_column is None:
         schema = schema.insert(0, pa.field(ID_COLUMN, pa.string()))
     files = [
-        InputFile(fs.unstrip_protocol(p), rel, meta.num_rows, parts)
+        InputFile(fs.unstrip_protocol(p), rel, meta.num_rows, parts, file_version(infos[p]))
         for p, rel, meta, parts in zip(paths, rels, footers, partitions, strict=True)
     ]
     return Inputs(files, schema, id_column)
@@ -202,7 +215,7 @@ def make_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
     for f in files:
         for start in range(0, f.rows, shard_rows):
             stop = min(start + shard_rows, f.rows)
-            shards.append(Shard(len(shards), f.url, f.name, start, stop, f.partitions))
+            shards.append(Shard(len(shards), f.url, f.name, start, stop, f.partitions, f.version))
     return shards
 
 

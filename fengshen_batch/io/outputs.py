@@ -54,6 +54,7 @@ RUNTIME_FIELDS = {
     "baseline_check",
     "baseline_missing",
     "drift_threshold",
+    "on_input_change",  # what a rerun does about a changed input; the results are the input's either way
 }
 
 
@@ -150,9 +151,7 @@ class OutputStore:
 
         The staged copy is removed only at the end, so a run killed here redoes the copy on its rerun.
         """
-        for name in ("_SUCCESS", "manifest.json"):
-            if self.fs.exists(self.path_to(name)):
-                self.fs.rm(self.path_to(name))
+        self.unpublish()
         for folder in (DATA, ERRORS, MARKERS):  # markers last, as for a single shard
             new, old = staging.own_files(folder), self.own_files(folder)
             self.fs.makedirs(self.path_to(folder), exist_ok=True)
@@ -161,6 +160,21 @@ class OutputStore:
             for name in sorted(old - new):
                 self.fs.rm(self.path_to(folder, name))
         staging.clear()
+
+    def unpublish(self) -> None:
+        """No longer a finished output: `_SUCCESS` first, then the manifest."""
+        for name in ("_SUCCESS", "manifest.json"):
+            if self.fs.exists(self.path_to(name)):
+                self.fs.rm(self.path_to(name))
+
+    def drop_shards(self, indices) -> None:
+        """Forget these shards: marker first (so a crash between leaves a shard to redo, never a marker
+        without its files), then its data and errors files."""
+        for i in sorted(indices):
+            for folder, ext in ((MARKERS, "json"), (DATA, "parquet"), (ERRORS, "parquet")):
+                path = self.path_to(folder, f"{part_name(i)}.{ext}")
+                if self.fs.exists(path):
+                    self.fs.rm(path)
 
     def own_files(self, folder: str) -> set[str]:
         """Names of the shard files directly in OUTPUT/folder (`part-000042.parquet`, `.json`): the files
@@ -200,6 +214,7 @@ class OutputStore:
             "file": shard.name,
             "start": shard.start,
             "stop": shard.stop,
+            "version": shard.version,  # its input file's, as planned: a rerun tells a changed input by it
             "spec_hash": hash_,
             **stats.__dict__,
             **({"summary": summary} if summary else {}),

@@ -18,6 +18,7 @@ from ..kinds import get
 from ..kinds.schemas import data_schema, error_schema, result_names
 from ..model.source import check_model_source
 from ..spec import spec_record
+from .resume import check_published, reconcile
 
 
 @dataclass
@@ -128,8 +129,9 @@ def plan_output(
                 f"output {redact_url(spec.output)} holds a finished job of a different configuration; "
                 "use a new output or --overwrite"
             )
-        progress(f"already complete: {redact_url(spec.output)} has _SUCCESS; nothing to do")
-        return None
+        if check_published(published, inputs, spec, store, progress):
+            progress(f"already complete: {redact_url(spec.output)} has _SUCCESS; nothing to do")
+            return None
     # --overwrite over an existing output: build the new one beside it; the old one stays until it is done.
     target = store.staging() if overwrite and store.exists() else store
     committed = target.committed()
@@ -141,6 +143,8 @@ def plan_output(
             )
         target.clear()  # an abandoned --overwrite of another configuration
         committed = {}
+    if committed:
+        committed = reconcile(committed, shards, spec, target, progress)
     schemas = (data_schema(inputs.schema, spec), error_schema(inputs.schema))
     plan = JobPlan(spec, record, hash_, inputs, shards, store, target, committed, schemas, context)
     if committed and any(portable_schema(s) != s for s in schemas):

@@ -13,6 +13,7 @@ from ..io.storage import redact_url
 from ..kinds import get
 from .checks import JobPlan
 from .commit import Commits
+from .resume import publish_exactly
 
 STARTUP_BEFORE_COMPUTE = ("plan", "actor_imports", "replica_load", "first_call_wait")
 
@@ -53,7 +54,9 @@ def build_manifest(plan: JobPlan, commits: Commits, startup: dict, started: floa
         "spec": plan.record,
         "spec_hash": plan.hash,
         "model": redact_url(spec.model),
-        "input_files": [{"file": redact_url(f.url), "rows": f.rows} for f in inputs.files],
+        "input_files": [
+            {"file": redact_url(f.url), "rows": f.rows, "version": f.version} for f in inputs.files
+        ],
         "counts": {
             "input_rows": inputs.rows,
             "result_rows": totals["results"],
@@ -78,6 +81,7 @@ def finish_job(plan: JobPlan, commits: Commits, manifest: dict, map_files, progr
     manifest as written. `map_files`: runs a function over slices of files in parallel on the cluster."""
     spec, store, kind = plan.spec, plan.store, get(plan.spec.kind)
     kind.add_to_manifest(spec, manifest, list(commits.stats.values()))
+    publish_exactly(plan.target, set(commits.stats))
     if plan.target is not store:
         t = time.time()
         store.replace_with(plan.target)
