@@ -95,3 +95,48 @@ def test_overwrite_replaces_only_the_shard_files_and_keeps_what_a_user_put_besid
     table = pq.read_table([tmp_path / "out" / "data" / p for p in parts])
     assert table.num_rows == 9 and "bucket" in table.column_names
     assert not (tmp_path / "out" / "_overwrite").exists()
+
+
+def test_max_new_tokens_at_the_models_context_is_refused_before_it_loads(tmp_path, replica):
+    inputs = tmp_path / "in"
+    _spark_corpus(inputs)
+    context = json.loads((Path(replica.source) / "config.json").read_text())["n_positions"]
+    res = _cli(["generate", "--model", str(replica.source), "--input", str(inputs / "data"), "--prompt-column",
+                "text", "--output", str(tmp_path / "out"), "--max-new-tokens", str(context)])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert f"max_new_tokens={context} leaves no room for a prompt" in res.output
+    assert f"give at most {context - 1}" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_id_column_of_lists_is_refused_before_anything_starts(tmp_path, replica):
+    (tmp_path / "in").mkdir()
+    pq.write_table(
+        pa.table({"id": [["a"], ["b"]], "text": ["北京", "Aspirin"]}), tmp_path / "in" / "a.parquet"
+    )
+    res = _cli(["score", "--model", str(replica.source), "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "out")])  # fmt: skip
+    assert res.exit_code == 2 and "id column 'id' is list<element: string>" in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("kind", ["score", "generate"])
+def test_an_empty_night_publishes_an_empty_valid_output_with_its_report(tmp_path, replica, kind):
+    """A drop of only zero-row files (an empty nightly partition) is a finished job, not a red night."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.parquet", "b.parquet"):
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "in" / name)
+    out = tmp_path / "out"
+    extra = ["--prompt-column", "text", "--max-new-tokens", "4"] if kind == "generate" else []
+    res = _cli([kind, "--model", str(replica.source), "--input", str(tmp_path / "in"), "--output", str(out),
+                *extra])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["input_rows"] == 0 == manifest["counts"]["result_rows"]
+    assert (out / "_SUCCESS").exists() and (out / "report" / "report.html").exists()
+    table = pq.read_table(out / "data")
+    result = "ppl" if kind == "score" else "generation"
+    assert table.num_rows == 0 and result in table.column_names and "text" in table.column_names
+    assert "already complete" in _cli([kind, "--model", str(replica.source), "--input", str(tmp_path / "in"),
+                                       "--output", str(out), *extra]).output  # fmt: skip

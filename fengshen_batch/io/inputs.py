@@ -198,6 +198,10 @@ def inspect_inputs(
         raise InputError(f"id column {id_column!r} not in the input (columns: {', '.join(schema.names)})")
     if id_column is None and ID_COLUMN in schema.names:
         id_column = ID_COLUMN
+    if id_column is not None:
+        t = schema.field(id_column).type
+        if not (_is_text(t) or pa.types.is_integer(t)):
+            raise InputError(f"id column {id_column!r} is {t}: row ids must be strings or whole numbers")
     clash = RESERVED & set(schema.names)
     if clash:
         raise InputError(f"input columns {sorted(clash)} are reserved for the job's own columns")
@@ -211,11 +215,16 @@ def inspect_inputs(
 
 
 def make_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
+    """Each file cut into shards of `shard_rows`; an input of only empty files (an empty nightly drop) gets
+    one empty shard, so that its output is published like any other: empty files, a manifest, a report."""
     shards = []
     for f in files:
         for start in range(0, f.rows, shard_rows):
             stop = min(start + shard_rows, f.rows)
             shards.append(Shard(len(shards), f.url, f.name, start, stop, f.partitions, f.version))
+    if not shards:
+        f = files[0]
+        shards.append(Shard(0, f.url, f.name, 0, 0, f.partitions, f.version))
     return shards
 
 
@@ -235,9 +244,13 @@ def read_shard(
                 groups.append(g)
                 first = offset if first is None else first
             offset += n
-        table = pf.read_row_groups(groups, columns=columns).slice(
-            shard.start - first, shard.stop - shard.start
-        )
+        if groups:
+            table = pf.read_row_groups(groups, columns=columns).slice(
+                shard.start - first, shard.stop - shard.start
+            )
+        else:  # an empty shard (an input of only empty files)
+            table = pf.schema_arrow.empty_table()
+            table = table.select(columns) if columns else table
     table = table.replace_schema_metadata(None)
     for key, value in shard.partitions:
         if key not in drop:

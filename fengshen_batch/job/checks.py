@@ -86,10 +86,13 @@ def check_result_names(spec, input_names: list[str], read: list[str]) -> None:
 
 
 def check_models(spec) -> None:
-    """The model (and reference model) exist and are GPT2: config.json only."""
+    """The model (and reference model) exist and are GPT2, and the kind's settings fit the model (a generate
+    job's max_new_tokens within its context): config.json only."""
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:
-            check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
+            config = check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
+            if config is not None and source == spec.model:
+                get(spec.kind).check_model(spec, config)
 
 
 def check_job(spec, progress) -> tuple[dict, Inputs, dict]:

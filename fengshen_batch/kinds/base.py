@@ -87,6 +87,9 @@ class Kind:
         return None
 
     # --- on the driver -----------------------------------------------------------------------------------
+    def check_model(self, spec, config: dict) -> None:
+        """Refuse settings the model cannot run, from its config.json, before Ray starts (a SpecError)."""
+
     def before_run(self, spec, record: dict, progress) -> dict:
         """Checks and reads the kind needs before Ray starts; their results, kept for `finish`."""
         return {}

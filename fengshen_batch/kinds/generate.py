@@ -7,6 +7,7 @@ import time
 
 import pyarrow as pa
 
+from ..errors import SpecError
 from .base import Kind
 from .rows import RowError, Sample
 
@@ -50,6 +51,14 @@ class Generate(Kind):
         if spec.prompt_template and spec.keep_prompt:
             fields.insert(0, pa.field(spec.prompt_column, pa.string()))  # the filled-in prompt
         return fields
+
+    def check_model(self, spec, config: dict) -> None:
+        context = config.get("n_positions") or config.get("n_ctx")
+        if context and spec.max_new_tokens >= context:
+            raise SpecError(
+                f"max_new_tokens={spec.max_new_tokens} leaves no room for a prompt in the model's context of "
+                f"{context} tokens: give at most {context - 1}"
+            )
 
     def engine(self, spec, replica):
         from ..engine.llm_engine import EngineThread, LLMEngine

@@ -178,8 +178,9 @@ def check_model_dir(path: Path, source: str, trust_remote_code: bool = False) ->
 
 def check_model_source(
     source: str, storage_options: dict | None = None, trust_remote_code: bool = False
-) -> None:
-    """Fail early, before any replica loads, on a model that is missing or not GPT2 (reads config.json only)."""
+) -> dict | None:
+    """Fail early, before any replica loads, on a model that is missing or not GPT2 (reads config.json only).
+    Returns the config, or None for a hub id (read only when it loads)."""
     if is_url(source) and not source.startswith("file://"):
         import fsspec
 
@@ -192,12 +193,13 @@ def check_model_source(
         except Exception as e:
             raise ModelLoadError(f"cannot read {url}: {type(e).__name__}: {e}") from None
         _require_gpt2(config.get("model_type"), source, trust_remote_code)
-        return
+        return config
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
-        check_model_dir(path, source, trust_remote_code)
-    elif not HUB_ID.match(source) or path.exists():
+        return check_model_dir(path, source, trust_remote_code)
+    if not HUB_ID.match(source) or path.exists():
         raise _not_found(source)
+    return None
 
 
 # The files that make a model's numbers what they are, besides its weights: what a baseline check compares.

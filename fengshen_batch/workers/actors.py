@@ -122,7 +122,9 @@ class ModelActor:
         step = max(1, len(table)) if self.kind.whole_shard else spec.batch_size
         parts, usage = [], PromptUsage()
         with self.lock:
-            for start in range(0, len(table), step):
+            for start in range(
+                0, max(1, len(table)), step
+            ):  # an empty shard: one empty slice, for its schema
                 part, self.token_budget = process_table(
                     self.replicas, spec, table.slice(start, step), self.id_field, self.token_budget,
                     bad_ids[start : start + step] if bad_ids else None, usage,
