@@ -140,3 +140,32 @@ def test_an_empty_night_publishes_an_empty_valid_output_with_its_report(tmp_path
     assert table.num_rows == 0 and result in table.column_names and "text" in table.column_names
     assert "already complete" in _cli([kind, "--model", str(replica.source), "--input", str(tmp_path / "in"),
                                        "--output", str(out), *extra]).output  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "column, first, later",
+    [
+        (
+            "text",
+            pa.array(["北京", "Aspirin"]),
+            pa.array([b"\x89PNG", b"x"], pa.binary()),
+        ),  # binary text later
+        ("id", pa.array(["a", "b"]), pa.array([1, 2])),  # string ids, then int ids
+        ("note", pa.array([None, None], pa.null()), pa.array(["x", "y"])),  # pandas' all-null column
+    ],
+)
+def test_a_column_whose_type_changes_between_files_is_refused_naming_both(
+    tmp_path, replica, column, first, later
+):
+    (tmp_path / "in").mkdir()
+    base = {"id": pa.array(["a", "b"]), "text": pa.array(["北京", "Aspirin"]), "note": pa.array(["n", "m"])}
+    pq.write_table(pa.table({**base, column: first}), tmp_path / "in" / "a.parquet")
+    pq.write_table(
+        pa.table({**base, "id": pa.array(["c", "d"]), column: later}), tmp_path / "in" / "b.parquet"
+    )
+    res = _cli(["score", "--model", str(replica.source), "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "out")])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert f"column {column!r} is {later.type}" in res.output and "b.parquet" in res.output
+    assert "a.parquet" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()

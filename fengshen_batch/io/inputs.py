@@ -110,6 +110,11 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _same_kind(a: pa.DataType, b: pa.DataType) -> bool:
+    """Types that read as the same column: equal, or both text (string, large_string, dictionary of them)."""
+    return a == b or (_is_text(a) and _is_text(b))
+
+
 def _hive_partitions(rel: str) -> tuple[tuple[str, str | None], ...]:
     """The `key=value` folders of a file's path below the input root, as pyarrow's and Ray Data's hive
     partitioning reads them (values URL-decoded; Hive's default partition is null)."""
@@ -163,7 +168,8 @@ def inspect_inputs(
     with ThreadPoolExecutor(16) as pool:
         footers = list(pool.map(lambda p: _footer(fs, p), paths))
     # INT96 columns (Spark's default timestamps) are UTC instants: marked so, they are written back as such
-    schema = mark_int96(footers[0].schema.to_arrow_schema().remove_metadata(), footers[0].schema)
+    first = footers[0].schema.to_arrow_schema().remove_metadata()
+    schema = mark_int96(first, footers[0].schema)
     for path, meta in zip(paths, footers, strict=True):
         other = meta.schema.to_arrow_schema().remove_metadata()
         if other.names != schema.names:
@@ -171,6 +177,13 @@ def inspect_inputs(
                 f"Parquet file {fs.unstrip_protocol(path)} has columns {other.names}, "
                 f"the first file has {schema.names}: all input files need the same columns"
             )
+        for a, b in zip(first, other, strict=True):
+            if not _same_kind(a.type, b.type):
+                raise InputError(
+                    f"column {a.name!r} is {b.type} in Parquet file {fs.unstrip_protocol(path)} but {a.type} in "
+                    f"the first file ({fs.unstrip_protocol(paths[0])}): all input files need one type per "
+                    "column (pandas: give the column a dtype; an all-null column is written as null)"
+                )
     rels = [posixpath.relpath(p, root) if root else p for p in paths]
     partitions = [_hive_partitions(rel) for rel in rels]
     keys = [k for k, _ in partitions[0]]
