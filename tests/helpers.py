@@ -35,6 +35,11 @@ def write_texts(folder, files=(14, 13, 13), repeat_every=3) -> dict[str, str]:
     return rows
 
 
+def file_tree(root) -> dict[str, bytes]:
+    """Every file under `root` and its bytes: what a refused job must leave exactly as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def model_actor_pids() -> list[int]:
     """PIDs of this machine's Ray Data model actors (Ray titles their processes with the class name)."""
     import os

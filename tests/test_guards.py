@@ -14,15 +14,11 @@ from click.testing import CliRunner
 from fengshen_batch.cli import main
 from fengshen_batch.job.run import run_job
 from fengshen_batch.spec import build_spec
-from tests.helpers import write_texts
+from tests.helpers import file_tree, write_texts
 
 
 def _cli(args):
     return CliRunner().invoke(main, args)
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _spark_corpus(root: Path) -> None:
@@ -38,13 +34,13 @@ def _spark_corpus(root: Path) -> None:
 def test_an_output_that_holds_the_input_is_refused_and_the_input_kept(tmp_path, replica):
     corpus = tmp_path / "corpus"
     _spark_corpus(corpus)
-    before = _tree(corpus)
+    before = file_tree(corpus)
     for extra in (["--overwrite"], []):
         res = _cli(["score", "--model", str(replica.source), "--input", str(corpus / "data"),
                     "--output", str(corpus), *extra])  # fmt: skip
         assert res.exit_code == 2, res.output
         assert "is inside the output" in res.output and "Traceback" not in res.output
-        assert _tree(corpus) == before  # the corpus untouched
+        assert file_tree(corpus) == before  # the corpus untouched
 
 
 def test_another_tools_folder_is_neither_overwritten_nor_written_into(tmp_path, replica):
@@ -55,14 +51,14 @@ def test_another_tools_folder_is_neither_overwritten_nor_written_into(tmp_path, 
     (other / "_SUCCESS").write_bytes(b"")
     (other / "manifest.json").write_text('{"tool": "something else"}')
     pq.write_table(pa.table({"x": [1]}), other / "part-00000.parquet")
-    before = _tree(other)
+    before = file_tree(other)
     for extra in (["--overwrite"], []):
         res = _cli(["score", "--model", str(replica.source), "--input", str(inputs / "data"),
                     "--output", str(other), *extra])  # fmt: skip
         assert res.exit_code == 2, res.output
         assert "part-00000.parquet" in res.output and "not one of this tool's outputs" in res.output
         assert ("--overwrite deletes only those" in res.output) == bool(extra)
-        assert _tree(other) == before
+        assert file_tree(other) == before
     # a folder holding only another tool's _SUCCESS (an empty Spark write): named, not a traceback
     empty = tmp_path / "empty_spark"
     empty.mkdir()
@@ -71,7 +67,7 @@ def test_another_tools_folder_is_neither_overwritten_nor_written_into(tmp_path, 
         ["score", "--model", str(replica.source), "--input", str(inputs / "data"), "--output", str(empty)]
     )
     assert res.exit_code == 2 and "_SUCCESS without a fengshen-batch manifest.json" in res.output, res.output
-    assert _tree(empty) == {"_SUCCESS": b""}
+    assert file_tree(empty) == {"_SUCCESS": b""}
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from fengshen_batch.cli import main
 from fengshen_batch.tiny_model import SAMPLE_LINES
+from tests.helpers import file_tree
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -48,10 +49,6 @@ def _crash_after_first_shard(out: Path) -> None:
         marker.unlink()
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_a_file_that_appeared_upstream_is_named_not_resumed_over_then_recomputed_on_request(
     tmp_path, replica
 ):
@@ -61,13 +58,13 @@ def test_a_file_that_appeared_upstream_is_named_not_resumed_over_then_recomputed
     assert _score(replica, inp, out).exit_code == 0
     _crash_after_first_shard(out)
     _file(inp, "a.parquet", 2, offset=4)  # sorts first: every shard index moves by one
-    before = _tree(out)
+    before = file_tree(out)
 
     res = _score(replica, inp, out)
     assert res.exit_code == 2, res.output
     assert "a.parquet is new" in res.output and "--on-input-change recompute" in res.output
     assert "Traceback" not in res.output
-    assert _tree(out) == before  # refused before anything was written
+    assert file_tree(out) == before  # refused before anything was written
 
     res = _score(replica, inp, out, "--on-input-change", "recompute")
     assert res.exit_code == 0, res.output

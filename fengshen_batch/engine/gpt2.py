@@ -108,9 +108,8 @@ class GPT2:
         self.max_len = config["n_positions"]
         self.dtype = self.wte.dtype
         self.device = self.wte.device
-        self.decode_attention = (
-            DecodeKernel()
-        )  # CPU decode attention over the paged cache, compiled on first use
+        # CPU decode attention over the paged cache, compiled on first use
+        self.decode_attention = DecodeKernel()
         self.scales = []  # attention scale per layer, as HF's GPT2Attention computes it
         for i in range(config["n_layer"]):
             s = self.head_dim**-0.5 if config.get("scale_attn_weights", True) else 1.0
