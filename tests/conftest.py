@@ -6,6 +6,10 @@ import os
 
 # Ray on loopback only, set before anything imports ray (see fengshen_batch.workers.cluster.init_ray).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# The CUDA decode kernels (engine/triton_decode.py) run in Triton's interpreter on this machine's CPU. The flag
+# must be set before anything imports triton: its own library functions are decorated at import.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -143,6 +143,22 @@ def test_candidate_sampling_equals_the_full_vocabulary_path():
             assert not redraw[:64].any() and redraw[64:].all()
 
 
+def test_the_cpu_sort_of_probabilities_by_their_bits_is_the_float_sort():
+    """sample_full sorts float32 probabilities as int32 bit patterns on CPU: the same values in the same
+    order as a float sort, zeros (an underflowed softmax) and a row of ties included."""
+    from fengshen_batch.engine.sampler import _sort_descending
+
+    torch.manual_seed(0)
+    probs = torch.cat([(torch.randn(6, 3000) * 3).softmax(-1), (torch.randn(1, 3000) * 200).softmax(-1),
+                       torch.full((1, 3000), 1 / 3000)])  # fmt: skip
+    assert (probs == 0).any()
+    values, idx = _sort_descending(probs)
+    want = torch.sort(probs, dim=-1, descending=True)
+    assert torch.equal(values, want.values)
+    assert torch.equal(probs.gather(1, idx), values)  # the indices point at those values
+    assert torch.equal(idx[:6], want.indices[:6])  # (tied values may order their indices either way)
+
+
 def test_stop_strings_are_found_in_the_new_bytes_even_across_tokens(replica):
     ids = replica.encode("北京位于华北平原的北部")
     table = token_bytes(replica.tokenizer, replica.model.vocab_size)
@@ -284,10 +300,9 @@ def test_bucketed_decode_path_pads_without_touching_other_slots(replica):
     def eager_capture(B, S):
         shapes.append((B, S))
         out = torch.empty(B, runner.model.vocab_size)
-        ids, pos, tables = runner._ids[:B], runner._pos[:B], runner._tables[:B, : S // BLOCK]
-        return (lambda: out.copy_(runner.model.decode(runner.cache, ids, pos, tables, [(0, B, S)]))), out
+        return (lambda: out.copy_(runner.model.decode(runner.cache, *runner._inputs(B, S)))), out
 
-    runner.graphs_on, runner._capture = True, eager_capture
+    runner.graphs_on, runner.bucketed, runner._capture = True, True, eager_capture
     assert _samples(engine, _requests(replica, params, 2)) == expected
     assert shapes and all(
         B in runner.buckets and (S % 128 == 0 or -(-replica.max_length // BLOCK) * BLOCK == S)

@@ -15,8 +15,8 @@ exact zeros) or which blocks hold its tokens (caching on or off). `tests/test_at
 checks the values against SDPA over the same K/V gathered into a dense tensor.
 
 Where TorchInductor cannot compile (no C++ compiler on the machine) the same function runs eagerly: the same
-values to float rounding, read through a copy. On CUDA the engine gathers and calls SDPA inside its CUDA
-graphs (`gpt2.GPT2.decode`); a kernel over block tables there is issue 31's next step.
+values to float rounding, read through a copy. On CUDA decode runs Triton kernels over the block tables, with
+cascade tiles for shared prefixes (`triton_decode.py`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ It is built from a checkpoint's config and tensors (`transformer.h.0.attn.c_attn
 GPT2Model, `h.0.attn.c_attn.weight`), so a replica loads without transformers' modeling code (seconds of
 imports per actor) and straight onto its device. GPT2's layout is kept: Conv1D weights are (in, out), so a
 projection is `addmm(bias, x, W)`. All linear layers run on packed tokens (N, d): a prefill of mixed-length
-chunks computes no padding. Only attention sees a per-sequence layout: prefill gathers each chunk's blocks of the paged cache up to its
-group's span; decode on CPU reads each row's blocks in place (`attention.py`), on CUDA it gathers them.
+chunks computes no padding. Only attention sees a per-sequence layout: prefill gathers each chunk's blocks
+of the paged cache up to its group's span; decode reads each row's blocks in place (`attention.py` on CPU,
+`triton_decode.py` on CUDA; gathered for SDPA where Triton is missing).
 
 Three entry points share one block:
 - `hidden`: a dense causal pass over right-padded rows (scoring; no cache);
@@ -224,15 +225,29 @@ class GPT2:
         groups: list[
             tuple[int, int, int]
         ],  # (first row, end row, span): rows attend in groups of similar span
+        paged: tuple | None = None,  # Triton: (TritonDecode, starts (B,), tile rows (T, 16), tile lens (T,))
     ) -> torch.Tensor:
         """One token for each of B sequences; attention of the rows lo..hi-1 of a group reads `span` positions
-        (a multiple of BLOCK, at most nb * BLOCK). Returns (B, V) float32 logits. With one group, shapes depend
-        only on (B, span), so a CUDA graph per bucket replays it (a padding row feeds a null-block position)."""
+        (a multiple of BLOCK, at most nb * BLOCK), or with `paged` every row its own live positions
+        (triton_decode.py; groups ignored). Returns (B, V) float32 logits. With one group, shapes depend only
+        on (B, span), so a CUDA graph per bucket replays it (a padding row feeds a null-block position)."""
         B = tokens.shape[0]
         H, hd = self.n_head, self.head_dim
         x = self.wte[tokens] + self.wpe[pos]  # (B, d)
         blocks = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)  # (B,) where each new K/V goes
         offsets = pos % BLOCK
+        if paged is not None:
+            kernel, starts, tile_rows, tile_len = paged
+            lens = pos + 1
+
+            def attend_paged(i, q, k, v):
+                cache.write(i, blocks, offsets, k, v)  # (B, H, hd)
+                o = kernel(
+                    q, cache.k[i], cache.v[i], tables, lens, starts, tile_rows, tile_len, self.scales[i]
+                )
+                return o.reshape(B, H * hd)
+
+            return self.logits(self._blocks(x, attend_paged))
         on_cpu = tokens.device.type == "cpu"
         per_group = []  # CPU: each group's (tables, lengths) padded to MIN_DECODE_ROWS; else its (Bg, 1, 1, S) mask
         for lo, hi, span in groups:

@@ -8,12 +8,11 @@ number of sequences that run at once follows the tokens they hold, not whole con
 blocks, shares prompt blocks by reference (the n samples of a prompt, and cached prefixes) and copies a
 shared block before it is written (`copy_blocks`).
 
-Decode attention on CPU reads the blocks in place (`attention.py`). Prefill, and decode on CUDA, read a
-sequence's blocks through `gather`: one indexed copy per layer into (heads, rows, blocks x BLOCK, head_dim),
+Decode attention reads the blocks in place (`attention.py` on CPU, `triton_decode.py` on CUDA). Prefill (and
+CUDA decode where Triton is missing) reads a sequence's blocks through `gather`: one indexed copy per layer into (heads, rows, blocks x BLOCK, head_dim),
 each (positions, head_dim) matrix contiguous (heads first, so that the copy needs no second permuting one),
 whose values do not depend on which blocks hold them. On CPU the copy goes into a workspace kept between
-steps: a fresh hundred-megabyte buffer per layer and step costs more in page faults than the copy itself. (A
-kernel over block tables on CUDA is issue 31's next step.)
+steps: a fresh hundred-megabyte buffer per layer and step costs more in page faults than the copy itself.
 """
 
 from __future__ import annotations

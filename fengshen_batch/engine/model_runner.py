@@ -1,10 +1,11 @@
 """The model step: turn a scheduled step into tensors, run the GPT2 forward, return logits.
 
-Prefill runs eagerly (its shapes change every step). Decode on CUDA replays a CUDA graph captured per
-(batch bucket, span bucket), lazily on first use, with the block tables and positions as static inputs, so
-the launch cost of 30 layers is paid once per bucket and not per token. On CPU decode runs eagerly with its
-rows sorted by length and cut into groups of similar span, so attention reads little more than each row's
-live K/V. The runner makes no scheduling decisions.
+Prefill runs eagerly (its shapes change every step). Decode on CUDA replays a CUDA graph captured per batch
+bucket, lazily on first use, with the block tables, positions, cascade tiles and row starts as static inputs,
+so the launch cost of 30 layers is paid once per bucket and not per token; its Triton attention reads each
+row's live blocks only (without Triton: a graph per (batch, span) bucket over gathered K/V). On CPU decode
+runs eagerly with its rows sorted by length and cut into groups of similar span, so attention reads little
+more than each row's live K/V. The runner makes no scheduling decisions (the tiles are read off the tables).
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ import logging
 
 import torch
 
+from . import triton_decode
 from .gpt2 import GPT2, Group
 from .kv_cache import BLOCK, NULL_BLOCK, KVCache
 from .scheduler import DecodeStep, PrefillStep
+from .triton_decode import TILE_ROWS, TritonDecode, cascade_tiles
 
 log = logging.getLogger(__name__)
 
 SPAN_BUCKET = 128  # decode attention reads the cache in multiples of this many positions on CUDA
 PREFILL_WIDTH_BUCKET = 16  # prefill's padded query length, a multiple of this
-EAGER_SPAN_BUCKET = (
-    64  # attention run eagerly (prefill; decode on CPU) reads multiples of this many positions
-)
+EAGER_SPAN_BUCKET = 64  # prefill's attention (run eagerly) reads multiples of this many positions
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -119,6 +120,7 @@ class ModelRunner:
         self.context = model.max_len
         self.max_blocks = -(-self.context // BLOCK)
         self.graphs_on = cuda_graphs and self.device.type == "cuda"
+        self.bucketed = self.device.type == "cuda"  # decode at bucketed batch sizes (the graphs' shapes)
         self.buckets = batch_buckets(max_seqs)
         self._graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self._pool = None
@@ -126,6 +128,14 @@ class ModelRunner:
         self._ids = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
         self._tables = torch.zeros(max_seqs, self.max_blocks, dtype=torch.long, device=self.device)
+        # Triton decode (CUDA): each row's start past its cascade tile's shared prefix, and per batch bucket
+        # its attention workspace and tiles (rows, shared lengths)
+        self.triton = self.device.type == "cuda" and triton_decode.available()
+        self._triton_ok = False  # set once the kernels ran
+        self._starts = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+        self._kernels: dict[int, TritonDecode] = {}
+        self._tile_rows: dict[int, torch.Tensor] = {}
+        self._tile_len: dict[int, torch.Tensor] = {}
         # the last decode's K/V positions read (rows x span, padding rows included) and live (each row's own)
         self.last_kv = (0, 0)
 
@@ -146,11 +156,12 @@ class ModelRunner:
         """(len(step.seqs), V) logits, one row per running sequence in step order."""
         self.cache.copy_blocks([s for s, _ in step.copies], [d for _, d in step.copies])  # copies on write
         seqs = step.seqs
-        if self.graphs_on:
-            return self._replay(seqs)
+        if self.bucketed:
+            return self._bucketed(seqs)
         # Rows by length, in groups of similar span: each group reads its own span, not the batch's longest.
         order = sorted(range(len(seqs)), key=lambda r: seqs[r].position)
-        spans = [block_span(seqs[r].position + 1, EAGER_SPAN_BUCKET, self.context) for r in order]
+        # whole blocks: the CPU kernel takes any block count (dynamic shapes), so a row reads < BLOCK past its end
+        spans = [block_span(seqs[r].position + 1, BLOCK, self.context) for r in order]
         groups = decode_groups(spans)
         self.last_kv = (sum((hi - lo) * span for lo, hi, span in groups), sum(s.position + 1 for s in seqs))
         nb = spans[-1] // BLOCK
@@ -168,19 +179,53 @@ class ModelRunner:
         out[order_t] = logits
         return out
 
+    def _bucketed(self, seqs) -> torch.Tensor:
+        """`_replay`, falling back to SDPA for good if the Triton kernels fail on their first use (a build
+        whose Triton cannot compile for this device): logged, never silent. Out of memory is the engine's."""
+        if not self.triton or self._triton_ok:
+            return self._replay(seqs)
+        try:
+            out = self._replay(seqs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler error of any kind
+            log.warning("Triton decode attention failed, decoding with gathered K/V and SDPA: %s",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
+            self.triton = False
+            self._graphs.clear()
+            return self._replay(seqs)
+        self._triton_ok = True
+        return out
+
     def _replay(self, seqs) -> torch.Tensor:
-        """Decode through the CUDA graph of the batch's bucket and its longest span's bucket."""
+        """Decode on CUDA: the batch padded to its bucket, through the bucket's CUDA graph (or eagerly, graphs
+        off). With Triton (`triton_decode.py`) one graph per batch bucket reads each row's live blocks only, a
+        shared prefix once per cascade tile; without it, a graph per (batch, span) bucket gathers every row's
+        blocks up to the span and calls SDPA."""
         width = len(seqs)
         B = self.buckets[bisect.bisect_left(self.buckets, width)]
-        S = block_span(max(s.position for s in seqs) + 1, SPAN_BUCKET, self.context)
-        nb = S // BLOCK
-        self.last_kv = (B * S, sum(s.position + 1 for s in seqs))
+        lens = [s.position + 1 for s in seqs]
+        nb = -(-max(lens) // BLOCK)  # table columns any row reads (past them the static tables are stale)
+        if self.triton:
+            S = self.max_blocks * BLOCK
+            attn = self._attention(B)
+            tile_rows, tile_len, starts = cascade_tiles([s.table for s in seqs], lens, attn.splits.tiles)
+            self.last_kv = (
+                sum(tile_len) + sum(n - st for n, st in zip(lens, starts, strict=True)),
+                sum(lens),
+            )
+            extra = [*starts, *(r for t in tile_rows for r in t), *tile_len]
+        else:
+            S = block_span(max(lens), SPAN_BUCKET, self.context)
+            nb = S // BLOCK
+            self.last_kv = (B * S, sum(lens))
+            extra = []
         flat = []
         for s in seqs:
             table = s.table[:nb]
             flat += table + [NULL_BLOCK] * (nb - len(table))
-        packed = self._to_device([*(s.tokens[-1] for s in seqs), *(s.position for s in seqs), *flat])
-        ids, pos, tables = packed.split([width, width, width * nb])
+        packed = self._to_device([*(s.tokens[-1] for s in seqs), *(s.position for s in seqs), *flat, *extra])
+        ids, pos, tables, extra_t = packed.split([width, width, width * nb, len(extra)])
         self._ids[:width].copy_(ids)
         self._pos[:width].copy_(pos)
         self._tables[:width, :nb].copy_(tables.view(width, nb))
@@ -188,24 +233,51 @@ class ModelRunner:
         self._ids[width:B].zero_()
         self._pos[width:B].zero_()
         self._tables[width:B, :nb].fill_(NULL_BLOCK)
+        if self.triton:
+            tiles = self._attention(B).splits.tiles
+            st, rows, tlen = extra_t.split([width, tiles * TILE_ROWS, tiles])
+            self._starts[:width].copy_(st)
+            self._starts[width:B].zero_()
+            self._tile_rows[B].copy_(rows.view(tiles, TILE_ROWS))
+            self._tile_len[B].copy_(tlen)
+        if not self.graphs_on:
+            return self.model.decode(self.cache, *self._inputs(B, S))[:width]
         if (B, S) not in self._graphs:
             self._graphs[(B, S)] = self._capture(B, S)
         replay, out = self._graphs[(B, S)]
         replay()
         return out[:width].clone()  # out lives in the graph pool; the next replay overwrites it
 
-    def _capture(self, B: int, S: int):
-        """Capture decode at batch B and span S (gpt-fast / nano-vllm's way: warm up on a side stream);
-        return (replay function, its output tensor)."""
+    def _attention(self, B: int) -> TritonDecode:
+        """Bucket B's Triton attention (its partial-result workspace) and static tile inputs, made once."""
+        if B not in self._kernels:
+            m = self.model
+            self._kernels[B] = TritonDecode(B, m.n_head, m.head_dim, self.max_blocks, self.device)
+            tiles = self._kernels[B].splits.tiles
+            self._tile_rows[B] = torch.full((tiles, TILE_ROWS), -1, dtype=torch.long, device=self.device)
+            self._tile_len[B] = torch.zeros(tiles, dtype=torch.long, device=self.device)
+        return self._kernels[B]
+
+    def _inputs(self, B: int, S: int) -> tuple:
+        """`GPT2.decode`'s arguments for bucket (B, S), views of the static buffers."""
         ids, pos, tables = self._ids[:B], self._pos[:B], self._tables[:B, : S // BLOCK]
+        paged = None
+        if self.triton:
+            paged = (self._attention(B), self._starts[:B], self._tile_rows[B], self._tile_len[B])
+        return ids, pos, tables, [(0, B, S)], paged
+
+    def _capture(self, B: int, S: int):
+        """Capture decode at batch B and span S (gpt-fast / nano-vllm's way: warm up on a side stream, which
+        also compiles the Triton kernels); return (replay function, its output tensor)."""
+        inputs = self._inputs(B, S)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.decode(self.cache, ids, pos, tables, [(0, B, S)])  # same inputs: rewrites the same K/V
+            self.model.decode(self.cache, *inputs)  # same inputs: rewrites the same K/V
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.decode(self.cache, ids, pos, tables, [(0, B, S)])
+            out = self.model.decode(self.cache, *inputs)
         self._pool = graph.pool()
         log.debug("captured the decode graph for batch %d, span %d", B, S)
         return graph.replay, out
