@@ -74,12 +74,13 @@ def run(
     new one is complete). `progress`: where the job's lines go (None: nowhere); in a terminal the live
     progress line draws itself. `ray_progress`: Ray Data's own progress bars as well."""
     from .io.outputs import OutputStore
+    from .io.redact import redact_text
     from .job.run import run_job
 
     spec = as_spec(job)
-    manifest = run_job(
-        spec, progress=progress or (lambda _: None), overwrite=overwrite, ray_progress=ray_progress
-    )
+    say = progress or (lambda _: None)
+    manifest = run_job(spec, progress=lambda line: say(redact_text(line)), overwrite=overwrite,
+                       ray_progress=ray_progress)  # fmt: skip
     if manifest.get("status") == "already_complete":
         return JobResult(spec.output, OutputStore(spec.output, spec.storage).published_manifest(), True)
     return JobResult(spec.output, manifest)

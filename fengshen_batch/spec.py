@@ -25,7 +25,8 @@ from pydantic import (
 )
 
 from .errors import SpecError
-from .io.storage import StorageSpec, redact_url
+from .io.redact import redact_record
+from .io.storage import StorageSpec
 from .params import Dtype, EngineParams, GenerateParams, ScoreParams
 
 
@@ -340,11 +341,6 @@ def read_spec_fields(path: str | Path) -> dict:
 
 
 def spec_record(spec: AnyJob) -> dict:
-    """The spec as written into manifests: JSON-safe, with any userinfo in URLs removed."""
-    record = spec.model_dump(mode="json")
-    for key in ("model", "input", "output", "address", "baseline"):
-        if record.get(key):
-            record[key] = redact_url(record[key])
-    if record["storage"].get("endpoint_url"):
-        record["storage"]["endpoint_url"] = redact_url(record["storage"]["endpoint_url"])
-    return record
+    """The spec as written into manifests and reports: JSON-safe and redacted (io/redact.py: URLs' userinfo
+    and query values, runtime_env's environment values unless allowed, credential-named fields)."""
+    return redact_record(spec.model_dump(mode="json"))

@@ -16,7 +16,7 @@ from lm_eval.models.huggingface import HFLM
 
 from fengshen_batch.io.outputs import sum_counts
 from fengshen_batch.job.run import run_job
-from fengshen_batch.kinds.judge import accuracy, label_counts
+from fengshen_batch.kinds.judge import accuracy, label_counts, label_index
 from fengshen_batch.kinds.judging import CRITERIA, declarative, judge
 from fengshen_batch.spec import SpecError, build_spec
 
@@ -108,6 +108,23 @@ def test_accuracy_counts_labels_by_index_or_text():
     assert (
         got["per_criterion"]["nll"] == 0.5 and got["per_criterion"]["ppl"] == 1.0 and got["accuracy"] == 1.0
     )
+
+
+def test_labels_as_pandas_and_people_write_them():
+    """Issue 32, case 8: a whole float (pandas' int column with a null), a string of digits, an answer's
+    text; labels that name no candidate (out of range, negative, a fraction, a bool, unknown text) are
+    counted as invalid, never as wrong answers."""
+    statements, answers = ["a b", "c", "d"], ["yes", "no", "0"]
+    assert [label_index(x, statements, answers) for x in (1.0, "1", "no", "0", 2, None, float("nan"))] == [
+        1, 1, 1, 2, 2, None, None,
+    ]  # fmt: skip
+    for bad in (3, -1, 1.5, True, "maybe", [0]):
+        with pytest.raises(ValueError):
+            label_index(bad, statements, answers)
+    rows = [{"statements": statements, "candidate_nll_sum": [1.0, 2.0, 3.0], "candidate_token_count": [2, 1, 1],
+             "label": label} for label in (0.0, 7, "maybe", None)]  # fmt: skip
+    got = accuracy(label_counts(rows, "label", None), "nll")
+    assert got["labelled_rows"] == 1 and got["invalid_label_rows"] == 2 and got["accuracy"] == 1.0
 
 
 @pytest.mark.usefixtures("ray_cluster")

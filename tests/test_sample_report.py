@@ -34,7 +34,7 @@ from fengshen_batch.reports.generate_sketch import (
     normalize,
     summarize,
 )
-from fengshen_batch.reports.histograms import QUANTILES
+from fengshen_batch.reports.histograms import NULL_GROUP, QUANTILES
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
@@ -208,9 +208,9 @@ def test_merged_shard_summaries_equal_the_exact_figures(n_prompts):
     assert figures(merge(shards)) == got  # the same whatever the order
     whole = summarize(table, "prompt", "source")
     assert figures(whole) == got and whole["examples"] == merged["examples"]
-    for group, part in merged["groups"].items():  # nulls as "null"; the groups add up to the total
+    for group, part in merged["groups"].items():  # nulls their own group; the groups add up to the total
         assert_figures_match(
-            figures(part), [r for r in rows if str(r["source"]) == group.replace("null", "None")]
+            figures(part), [r for r in rows if str(r["source"]) == group.replace(NULL_GROUP, "None")]
         )
     assert sum(g["samples"] for g in merged["groups"].values()) == len(rows)
     lowest = min(
@@ -254,7 +254,7 @@ def test_generate_report_matches_the_output_and_survives_a_resume(tmp_path, repl
     rows = pq.read_table(out / "data").to_pylist()
     assert_figures_match(summary, rows)
     for group, part in summary["groups"].items():
-        assert_figures_match(part, [r for r in rows if str(r["source"]) == group.replace("null", "None")])
+        assert_figures_match(part, [r for r in rows if str(r["source"]) == group.replace(NULL_GROUP, "None")])
     assert summary["errors"] == manifest["counts"]["error_kinds"] == {"null_text": 1, "bad_max_new_tokens": 1}
     assert 0 < summary["limit_hit_fraction"] < 1 and summary["repetition_loops"] >= 0
     assert manifest["finish_seconds"]["report"] > 0

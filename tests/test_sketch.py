@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from fengshen_batch.reports.histograms import NULL_GROUP
 from fengshen_batch.reports.score_sketch import EXAMPLES, figures, merge, summarize
 
 
@@ -44,5 +45,5 @@ def test_merged_shard_summaries_equal_the_whole(n):
     order = np.argsort(ppl, kind="stable")
     assert [r["id"] for r in merged["low"]] == [f"d{i}" for i in order[:EXAMPLES]]
     assert [r["id"] for r in merged["high"]][:1] == [f"d{order[-1]}"]
-    groups = {"null" if s is None else s for s in table.column("source").to_pylist()}
+    groups = {NULL_GROUP if s is None else s for s in table.column("source").to_pylist()}
     assert set(merged["groups"]) == groups and sum(g["rows"] for g in merged["groups"].values()) == n

@@ -16,6 +16,7 @@ from fengshen_batch.kinds.generation import generate
 from fengshen_batch.kinds.scoring import score_texts
 from fengshen_batch.model.load import load_replica
 from fengshen_batch.params import GenerateParams
+from fengshen_batch.reports.histograms import NULL_GROUP
 from fengshen_batch.spec import build_spec
 from fengshen_batch.tiny_model import SAMPLE_LINES
 
@@ -127,7 +128,7 @@ def test_hive_partitions_become_columns_and_report_groups_add_up(tmp_path, repli
     assert {(r["text"], r["source"]) for r in rows} == set(pairs) and len(rows) == len(reference)
     assert {r["source"] for r in rows} == {"web", "books", None}
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
-    assert set(summary["groups"]) == {"web", "books", "null"}
+    assert set(summary["groups"]) == {"web", "books", NULL_GROUP}
     assert (
         sum(g["rows"] for g in summary["groups"].values())
         == summary["rows"]
@@ -156,3 +157,98 @@ def test_no_deprecated_apis_on_our_side(tiny_model_dir):
         score_texts(replica, TEXTS[:2])
     bad = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert not bad, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in bad]
+
+
+def _raw_strings(values: list[bytes]) -> pa.Array:
+    """A string array holding these bytes unchecked (as a writer that skips validation leaves them)."""
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    buffers = [None, pa.array(offsets, pa.int32()).buffers()[1], pa.py_buffer(b"".join(values))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_row_of_invalid_utf8_goes_to_errors_and_the_job_goes_on(tmp_path, replica):
+    """Issue 32, case 7: one row's text is not UTF-8. Through the CLI, for score and generate: that row is in
+    errors/ with its reason and its text readable (U+FFFD in place of the bad bytes), the others are done,
+    exit 0; before, every run of the job failed on the same row."""
+    from click.testing import CliRunner
+
+    from fengshen_batch.cli import main
+
+    (tmp_path / "in").mkdir()
+    values = [t.encode() for t in TEXTS[:4]]
+    values[2] = "坏的".encode() + b" \xff\xfe bytes"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(4)], "text": _raw_strings(values)}),
+                   tmp_path / "in" / "part-0.parquet")  # fmt: skip
+    for kind, extra in (("score", []), ("generate", ["--max-new-tokens", "3", "--prompt-column", "text"])):
+        out = tmp_path / f"out-{kind}"
+        res = CliRunner().invoke(main, [kind, "--model", str(replica.source), "--input", str(tmp_path / "in"),
+                                        "--output", str(out), *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        (bad,) = pq.read_table(out / "errors").to_pylist()
+        assert (bad["id"], bad["error_kind"]) == ("d2", "invalid_utf8")
+        assert "column 'text' is not valid UTF-8 (byte 0xff at byte 7)" in bad["error_message"]
+        assert bad["text"] == "坏的 \ufffd\ufffd bytes"
+        assert sorted(set(pq.read_table(out / "data").column("id").to_pylist())) == ["d0", "d1", "d3"]
+        assert json.loads((out / "manifest.json").read_text())["counts"]["error_rows"] == 1
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_report_by_many_values_leaves_the_breakdown_out_and_a_null_is_not_the_string_null(tmp_path, replica):
+    """Issue 32, case 8, through the CLI: report_by a column of 300 distinct values (an id-like column) keeps
+    every shard's marker small and the report says why there is no breakdown; report_by a column holding
+    the string "null" and real nulls gives them two groups."""
+    import yaml
+    from click.testing import CliRunner
+
+    from fengshen_batch.cli import main
+    from fengshen_batch.reports.histograms import MAX_GROUPS, NULL_GROUP
+
+    n = MAX_GROUPS + 44
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n)], "text": [TEXTS[i % 6] for i in range(n)],
+                             "doc": [f"doc-{i}" for i in range(n)], "source": (["null", None, "web"] * n)[:n]}),
+                   tmp_path / "in" / "part-0.parquet")  # fmt: skip
+    for by in ("doc", "source"):
+        spec = tmp_path / f"{by}.yaml"
+        spec.write_text(yaml.safe_dump({"kind": "score", "model": str(replica.source), "input": str(tmp_path / "in"),
+                                        "output": str(tmp_path / by), "report_by": by, "shard_rows": 150}))  # fmt: skip
+        res = CliRunner().invoke(main, ["run", str(spec)])
+        assert res.exit_code == 0, res.output
+        summary = json.loads((tmp_path / by / "report" / "summary.json").read_text())
+        page = (tmp_path / by / "report" / "report.html").read_text()
+        if by == "doc":
+            assert summary["groups"] == {} and summary["groups_left_out"] > MAX_GROUPS
+            assert "per-group figures are left out" in page
+            assert max(p.stat().st_size for p in (tmp_path / by / "_markers").iterdir()) < 64_000
+        else:
+            rows = {g: s["rows"] for g, s in summary["groups"].items()}
+            assert rows == {"null": n - 2 * (n // 3), NULL_GROUP: n // 3, "web": n // 3}
+            assert "<td>(null)</td>" in page and "<td>null</td>" in page
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_prompts_cut_to_fit_a_near_context_limit_are_counted_and_said(tmp_path, replica):
+    """Issue 32, case 8: max_new_tokens near the context cuts prompts from the left (truncate_left, the
+    default): the manifest counts the prompts cut and the tokens dropped, and the terminal says so."""
+    from click.testing import CliRunner
+
+    from fengshen_batch.cli import main
+
+    (tmp_path / "in").mkdir()
+    texts = [TEXTS[i] * (1 + i % 3) for i in range(6)]
+    pq.write_table(
+        pa.table({"id": [f"p{i}" for i in range(6)], "text": texts}), tmp_path / "in" / "p.parquet"
+    )
+    limit = replica.max_length - 8  # room for 8 prompt tokens
+    room = replica.max_length - limit
+    lengths = [len(replica.encode(t)) for t in texts]
+    res = CliRunner().invoke(main, ["generate", "--model", str(replica.source), "--input", str(tmp_path / "in"),
+                                    "--output", str(tmp_path / "out"), "--max-new-tokens", str(limit), "--prompt-column", "text"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    cut = [n - room for n in lengths if n > room]
+    assert cut and counts["truncated_prompts"] == len(cut) and counts["truncated_prompt_tokens"] == sum(cut)
+    assert f"warning: {len(cut)} prompts were cut from the left" in res.output

@@ -13,12 +13,14 @@ import sys
 import click
 
 from ..errors import FengshenError
+from ..io.redact import install_log_redaction, redact_text
 from ..spec import fill_dates
 
 
 def report_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
+        install_log_redaction()
         logging.basicConfig(
             level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s"
         )
@@ -27,7 +29,7 @@ def report_errors(fn):
         except FengshenError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {redact_text(str(e))}", err=True)
             sys.exit(2)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from .portable import mark_int96
-from .storage import StorageSpec, filesystem, redact_url
+from .redact import redact_url
+from .storage import StorageSpec, filesystem
 
 ID_COLUMN = "id"
 # Columns the job adds; an input column of the same name would be ambiguous.

@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from .inputs import Shard
-from .storage import StorageSpec, filesystem, join, redact_url, write_whole
+from .redact import redact_url
+from .storage import StorageSpec, filesystem, join, write_whole
 
 DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
 # What this tool writes at the top of an output: anything else there is not ours to overwrite.
-OWN_ENTRIES = {DATA, ERRORS, MARKERS, STAGING, "report", "manifest.json", "_SUCCESS"}
+OWN_ENTRIES = {DATA, ERRORS, MARKERS, STAGING, "report", "manifest.json", "_SUCCESS", "_lease.json"}
 INTERNAL = ["_shard", "_row"]
 # Spec fields that change how a job runs but not its results: a rerun may change them freely.
 RUNTIME_FIELDS = {
@@ -99,6 +100,9 @@ class ShardStats:
     # Generation: prompt tokens run (one prefill per prompt) and those the prefix cache supplied
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    # prompts cut from the left to fit (prompt_too_long: truncate_left), and the tokens cut off them
+    truncated_prompts: int = 0
+    truncated_prompt_tokens: int = 0
 
 
 class OutputStore:

@@ -11,7 +11,6 @@ import os
 import uuid
 from collections.abc import Callable
 from typing import BinaryIO
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -57,16 +56,6 @@ def filesystem(url: str, storage: StorageSpec) -> tuple[fsspec.AbstractFileSyste
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def redact_url(url: str) -> str:
-    """Drop any user:password@ from a URL before it is logged or written."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def write_whole(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:

@@ -13,7 +13,8 @@ from ..errors import JobError
 from ..io.inputs import Inputs, Shard, inspect_inputs, make_shards
 from ..io.outputs import DATA, ERRORS, OutputStore, part_name, spec_hash
 from ..io.portable import portable_schema
-from ..io.storage import filesystem, redact_url, storage_options
+from ..io.redact import redact_url
+from ..io.storage import filesystem, storage_options
 from ..kinds import get
 from ..kinds.schemas import data_schema, error_schema, result_names
 from ..model.source import check_model_source
@@ -36,6 +37,7 @@ class JobPlan:
     committed: dict[int, dict]
     schemas: tuple[pa.Schema, pa.Schema]  # data and errors files
     context: dict = field(default_factory=dict)  # the kind's `before_run`
+    lease: object = None  # the run's OutputLease: checked before every commit
 
     @property
     def todo(self) -> list[Shard]:

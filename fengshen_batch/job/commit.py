@@ -58,6 +58,8 @@ class Commits:
             return False
         rec["error_kinds"] = json.loads(rec["error_kinds"] or "{}")
         stats, summary = ShardStats(**rec), json.loads(raw) if raw else None
+        if self.plan.lease is not None:  # another run took the output over: commit nothing more
+            self.plan.lease.check()
         self.summary.add(summary)
         self.plan.target.commit(self._by_index[index], stats, self.plan.hash, summary)
         self.last_at = time.time()

@@ -9,7 +9,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from ..io.outputs import sum_counts
-from ..io.storage import redact_url
+from ..io.redact import redact_url
 from ..kinds import get
 from .checks import JobPlan
 from .commit import Commits
@@ -81,6 +81,8 @@ def finish_job(plan: JobPlan, commits: Commits, manifest: dict, map_files, progr
     manifest as written. `map_files`: runs a function over slices of files in parallel on the cluster."""
     spec, store, kind = plan.spec, plan.store, get(plan.spec.kind)
     kind.add_to_manifest(spec, manifest, list(commits.stats.values()))
+    if plan.lease is not None:  # still this run's output, before anything is removed, swapped or published
+        plan.lease.check()
     publish_exactly(plan.target, set(commits.stats))
     if plan.target is not store:
         t = time.time()

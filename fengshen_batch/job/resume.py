@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..errors import JobError
 from ..io.inputs import Inputs, Shard
 from ..io.outputs import DATA, ERRORS, MARKERS, OutputStore, part_name
-from ..io.storage import redact_url
+from ..io.redact import redact_url
 
 FIX = (
     "rerun with --on-input-change recompute (on_input_change: recompute) to redo the shards it touched, "

@@ -14,12 +14,14 @@ import os
 import time
 from collections.abc import Callable
 
-from ..io.storage import redact_url
+from ..io.outputs import OutputStore
+from ..io.redact import redact_url
 from ..spec import GenerateJob, JudgeJob, ScoreJob
 from .checks import check_job, plan_output
 from .commit import run_shards
 from .display import quiet_ray
 from .finish import build_manifest, finish_job
+from .lease import OutputLease
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,21 @@ def run_job(
     """
     started = time.time()
     record, inputs, context = check_job(spec, progress)
-    plan = plan_output(spec, record, inputs, context, overwrite, progress)
-    if plan is None:
-        return {"status": "already_complete"}
-    startup = {"checks": time.time() - started}  # seconds of each start-up phase, for the manifest
+    # one run at a time writes an output: held from here to the publish (lease.py)
+    with OutputLease(OutputStore(spec.output, spec.storage), spec.name or spec.kind) as lease:
+        plan = plan_output(spec, record, inputs, context, overwrite, progress)
+        if plan is None:
+            return {"status": "already_complete"}
+        plan.lease = lease
+        startup = {"checks": time.time() - started}  # seconds of each start-up phase, for the manifest
 
-    gpus = start_ray(spec, ray_progress, progress, startup)
-    commits, run_start = run_shards(plan, gpus, progress, startup, started, ray_progress, live)
+        gpus = start_ray(spec, ray_progress, progress, startup)
+        commits, run_start = run_shards(plan, gpus, progress, startup, started, ray_progress, live)
 
-    from ..workers.cluster import map_files
+        from ..workers.cluster import map_files
 
-    manifest = build_manifest(plan, commits, startup, started, run_start, gpus)
-    return finish_job(plan, commits, manifest, map_files, progress)
+        manifest = build_manifest(plan, commits, startup, started, run_start, gpus)
+        return finish_job(plan, commits, manifest, map_files, progress)
 
 
 def start_ray(spec, ray_progress: bool, progress, startup: dict) -> float:

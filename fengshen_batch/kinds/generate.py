@@ -122,8 +122,10 @@ class Generate(Kind):
         prompt = sum(m.get("prompt_tokens", 0) for m in shards)
         cached = sum(m.get("cached_prompt_tokens", 0) for m in shards)
         manifest["counts"].update(
-            prompt_tokens=prompt, cached_prompt_tokens=cached, prefilled_prompt_tokens=prompt - cached
-        )
+            prompt_tokens=prompt, cached_prompt_tokens=cached, prefilled_prompt_tokens=prompt - cached,
+            truncated_prompts=sum(m.get("truncated_prompts", 0) for m in shards),
+            truncated_prompt_tokens=sum(m.get("truncated_prompt_tokens", 0) for m in shards),
+        )  # fmt: skip
         manifest["prefix_cache_hit_rate"] = round(cached / max(1, prompt), 4)
 
     def finish(self, spec, store, manifest, summary, context) -> None:
@@ -138,6 +140,18 @@ class Generate(Kind):
 
     def done_note(self, manifest) -> str:
         return f", prefix cache hit rate {manifest['prefix_cache_hit_rate']:.0%}"
+
+    def report_lines(self, manifest, context) -> list[str]:
+        """A warning where prompts were cut to fit: the prompt column and the report show them whole."""
+        counts = manifest["counts"]
+        cut = counts.get("truncated_prompts", 0)
+        if not cut:
+            return []
+        return [
+            f"warning: {cut} prompts were cut from the left to fit max_new_tokens in the model's context "
+            f"({counts['truncated_prompt_tokens']:,} tokens dropped, `counts.truncated_prompts` in the manifest); "
+            "a shorter max_new_tokens keeps them whole, prompt_too_long: error refuses them"
+        ]
 
     def rebuild_report(self, store, manifest, by, summaries, compare):
         from ..reports.generate_report import build_sample_report

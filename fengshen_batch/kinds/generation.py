@@ -26,10 +26,15 @@ class PromptUsage:
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # prompts cut from the left to fit their max_new_tokens in the context, and the tokens cut off them
+    truncated_prompts: int = 0
+    truncated_tokens: int = 0
 
-    def add(self, requests: Sequence[Request]) -> None:
+    def add(self, requests: Sequence[Request], truncated: Sequence[int] = ()) -> None:
         self.prompt_tokens += sum(len(r.prompt) for r in requests)
         self.cached_tokens += sum(r.cached for r in requests)
+        self.truncated_prompts += len(truncated)
+        self.truncated_tokens += sum(truncated)
 
 
 def _contains_stop(text: str, stop: Sequence[str]) -> bool:
@@ -136,7 +141,7 @@ def generate_tokens(
     per_request = _engine_of(engine).max_num_seqs  # a prompt's samples beyond it go in further requests
     n = params.num_return_sequences
     results: list[list[Sample] | RowError] = []
-    requests = []
+    requests, truncated = [], []  # truncated: tokens cut off each prompt that was cut
     for i, prompt in enumerate(prompts):
         value = None if max_new_tokens is None else max_new_tokens[i]
         limit = row_limit(value, params.max_new_tokens, context)
@@ -144,6 +149,8 @@ def generate_tokens(
         if isinstance(prepared, RowError):
             results.append(prepared)
             continue
+        if len(prepared) < len(prompt):
+            truncated.append(len(prompt) - len(prepared))
         keys = [sample_key(params.seed, str(row_ids[i]), s) for s in range(n)]
         for first in range(0, n, per_request):
             requests.append(Request(i, prepared, keys[first : first + per_request], limit, first))
@@ -151,7 +158,7 @@ def generate_tokens(
     if requests:
         engine.run(requests)
         if usage is not None:
-            usage.add(requests)
+            usage.add(requests, truncated)
     for req in requests:
         results[req.ident] += [
             finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params) for s in req.seqs

@@ -19,17 +19,26 @@ COUNTED = ["statements", "candidate_nll_sum", "candidate_token_count"]
 
 
 def label_index(label: object, statements: Sequence[str], answers: Sequence[str] | None) -> int | None:
-    """A label as a candidate index: an int index, or the text of an answer or a statement."""
+    """A label as a candidate index (None: the row is unlabelled): an index (an int, a whole float as pandas
+    writes ints beside nulls, or a string of digits that is not itself a candidate's text), or the text of an
+    answer or a statement. Raises ValueError for a label that names no candidate (an index out of range, a
+    fraction, a text matching none): such a row is neither right nor wrong, and the job counts it."""
     if label is None or (isinstance(label, float) and math.isnan(label)):
         return None
-    if isinstance(label, bool):
-        return None
-    if isinstance(label, int):
-        return label
-    for options in (answers or [], statements):
-        if label in options:
-            return list(options).index(label)
-    return None
+    if isinstance(label, str):
+        for options in (answers or [], statements):
+            if label in options:
+                return list(options).index(label)
+        if not label.strip().lstrip("-").isdigit():
+            raise ValueError(f"label {label[:80]!r} is not a candidate's text or an index")
+        label = int(label)
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"label {label!r} is not a candidate's text or an index")
+    if not 0 <= label < len(statements):
+        raise ValueError(f"label {label} is out of range for {len(statements)} candidates")
+    return label
 
 
 def label_counts(rows: list[dict], label_column: str, answers_column: str | None) -> dict:
@@ -37,12 +46,16 @@ def label_counts(rows: list[dict], label_column: str, answers_column: str | None
     them where the rows are, and the driver adds up the shards' counts (`io.outputs.sum_counts`) instead of reading
     the output back after the job."""
     correct = dict.fromkeys(CRITERIA, 0)
-    labelled = 0
+    labelled = invalid = 0
     for row in rows:
         statements = row["statements"]
-        target = label_index(
-            row.get(label_column), statements, row.get(answers_column) if answers_column else None
-        )
+        try:
+            target = label_index(
+                row.get(label_column), statements, row.get(answers_column) if answers_column else None
+            )
+        except ValueError:
+            invalid += 1
+            continue
         if target is None:
             continue
         labelled += 1
@@ -54,7 +67,7 @@ def label_counts(rows: list[dict], label_column: str, answers_column: str | None
         ]
         for name in CRITERIA:
             correct[name] += int(choose(scores, name)[0] == target)
-    return {"labelled": labelled, "correct": correct}
+    return {"labelled": labelled, "invalid": invalid, "correct": correct}
 
 
 def accuracy(counts: dict, criterion: str) -> dict:
@@ -66,6 +79,8 @@ def accuracy(counts: dict, criterion: str) -> dict:
         "accuracy": per[criterion],
         "per_criterion": per,
         "labelled_rows": labelled,
+        # labels that name no candidate (out of range, a fraction, a text matching none): not counted above
+        "invalid_label_rows": counts.get("invalid", 0),
     }
 
 

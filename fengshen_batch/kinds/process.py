@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from ..engine.replica import Replica
+from ..io.redact import redact_text
 from . import get
 from .rows import RowError
 from .schemas import ERROR_FIELDS
@@ -56,7 +57,7 @@ def run_rows(
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
-            result = RowError("engine_error", f"{type(e).__name__}: {e}"[:2000])
+            result = RowError("engine_error", redact_text(f"{type(e).__name__}: {e}")[:2000])
         results.append(result)
     return results, budget
 

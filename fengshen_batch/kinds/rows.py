@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import pyarrow as pa
+
 
 @dataclass(frozen=True)
 class RowError:
@@ -77,3 +79,43 @@ def id_errors(ids: list) -> list[RowError | None]:
             seen.add(i)
             out.append(None)
     return out
+
+
+def invalid_utf8(table: pa.Table) -> tuple[pa.Table, list[RowError | None] | None]:
+    """String columns whose bytes are not valid UTF-8 (Parquet readers do not check them; converting them to
+    Python strings raises, and would fail the whole shard on every rerun) -> (the table with each invalid
+    sequence replaced by U+FFFD, so it can be written and read back; each such row's `invalid_utf8` error,
+    or None where every value is valid). One full validation per column: clean inputs pay nothing else."""
+    errors: list[RowError | None] | None = None
+    for idx, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        column = table.column(idx)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = column.cast(pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary())
+        fixed = []
+        for r, value in enumerate(raw.to_pylist()):
+            try:
+                fixed.append(None if value is None else value.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                fixed.append(value.decode("utf-8", errors="replace"))
+                errors = errors or [None] * len(table)
+                errors[r] = errors[r] or RowError(
+                    "invalid_utf8",
+                    f"column {field.name!r} is not valid UTF-8 (byte 0x{value[e.start]:02x} at byte {e.start}); "
+                    "kept here with U+FFFD in place of each invalid sequence",
+                )
+        table = table.set_column(idx, field, pa.array(fixed, field.type))
+    return table, errors
+
+
+def first_errors(*lists: list[RowError | None] | None) -> list[RowError | None] | None:
+    """Row errors from several checks, the first found per row (None: no check found any)."""
+    given = [x for x in lists if x is not None]
+    if not given:
+        return None
+    return [next((e for e in row if e is not None), None) for row in zip(*given, strict=True)]

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import ModelLoadError
+from ..io.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,22 @@ def fetch_to_cache(
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
             names = sorted(Path(p).name for p in fs.ls(root, detail=False))
         except FileNotFoundError as e:
-            raise ModelLoadError(f"model prefix not found: {url}") from e
+            raise ModelLoadError(f"model prefix not found: {redact_url(url)}") from e
         except Exception as e:  # auth, endpoint, network: name the source, not the credentials
-            raise ModelLoadError(f"cannot list model prefix {url}: {type(e).__name__}: {e}") from e
+            raise ModelLoadError(
+                redact_text(f"cannot list model prefix {url}: {type(e).__name__}: {e}")
+            ) from e
         if "config.json" not in names:
             raise ModelLoadError(
-                f"no config.json under model prefix {url}: not a Hugging Face model directory"
+                f"no config.json under model prefix {redact_url(url)}: not a Hugging Face model directory"
             )
         wanted = [n for n in names if n in METADATA_FILES] + pick_weight_files(names, url)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dest.name}.tmp-"))
         try:
-            log.info("downloading %d files of %s to %s", len(wanted), url, dest)
+            log.info("downloading %d files of %s to %s", len(wanted), redact_url(url), dest)
             for name in wanted:
                 fs.get(f"{root}/{name}", str(tmp / name))
-            (tmp / _COMPLETE).write_text(url + "\n")
+            (tmp / _COMPLETE).write_text(redact_url(url) + "\n")
             if dest.exists():  # an incomplete copy left by a killed process
                 shutil.rmtree(dest)
             os.rename(tmp, dest)
@@ -189,10 +192,10 @@ def check_model_source(
             with fsspec.open(url, "rb", **(storage_options or {})) as f:
                 config = json.load(f)
         except FileNotFoundError:
-            raise ModelLoadError(f"model not found: no config.json under {source}") from None
+            raise ModelLoadError(f"model not found: no config.json under {redact_url(source)}") from None
         except Exception as e:
-            raise ModelLoadError(f"cannot read {url}: {type(e).__name__}: {e}") from None
-        _require_gpt2(config.get("model_type"), source, trust_remote_code)
+            raise ModelLoadError(redact_text(f"cannot read {url}: {type(e).__name__}: {e}")) from None
+        _require_gpt2(config.get("model_type"), redact_url(source), trust_remote_code)
         return config
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():

@@ -27,7 +27,8 @@ import numpy as np
 
 from ..errors import JobError
 from ..io.outputs import OutputStore
-from ..io.storage import StorageSpec, redact_url
+from ..io.redact import redact_url
+from ..io.storage import StorageSpec
 from . import score_sketch
 from .histograms import BINS_PER_DECADE, bin_middle
 from .score_sketch import figures, merge

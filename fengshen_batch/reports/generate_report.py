@@ -17,6 +17,7 @@ import numpy as np
 from ..io.outputs import OutputStore
 from . import generate_sketch
 from .generate_sketch import NLL_WIDTH, figures
+from .histograms import group_label, groups_note
 from .summaries import REPORT, merged_summary
 
 FINISH_COLORS = {"stop": "#3b6ea5", "length": "#c44e52"}
@@ -148,7 +149,7 @@ def _html(summary: dict, examples: dict) -> str:
     if summary.get("by"):
         by = html.escape(summary["by"])
         rows = "".join(
-            f"<tr><td>{html.escape(g)}</td><td>{_fmt(s['samples'])}</td><td>{_fmt(s['prompts'])}</td>"
+            f"<tr><td>{html.escape(group_label(g))}</td><td>{_fmt(s['samples'])}</td><td>{_fmt(s['prompts'])}</td>"
             f"<td>{_fmt(s['generated_tokens']['quantiles'].get('p50'))}</td><td>{_fmt(s['limit_hit_fraction'])}</td>"
             f"<td>{_fmt(s['nll_per_token']['mean'])}</td><td>{_fmt(s['duplicate_samples'])}</td>"
             f"<td>{_fmt(s['distinct_2'])}</td><td>{_fmt(s['repetition_loops'])}</td></tr>"
@@ -157,6 +158,8 @@ def _html(summary: dict, examples: dict) -> str:
         groups = (f"<h2>By {by}</h2><table><tr><th>{by}</th><th>samples</th><th>prompts</th><th>median tokens</th>"
                   f"<th>hit limit</th><th>NLL/token</th><th>duplicates</th><th>distinct-2</th><th>loops</th></tr>"
                   f"{rows}</table>")  # fmt: skip
+        if note := groups_note(summary):
+            groups = f"<h2>By {by}</h2><p>{html.escape(note)}</p>"
     tables = "".join(
         _examples_table(examples[key], caption)
         for key, caption in (
@@ -209,6 +212,8 @@ def build_sample_report(
     if by:
         summary["by"] = by
         summary["groups"] = {g: figures(f) for g, f in merged["groups"].items()}
+        if merged.get("groups_left_out"):
+            summary["groups_left_out"] = merged["groups_left_out"]
     store.fs.makedirs(store.path_to(REPORT), exist_ok=True)
     store.fs.pipe_file(
         store.path_to(REPORT, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False).encode()

@@ -11,7 +11,7 @@ rides in the shard's marker, and the driver merges them (`merge`), O(shards x bi
   (the duplicates), and of word unigrams and bigrams (distinct-1 and distinct-2);
 - example samples: the lowest and highest NLL per token, the longest loops, and a random handful chosen by
   the smallest hashes of (id, sample_index): the same samples on every rebuild, whatever the sharding.
-The same figures per value of the report's `by` column (nulls as the group "null"); examples overall only.
+The same figures per value of the report's `by` column (nulls their own group; at most histograms.MAX_GROUPS values); examples overall only.
 
 Words: each CJK ideograph or kana is a word of its own (Chinese has no spaces), any other run of letters or
 digits is one word, and each punctuation mark is one. A text's duplicate key is its NFKC form, casefolded,
@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from ..io.outputs import sum_counts
 from . import distinct
-from .histograms import histogram, merge_groups, merge_histograms, quantiles
+from .histograms import group_keys, histogram, merge_groups, merge_histograms, quantiles
 
 EXAMPLES = 10  # samples shown in each example table
 KIND = "generate"
@@ -178,10 +178,13 @@ def summarize(data: pa.Table, prompt_column: str | None, by: str | None, id_colu
     summary = _group_figures(s, np.ones(n, dtype=bool))
     summary["examples"] = _shard_examples(data, s, texts, ids, prompt_column)
     if by:
-        keys_by = ["null" if v is None else str(v) for v in data.column(by).to_pylist()]
-        column = np.asarray(keys_by, dtype=object)
-        summary["by"] = by
-        summary["groups"] = {g: _group_figures(s, column == g) for g in sorted(set(keys_by))}
+        keys_by, n_values = group_keys(data.column(by))
+        summary["by"], summary["groups"] = by, {}
+        if keys_by is None:
+            summary["groups_left_out"] = n_values
+        else:
+            column = np.asarray(keys_by, dtype=object)
+            summary["groups"] = {g: _group_figures(s, column == g) for g in sorted(set(keys_by))}
     return summary
 
 

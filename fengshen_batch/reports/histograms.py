@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..io.outputs import sum_counts
 
@@ -78,12 +80,46 @@ def quantiles(hist: dict) -> dict[str, float]:
     return {f"p{round(q * 100):02d}": quantile(hist, q) for q in QUANTILES}
 
 
+# A report breaks its figures down by at most this many `report_by` values: a column of ids or texts would
+# otherwise make every shard's marker megabytes of per-group histograms (4,096 values: 1 MB) and the report a
+# table nobody reads. Past it, the breakdown is left out and the report says so.
+MAX_GROUPS = 256
+# The group of rows whose `report_by` value is null: apart from any string a column holds (the string "null"
+# is its own group), shown as `null_label`.
+NULL_GROUP = "\x00null"
+
+
+def group_keys(column: pa.ChunkedArray | pa.Array) -> tuple[list[str] | None, int]:
+    """(each row's group key, the number of distinct values, nulls one of them); keys None past MAX_GROUPS."""
+    distinct = len(pc.unique(column))  # nulls one value (dictionary columns too, which count_distinct refuses)
+    if distinct > MAX_GROUPS:
+        return None, distinct
+    return [NULL_GROUP if v is None else str(v) for v in column.to_pylist()], distinct
+
+
+def group_label(key: str) -> str:
+    """A group key as a report shows it."""
+    return "(null)" if key == NULL_GROUP else key
+
+
 def merge_groups(summaries: list[dict], merge_figures) -> dict:
     """{"by", "groups"} of summaries all made for one `by` column, each group's figures merged with
-    `merge_figures` (a group found in some shards only is merged from those); {} otherwise."""
+    `merge_figures` (a group found in some shards only is merged from those); {} otherwise. Past MAX_GROUPS
+    values in any shard or all together, groups is empty and `groups_left_out` says how many were seen."""
     bys = {s.get("by") for s in summaries}
     if len(bys) != 1 or not (by := bys.pop()):
         return {}
     keys = sorted({k for s in summaries for k in s["groups"]})
+    seen = max([len(keys), *(s.get("groups_left_out", 0) for s in summaries)])
+    if seen > MAX_GROUPS:
+        return {"by": by, "groups": {}, "groups_left_out": seen}
     groups = {k: merge_figures([s["groups"][k] for s in summaries if k in s["groups"]]) for k in keys}
     return {"by": by, "groups": groups}
+
+
+def groups_note(summary: dict) -> str | None:
+    """What a report says where its breakdown was left out."""
+    if not summary.get("groups_left_out"):
+        return None
+    return (f"{summary['by']} has at least {summary['groups_left_out']} distinct values, more than the {MAX_GROUPS} "
+            "a report breaks down: per-group figures are left out (report_by a column of fewer values)")  # fmt: skip

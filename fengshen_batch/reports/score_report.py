@@ -19,7 +19,7 @@ from ..io.outputs import OutputStore
 from . import score_sketch
 from .baseline import SKETCH, Baseline, compare, comparison_html, drift
 from .buckets import BUCKETS
-from .histograms import BINS_PER_DECADE
+from .histograms import BINS_PER_DECADE, group_label, groups_note
 from .score_sketch import figures
 from .summaries import REPORT, merged_summary
 
@@ -97,12 +97,14 @@ def _html(summary: dict, low: list[dict], high: list[dict]) -> str:
     groups = ""
     if summary.get("by"):
         rows = "".join(
-            f"<tr><td>{html.escape(str(g))}</td><td>{s['rows']}</td><td>{s['tokens']}</td>"
+            f"<tr><td>{html.escape(group_label(g))}</td><td>{s['rows']}</td><td>{s['tokens']}</td>"
             f"<td>{fmt(s['corpus_ppl'])}</td><td>{fmt(s['ppl_quantiles'].get('p50', ''))}</td></tr>"
             for g, s in summary["groups"].items()
         )
         groups = (f"<h2>By {html.escape(summary['by'])}</h2><table><tr><th>{html.escape(summary['by'])}</th>"
                   f"<th>rows</th><th>tokens</th><th>corpus ppl</th><th>median ppl</th></tr>{rows}</table>")  # fmt: skip
+        if note := groups_note(summary):
+            groups = f"<h2>By {html.escape(summary['by'])}</h2><p>{html.escape(note)}</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Scoring report: {html.escape(summary["model"])}</title>
 <style>
@@ -143,6 +145,8 @@ def build_report(
     if by:
         summary["by"] = by
         summary["groups"] = {g: figures(f) for g, f in merged["groups"].items()}
+        if merged.get("groups_left_out"):
+            summary["groups_left_out"] = merged["groups_left_out"]
     if merged.get("buckets"):
         summary["buckets"] = {b: merged["buckets"].get(b, 0) for b in BUCKETS}
         summary["bucket_cutoffs"] = manifest.get("bucket_cutoffs")

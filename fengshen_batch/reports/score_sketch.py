@@ -8,7 +8,7 @@ O(rows). A summary holds:
   them is the geometric middle of its bin, within 0.6% of the exact quantile (and inside [min, max]);
   with a reference model, a linear histogram of bpb_diff (bins of 0.001 bits per byte);
 - the EXAMPLES lowest- and highest-perplexity documents (exact after merging: each shard keeps its own);
-- the same figures per value of the report's `by` column, nulls as the group "null".
+- the same figures per value of the report's `by` column (nulls their own group; at most MAX_GROUPS values).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from ..io.outputs import sum_counts
 from .buckets import bucket_counts
-from .histograms import histogram, merge_groups, merge_histograms, quantiles
+from .histograms import group_keys, histogram, merge_groups, merge_histograms, quantiles
 
 EXAMPLES = 20
 KIND = "score"
@@ -85,12 +85,14 @@ def summarize(data: pa.Table, text_column: str | None, by: str | None, id_column
     if "bucket" in data.column_names:
         summary["buckets"] = bucket_counts(data.column("bucket"))
     if by:
-        keys = ["null" if v is None else str(v) for v in data.column(by).to_pylist()]
+        keys, distinct = group_keys(data.column(by))
         groups = {}
-        for key in sorted(set(keys)):
+        for key in sorted(set(keys or [])):
             mask = pa.array([k == key for k in keys], pa.bool_())
             groups[key] = _figures(data.filter(mask))
         summary["by"], summary["groups"] = by, groups
+        if keys is None:
+            summary["groups_left_out"] = distinct
     return summary
 
 

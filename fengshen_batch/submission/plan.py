@@ -15,6 +15,7 @@ import yaml
 
 from .. import __version__
 from ..errors import SubmitError
+from ..io.redact import SECRET_NAME, has_secret, redact_text, redact_url
 from ..model.source import HUB_ID  # the same test as model.source.localize's, so submit and the driver agree
 from ..spec import SpecError, build_spec, read_spec_fields, run_date
 
@@ -34,10 +35,6 @@ EXCLUDES = [
     "demo-output/",
     "*.egg-info/",
 ]
-
-
-# Spec runtime_env keys that would put credentials into Ray's job metadata.
-_SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY")
 
 
 _HEREDOC = "FENGSHEN_SPEC"
@@ -110,12 +107,32 @@ def resolve_paths(fields: dict, spec_dir: Path, address: str) -> dict:
 
 
 def _check_runtime_env(runtime_env: dict) -> None:
-    leaked = [k for k in (runtime_env.get("env_vars") or {}) if any(h in k.upper() for h in _SECRET_HINTS)]
+    leaked = [k for k in (runtime_env.get("env_vars") or {}) if SECRET_NAME.search(str(k))]
     if leaked:
         raise SpecError(
             f"runtime_env.env_vars {leaked} look like credentials; they would be stored in Ray's job metadata. "
             "Give the cluster's nodes credentials through their environment or instance role instead."
         )
+    pip = runtime_env.get("pip")
+    entries = pip.get("packages", []) if isinstance(pip, dict) else pip if isinstance(pip, list) else []
+    if any(redact_text(str(e)) != str(e) for e in entries):
+        raise SpecError(
+            "runtime_env.pip names an index URL with credentials; they would be stored in Ray's job metadata. "
+            "Configure the index on the cluster's image (pip.conf) or its nodes' environment instead."
+        )
+
+
+def _check_urls(fields: dict) -> None:
+    """URL fields of the spec with userinfo or query values (tokens, signatures) are refused: the entrypoint
+    carries the spec into Ray's job metadata, readable by anyone with the Jobs API."""
+    for key, value in fields.items():
+        if isinstance(value, dict) and key != "runtime_env":  # storage.endpoint_url, ...
+            _check_urls({f"{key}.{k}": v for k, v in value.items()})
+        elif isinstance(value, str) and has_secret(value):
+            raise SpecError(
+                f"the spec's {key} ({redact_url(value)}) carries credentials in its URL; give the cluster "
+                "credentials by reference (its nodes' environment, instance role or a Kubernetes Secret)"
+            )
 
 
 def _requirement_names(entries) -> set[str]:
@@ -218,6 +235,7 @@ def plan(
     """Validate the spec and build the job (entrypoint, runtime_env), without touching the network."""
     fields = read_spec_fields(spec_path)
     spec = build_spec(fields)  # validated here, before anything reaches the cluster
+    _check_urls(fields)
     sid = submission_id or default_submission_id(spec.name)
     spec_dir = Path(spec_path).resolve().parent
     fields = resolve_paths(fields, spec_dir, address)  # the same fields, local paths rewritten

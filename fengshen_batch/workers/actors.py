@@ -11,6 +11,7 @@ import pyarrow as pa
 import ray
 
 from ..io.inputs import ID_COLUMN, Shard, read_shard
+from ..io.redact import install_log_redaction
 from ..kinds import get
 from ..kinds.schemas import internal_schemas
 from ..spec import build_spec
@@ -22,7 +23,8 @@ STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output:
 COMMIT_SCHEMA = pa.schema(
     [("shard", pa.int64()), ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
      ("tokens", pa.int64()), ("error_kinds", pa.string()), ("prompt_tokens", pa.int64()),
-     ("cached_prompt_tokens", pa.int64()), ("summary", pa.string())]
+     ("cached_prompt_tokens", pa.int64()), ("truncated_prompts", pa.int64()),
+     ("truncated_prompt_tokens", pa.int64()), ("summary", pa.string())]
 )  # fmt: skip
 
 
@@ -78,6 +80,7 @@ class ModelActor:
         self, spec: dict, id_column: str | None, output: str, schemas: tuple[pa.Schema, pa.Schema], board=None
     ):
         init_at = time.time()
+        install_log_redaction()
         self.spec = build_spec(spec)
         self.kind = get(self.spec.kind)
         self.reporter = Reporter(board, self.spec)  # says "loading" to the driver's line
@@ -109,13 +112,15 @@ class ModelActor:
         from ..io.writer import split_results, write_shard_files
         from ..kinds.generation import PromptUsage
         from ..kinds.process import process_table
-        from ..kinds.rows import id_errors
+        from ..kinds.rows import first_errors, id_errors, invalid_utf8
 
         spec = self.spec
         table = read_shard(shard, spec.storage, self.id_column, spec.drop_columns)
         table = table.rename_columns([self.renamed.get(n, n) for n in table.column_names])
+        table, bad_text = invalid_utf8(table)
         # ids from the input are checked across the whole shard (derived ones are unique by construction)
         bad_ids = id_errors(table.column(self.id_field).to_pylist()) if self.id_column else None
+        bad_ids = first_errors(bad_text, bad_ids)
         # A whole-shard kind (generation) gives the engine every row at once (it schedules per step); the
         # others run slices of batch_size rows (one engine call each, and one row-by-row retry at most that
         # large), one call computing while the other reads or writes its shard.
@@ -148,6 +153,8 @@ class ModelActor:
             "error_kinds": json.dumps(stats.error_kinds),
             "prompt_tokens": usage.prompt_tokens,
             "cached_prompt_tokens": usage.cached_tokens,
+            "truncated_prompts": usage.truncated_prompts,
+            "truncated_prompt_tokens": usage.truncated_tokens,
             "summary": None if summary is None else json.dumps(summary),
         }
 
@@ -171,6 +178,7 @@ class RowsActor:
     sample). No files, markers or summaries: the user's pipeline owns what comes next."""
 
     def __init__(self, spec: dict):
+        install_log_redaction()
         self.spec = build_spec(spec)
         self.replicas, self.token_budget, _ = load_replicas(self.spec)
         self.lock = compute_lock(self.spec)
@@ -178,12 +186,13 @@ class RowsActor:
     def __call__(self, table: pa.Table) -> pa.Table:
         from ..errors import InputError
         from ..kinds.process import process_table
-        from ..kinds.rows import id_errors
+        from ..kinds.rows import first_errors, id_errors, invalid_utf8
         from ..kinds.schemas import ERROR_FIELDS, result_fields
 
         spec, id_column = self.spec, self.spec.id_column or ID_COLUMN
         if spec.drop_columns:
             table = table.drop_columns([c for c in spec.drop_columns if c in table.column_names])
+        table, bad_text = invalid_utf8(table)
         has_ids = id_column in table.column_names
         if has_ids:
             bad_ids = id_errors(table.column(id_column).to_pylist())  # within the batch
@@ -197,7 +206,7 @@ class RowsActor:
             table = table.append_column(id_column, pa.array([str(i) for i in range(len(table))]))
         with self.lock:
             out, self.token_budget = process_table(
-                self.replicas, spec, table, id_column, self.token_budget, bad_ids
+                self.replicas, spec, table, id_column, self.token_budget, first_errors(bad_text, bad_ids)
             )
         if not has_ids:
             out = out.drop_columns([id_column])
