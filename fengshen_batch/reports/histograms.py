@@ -91,7 +91,9 @@ NULL_GROUP = "\x00null"
 
 def group_keys(column: pa.ChunkedArray | pa.Array) -> tuple[list[str] | None, int]:
     """(each row's group key, the number of distinct values, nulls one of them); keys None past MAX_GROUPS."""
-    distinct = len(pc.unique(column))  # nulls one value (dictionary columns too, which count_distinct refuses)
+    distinct = len(
+        pc.unique(column)
+    )  # nulls one value (dictionary columns too, which count_distinct refuses)
     if distinct > MAX_GROUPS:
         return None, distinct
     return [NULL_GROUP if v is None else str(v) for v in column.to_pylist()], distinct
