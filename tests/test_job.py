@@ -96,6 +96,12 @@ def test_s3_job_through_the_cli(tmp_path, replica, tiny_model_dir, s3_endpoint, 
     manifest = yaml.safe_load(fs.cat_file(f"{out}/manifest.json"))
     assert manifest["counts"]["input_rows"] == 40 == manifest["counts"]["result_rows"]
     assert len(manifest["input_files"]) == 3 and manifest["versions"]["ray"]
+    from fengshen_batch.model.source import model_version
+
+    # the version of the bucket's model every replica loaded (issue 32, case 5)
+    assert manifest["model_versions"] == {
+        "s3://corpus/models/tiny/": model_version("s3://corpus/models/tiny/", s3_options)
+    }
     # no secret anywhere the job wrote or printed
     written = b"".join(fs.cat_file(p) for p in fs.find(out))
     assert PLANTED_SECRET.encode() not in written

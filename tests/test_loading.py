@@ -169,3 +169,33 @@ def test_our_tokenizer_equals_transformers_autotokenizer(tiny_model_dir, tmp_pat
             0, len(ref), (int(torch.randint(1, 12, (1,), generator=rng)),), generator=rng
         ).tolist()
         assert ours.decode(seq) == ref.decode(seq), seq
+
+
+def test_a_changed_model_under_the_same_prefix_is_fetched_anew_never_mixed(
+    tiny_model_dir, s3_options, tmp_path
+):
+    """Issue 32, case 5: the cached copy is revalidated on every load (one listing): after the bucket's
+    model changes, the next load downloads the new version into its own folder; a load that expects the
+    version its job's driver saw is refused once the prefix holds another."""
+    import s3fs
+
+    from fengshen_batch.model.source import model_version
+
+    make_bucket(s3_options, "models")
+    fs = s3fs.S3FileSystem(**s3_options)
+    _upload(fs, tiny_model_dir, "models/changing")
+    url = "s3://models/changing/"
+    first = model_version(url, s3_options)
+    old, downloaded = fetch_to_cache(url, tmp_path, s3_options, expected_version=first)
+    assert downloaded and fetch_to_cache(url, tmp_path, s3_options) == (old, False)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    fs.pipe("models/changing/config.json", json.dumps({**config, "retrained": "2026-12-02"}).encode())
+    second = model_version(url, s3_options)
+    assert second != first
+    new, downloaded = fetch_to_cache(url, tmp_path, s3_options)
+    assert downloaded and new != old and json.loads((new / "config.json").read_text())["retrained"]
+    assert "retrained" not in json.loads((old / "config.json").read_text())
+    with pytest.raises(
+        ModelLoadError, match=f"changed since the job started \\(version {first}, now {second}\\)"
+    ):
+        fetch_to_cache(url, tmp_path, s3_options, expected_version=first)

@@ -17,7 +17,7 @@ from ..io.redact import redact_url
 from ..io.storage import filesystem, storage_options
 from ..kinds import get
 from ..kinds.schemas import data_schema, error_schema, result_names
-from ..model.source import check_model_source
+from ..model.source import check_model_source, model_version
 from ..spec import spec_record
 from .resume import check_published, reconcile
 
@@ -87,14 +87,19 @@ def check_result_names(spec, input_names: list[str], read: list[str]) -> None:
         raise JobError(f"the input already has a column {prefixed[0]!r}: choose another result_prefix")
 
 
-def check_models(spec) -> None:
+def check_models(spec) -> dict[str, str]:
     """The model (and reference model) exist and are GPT2, and the kind's settings fit the model (a generate
     job's max_new_tokens within its context): config.json only."""
+    versions = {}
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:
-            config = check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
+            options = storage_options(source, spec.storage)
+            config = check_model_source(source, options, spec.trust_remote_code)
             if config is not None and source == spec.model:
                 get(spec.kind).check_model(spec, config)
+            if (version := model_version(source, options)) is not None:
+                versions[source] = version
+    return versions
 
 
 def check_job(spec, progress) -> tuple[dict, Inputs, dict]:
@@ -107,8 +112,9 @@ def check_job(spec, progress) -> tuple[dict, Inputs, dict]:
     )  # fmt: skip
     check_output_location(spec)
     check_result_names(spec, inputs.schema.names, [c for c in [*strings, *lists, *others] if c])
-    check_models(spec)
-    return record, inputs, get(spec.kind).before_run(spec, record, progress)
+    versions = check_models(spec)  # each URL-prefix model's version: every replica loads that one
+    context = get(spec.kind).before_run(spec, record, progress)
+    return record, inputs, {**context, "model_versions": versions}
 
 
 def plan_output(

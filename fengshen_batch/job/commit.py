@@ -97,8 +97,9 @@ def run_shards(plan: JobPlan, gpus: float, progress, startup: dict, started: flo
     watcher = boards.watch(board, show, stop)
     try:
         records = pools.run_pipeline(
-            spec, todo, plan.inputs.id_column, gpus, plan.target.url, plan.schemas, ray_progress, board
-        )
+            spec, todo, plan.inputs.id_column, gpus, plan.target.url, plan.schemas, ray_progress, board,
+            plan.context.get("model_versions"),
+        )  # fmt: skip
         for batch in records:
             if "first_batch" not in startup:
                 startup["first_batch"] = time.time() - run_start

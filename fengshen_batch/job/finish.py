@@ -54,6 +54,8 @@ def build_manifest(plan: JobPlan, commits: Commits, startup: dict, started: floa
         "spec": plan.record,
         "spec_hash": plan.hash,
         "model": redact_url(spec.model),
+        # each URL-prefix model's version (its files' sizes and ETags), the one every replica loaded
+        "model_versions": {redact_url(k): v for k, v in plan.context.get("model_versions", {}).items()},
         "input_files": [
             {"file": redact_url(f.url), "rows": f.rows, "version": f.version} for f in inputs.files
         ],

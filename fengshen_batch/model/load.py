@@ -77,6 +77,7 @@ def load_replica(
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
     storage_options: dict | None = None,
+    expected_version: str | None = None,
 ) -> Replica:
     """Load the model (our GPT2 forward over the checkpoint's weights) and tokenizer onto `device`.
 
@@ -88,7 +89,7 @@ def load_replica(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    path = localize(source, cache_dir, storage_options)
+    path = localize(source, cache_dir, storage_options, expected_version)
     config = check_model_dir(path, source, trust_remote_code)
     try:
         if trust_remote_code:

@@ -58,48 +58,84 @@ def pick_weight_files(names: list[str], source: str) -> list[str]:
     raise ModelLoadError(f"no weights (*.safetensors or pytorch_model*.bin) under model prefix {source}")
 
 
-def fetch_to_cache(
-    url: str, cache_dir: str | Path | None = None, storage_options: dict | None = None
-) -> tuple[Path, bool]:
-    """Download a model prefix into the node-local cache once; return (local dir, whether this call downloaded).
+_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
 
+
+def _list_prefix(url: str, storage_options: dict | None):
+    """(filesystem, root, the files a replica needs, their version): one listing of the prefix. The version
+    is a digest of those files' names, sizes and ETags (or generations, modification times): it changes when
+    the model under the prefix changes."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        entries = {Path(e["name"]).name: e for e in fs.ls(root, detail=True)}
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model prefix not found: {redact_url(url)}") from e
+    except Exception as e:  # auth, endpoint, network: name the source, not the credentials
+        raise ModelLoadError(redact_text(f"cannot list model prefix {url}: {type(e).__name__}: {e}")) from e
+    names = sorted(entries)
+    if "config.json" not in names:
+        raise ModelLoadError(
+            f"no config.json under model prefix {redact_url(url)}: not a Hugging Face model directory"
+        )
+    wanted = [n for n in names if n in METADATA_FILES] + pick_weight_files(names, url)
+    digest = hashlib.sha256()
+    for name in sorted(wanted):
+        e = entries[name]
+        tag = next((str(e[k]) for k in _VERSION_KEYS if e.get(k) is not None), "")
+        digest.update(f"{name}\0{e.get('size')}\0{tag}\n".encode())
+    return fs, root, wanted, digest.hexdigest()[:12]
+
+
+def model_version(source: str, storage_options: dict | None = None) -> str | None:
+    """The version of a URL-prefix model as `fetch_to_cache` computes it (None for a local dir or hub id):
+    the driver records it, and every replica of the job loads exactly that version."""
+    if is_url(source) and not source.startswith("file://"):
+        return _list_prefix(source.rstrip("/"), storage_options)[3]
+    return None
+
+
+def fetch_to_cache(
+    url: str,
+    cache_dir: str | Path | None = None,
+    storage_options: dict | None = None,
+    expected_version: str | None = None,
+) -> tuple[Path, bool]:
+    """Download a model prefix into the node-local cache once per version; return (local dir, whether this
+    call downloaded).
+
+    Every call lists the prefix (one request) and keys the copy by the files' version, so a model changed
+    under the same prefix is fetched anew, never served from the old copy. `expected_version`: the version
+    the job's driver saw; a prefix that no longer has it is refused, so one job never mixes two models.
     Concurrent callers on one node (actors, processes) serialise on a file lock; the loser finds the finished
     copy. A copy is visible only once complete: it is assembled in a temp dir and renamed into place.
     """
-    import fsspec
     from filelock import FileLock
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     url = url.rstrip("/")
+    fs, root, wanted, version = _list_prefix(url, storage_options)
+    if expected_version is not None and version != expected_version:
+        raise ModelLoadError(
+            f"the model under {redact_url(url)} changed since the job started (version {expected_version}, now "
+            f"{version}): one job runs one model; rerun it to use the new one"
+        )
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    dest = cache / f"{url.rsplit('/', 1)[-1]}-{key}"
+    dest = cache / f"{url.rsplit('/', 1)[-1]}-{key}-{version}"
     if (dest / _COMPLETE).exists():
         return dest, False
 
     with FileLock(str(dest) + ".lock"):
         if (dest / _COMPLETE).exists():
             return dest, False
-        try:
-            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-            names = sorted(Path(p).name for p in fs.ls(root, detail=False))
-        except FileNotFoundError as e:
-            raise ModelLoadError(f"model prefix not found: {redact_url(url)}") from e
-        except Exception as e:  # auth, endpoint, network: name the source, not the credentials
-            raise ModelLoadError(
-                redact_text(f"cannot list model prefix {url}: {type(e).__name__}: {e}")
-            ) from e
-        if "config.json" not in names:
-            raise ModelLoadError(
-                f"no config.json under model prefix {redact_url(url)}: not a Hugging Face model directory"
-            )
-        wanted = [n for n in names if n in METADATA_FILES] + pick_weight_files(names, url)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dest.name}.tmp-"))
         try:
             log.info("downloading %d files of %s to %s", len(wanted), redact_url(url), dest)
             for name in wanted:
                 fs.get(f"{root}/{name}", str(tmp / name))
-            (tmp / _COMPLETE).write_text(redact_url(url) + "\n")
+            (tmp / _COMPLETE).write_text(f"{redact_url(url)}\n{version}\n")
             if dest.exists():  # an incomplete copy left by a killed process
                 shutil.rmtree(dest)
             os.rename(tmp, dest)
@@ -140,10 +176,16 @@ def _fetch_from_hub(repo_id: str, cache_dir: Path | None) -> Path:
         ) from e
 
 
-def localize(source: str, cache_dir: str | Path | None = None, storage_options: dict | None = None) -> Path:
-    """The local directory holding `source`, downloading it first if it is a URL prefix or hub id."""
+def localize(
+    source: str,
+    cache_dir: str | Path | None = None,
+    storage_options: dict | None = None,
+    expected_version: str | None = None,
+) -> Path:
+    """The local directory holding `source`, downloading it first if it is a URL prefix (of
+    `expected_version`, when given: see `fetch_to_cache`) or hub id."""
     if is_url(source) and not source.startswith("file://"):
-        return fetch_to_cache(source, cache_dir, storage_options)[0]
+        return fetch_to_cache(source, cache_dir, storage_options, expected_version)[0]
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
         return path

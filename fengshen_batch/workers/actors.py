@@ -34,10 +34,10 @@ def compute_lock(spec):
     return contextlib.nullcontext() if get(spec.kind).whole_shard else threading.Lock()
 
 
-def load_replicas(spec):
+def load_replicas(spec, model_versions: dict | None = None):
     """In an actor: the spec's model (and reference model) on this actor's device, and the kind's engine
     (generation's, in its thread); returns (Replicas, the token budget to start from, when the imports were
-    done)."""
+    done). `model_versions`: the version of each URL-prefix model the driver saw (every replica loads it)."""
     import torch
 
     from ..io.storage import storage_options
@@ -60,6 +60,7 @@ def load_replicas(spec):
             dtype=spec.dtype,
             trust_remote_code=spec.trust_remote_code,
             storage_options=storage_options(source, spec.storage),
+            expected_version=(model_versions or {}).get(source),
         )
 
     reference = getattr(spec, "reference_model", None)
@@ -77,14 +78,20 @@ class ModelActor:
     """
 
     def __init__(
-        self, spec: dict, id_column: str | None, output: str, schemas: tuple[pa.Schema, pa.Schema], board=None
+        self,
+        spec: dict,
+        id_column: str | None,
+        output: str,
+        schemas: tuple[pa.Schema, pa.Schema],
+        board=None,
+        model_versions: dict | None = None,
     ):
         init_at = time.time()
         install_log_redaction()
         self.spec = build_spec(spec)
         self.kind = get(self.spec.kind)
         self.reporter = Reporter(board, self.spec)  # says "loading" to the driver's line
-        self.replicas, self.token_budget, imported_at = load_replicas(self.spec)
+        self.replicas, self.token_budget, imported_at = load_replicas(self.spec, model_versions)
         engine = self.replicas.engine
         self.reporter.ready(engine.engine.stats if engine is not None else None)
         self.id_column, self.output = id_column, output

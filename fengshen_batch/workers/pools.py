@@ -70,6 +70,7 @@ def run_pipeline(
     schemas: tuple[pa.Schema, pa.Schema],
     ray_progress: bool = False,
     board=None,
+    model_versions: dict | None = None,
 ) -> Iterator[pa.Table]:
     """Stream commit records (COMMIT_SCHEMA, one row per shard written under `output`) to the driver; the
     actors post their in-flight counts to `board` (`start_board`).
@@ -87,6 +88,7 @@ def run_pipeline(
             "output": output,
             "schemas": schemas,
             "board": board,
+            "model_versions": model_versions,
         },  # fmt: skip
         compute=_compute(spec),
         num_gpus=gpus,
