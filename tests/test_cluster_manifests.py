@@ -160,3 +160,35 @@ def test_dockerfile_uses_a_ray_gpu_image_and_installs_the_project():
     text = (ROOT / "cluster" / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:[\d.]+-py3\d+-gpu", text, re.M)
     assert "pip install --no-cache-dir ." in text
+
+
+def _pods(doc: dict):
+    """(role, pod spec) of a RayJob's head and worker groups."""
+    spec = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+    cluster = spec["rayClusterSpec"]
+    yield "head", cluster, cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster["workerGroupSpecs"]:
+        yield "worker", cluster, group["template"]["spec"]
+
+
+@needs_crds
+def test_ray_clusters_are_hardened():
+    """Issue 32: Ray token auth on the dashboard and Jobs API, non-root pods without privilege escalation or
+    capabilities, and no service-account token on workers (the head's autoscaler needs its own)."""
+    jobs = []
+    for path in KUBE_MANIFESTS:
+        for doc in _documents(path):
+            if doc["kind"] in ("RayJob", "RayCronJob"):
+                jobs.append(doc)
+            for key, value in (doc.get("data") or {}).items():
+                if key == "rayjob.yaml":
+                    jobs.append(yaml.safe_load(value.replace("RUN_DATE", "20261121")))
+    assert len(jobs) == 3
+    for doc in jobs:
+        for role, cluster, pod in _pods(doc):
+            assert cluster["authOptions"] == {"mode": "token"}
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod.get("automountServiceAccountToken", True) is (role == "head")
+            for c in pod["containers"]:
+                assert c["securityContext"]["allowPrivilegeEscalation"] is False
+                assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
