@@ -25,12 +25,12 @@ def _cache(seed=0):
 
 
 def _reference(q, k, v, tables, lens):
-    """SDPA over each row's blocks copied out densely, positions >= len masked."""
-    B, nb = tables.shape
-    keys = k[:, tables].reshape(H, B, nb * BLOCK, HD).transpose(0, 1)  # (B, H, S, hd)
-    vals = v[:, tables].reshape(H, B, nb * BLOCK, HD).transpose(0, 1)
+    """SDPA over each row's blocks copied out densely, positions >= len masked (scale 1/sqrt(head size))."""
+    (B, nb), (heads, _, _, hd) = tables.shape, k.shape
+    keys = k[:, tables].reshape(heads, B, nb * BLOCK, hd).transpose(0, 1)  # (B, H, S, hd)
+    vals = v[:, tables].reshape(heads, B, nb * BLOCK, hd).transpose(0, 1)
     mask = (torch.arange(nb * BLOCK) < lens[:, None])[:, None, None]  # (B, 1, 1, S)
-    return F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=mask, scale=SCALE)[:, :, 0]
+    return F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=mask, scale=hd**-0.5)[:, :, 0]
 
 
 def _tables(rows, lens, shared_blocks=0, seed=1):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fengshen_batch.cli import main
@@ -216,4 +217,66 @@ def test_lost_worker_node_mid_job(tmp_path, tiny_model_dir):
     assert report["gpus_per_actor"] == 1.0
     assert report["lost_at_markers"] < report["shards"], report
     assert report["counts"]["input_rows"] == 90 == report["counts"]["result_rows"]
+    assert_exactly_once(out, rows)
+
+
+def test_out_of_memory_at_the_smallest_batch_is_retried_then_that_row_goes_to_errors(replica, monkeypatch):
+    """Issue 32, case 7: a transient out-of-memory on one row alone is retried and scores; a row that runs out
+    of memory alone every time goes to errors/ as out_of_memory while the others score (before, the actor's
+    call raised and the whole job failed, on every rerun)."""
+    from fengshen_batch.kinds import scoring
+
+    real, seen = scoring.window_logprobs, []
+
+    def flaky(rep, windows, per_token=False):
+        longest = max(len(s) for s, _ in windows)
+        seen.append(longest)
+        if longest > 40 or (longest > 12 and seen.count(longest) == 1):  # too long ever; once, transiently
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(rep, windows, per_token)
+
+    texts = ["北京", "Diabetics should not eat sugar.", "word " * 60, "ok"]
+    expected, _ = score_texts(replica, texts)
+    monkeypatch.setattr(scoring, "window_logprobs", flaky)
+    spec = build_spec({"kind": "score", "model": "m", "input": "i", "output": "o"})
+    table = pa.table({"id": list("abcd"), "text": texts, "_shard": [0] * 4, "_row": [0, 1, 2, 3]})
+    out, _ = rows.process_table(rows.Replicas(replica), spec, table, "id", 1000)
+    assert out.column("error_kind").to_pylist() == [None, None, "out_of_memory", None]
+    assert "out of memory on this row alone" in out.column("error_message")[2].as_py()
+    assert any(12 < n <= 40 and seen.count(n) == 2 for n in seen)  # row b: failed once, then retried
+    got = out.column("nll_sum").to_pylist()
+    for i in (0, 1, 3):
+        assert got[i] == pytest.approx(expected[i].nll_sum, rel=1e-5)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_driver_killed_during_the_overwrite_swap_leaves_no_published_mix(tmp_path, replica, monkeypatch):
+    """Issue 32: the swap of an --overwrite run interrupted after some files were copied in: the output is
+    not published (no _SUCCESS over a mix of old and new files), and rerunning the same command finishes
+    the swap from the complete staging copy: the new output, every row exactly once."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    rows = write_texts(tmp_path / "in", files=(8, 8))
+    out = tmp_path / "out"
+    base = ["score", "--model", replica.source, "--input", str(tmp_path / "in"), "--output", str(out),
+            "--shard-rows", "4"]  # fmt: skip
+    runner = CliRunner()
+    assert runner.invoke(main, base).exit_code == 0
+    changed = [*base, "--stride", "8", "--overwrite"]
+    real, copies = LocalFileSystem.copy, []
+
+    def dies_mid_swap(self, *args, **kwargs):
+        copies.append(args)
+        if len(copies) == 3:  # the first data files are in, the rest and the markers are not
+            raise KeyboardInterrupt  # the driver stops here, as under SIGKILL
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "copy", dies_mid_swap)
+    assert runner.invoke(main, changed).exit_code != 0 and len(copies) == 3
+    assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
+    monkeypatch.setattr(LocalFileSystem, "copy", real)
+    res = runner.invoke(main, changed)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["spec"]["stride"] == 8
+    assert not (out / "_overwrite").exists()
     assert_exactly_once(out, rows)

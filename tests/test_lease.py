@@ -76,6 +76,7 @@ def test_a_stale_lease_is_taken_over(tmp_path, tiny_model_dir, output):
 
 
 @pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("output", ["s3"], indirect=True)  # the conditional writes that matter most
 def test_two_runs_started_together_leave_exactly_one_complete_output(tmp_path, tiny_model_dir, output):
     """Two jobs of different configurations (another stride) started at once into one output: one finishes,
     the other is refused by the lease, and the output is the winner's whole."""

@@ -40,26 +40,46 @@ def run_rows(
 ) -> tuple[list, int]:
     """The kind's work on a batch; if the batch fails, row by row, so that one bad row cannot fail the job.
 
-    CUDA out-of-memory is not a row's fault: it propagates (after the engine's own back-off) and Ray
-    retries the batch.
+    Out of memory at the smallest batch (the kind's own back-off already down to one row, or the engine's to
+    one sequence) is retried once with the CUDA cache emptied, then row by row; a row that runs out of
+    memory alone, twice, goes to errors/ as `out_of_memory` and the job goes on (Ray Data would not retry
+    an exception raised in an actor's call: the whole job would fail on it, and on every rerun).
     """
     kind = get(spec.kind)
-    try:
-        return kind.run(replicas, spec, items, ids, budget, usage)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception:
-        log.exception("batch of %d rows failed; retrying row by row", len(items))
+    for attempt in range(2):
+        try:
+            return kind.run(replicas, spec, items, ids, budget, usage)
+        except torch.OutOfMemoryError:
+            _empty_cuda_cache()
+            log.warning("out of memory on a batch of %d rows at the smallest batch (attempt %d of 2)%s",
+                        len(items), attempt + 1, "; retrying row by row" if attempt else "")  # fmt: skip
+        except Exception:
+            log.exception("batch of %d rows failed; retrying row by row", len(items))
+            break
     results = []
     for item, row_id in zip(items, ids, strict=True):
-        try:
-            (result,), budget = kind.run(replicas, spec, [item], [row_id], budget, usage)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            result = RowError("engine_error", redact_text(f"{type(e).__name__}: {e}")[:2000])
+        result = None
+        for _attempt in range(2):
+            try:
+                (result,), budget = kind.run(replicas, spec, [item], [row_id], budget, usage)
+                break
+            except torch.OutOfMemoryError:
+                _empty_cuda_cache()
+                result = RowError(
+                    "out_of_memory",
+                    "out of memory on this row alone, twice (on the GPU, with the smallest batch): a "
+                    "shorter text, a smaller max_new_tokens or num_return_sequences, or a larger GPU",
+                )
+            except Exception as e:
+                result = RowError("engine_error", redact_text(f"{type(e).__name__}: {e}")[:2000])
+                break
         results.append(result)
     return results, budget
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def to_columns(spec, results: list, extra: dict[str, list]) -> tuple[list[int], dict[str, list], list]:
