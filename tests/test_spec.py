@@ -145,6 +145,13 @@ def test_unreachable_storage_and_refused_credentials(tmp_path, tiny_model_dir, s
     assert PLANTED_SECRET not in res.output
 
 
+def test_version():
+    from fengshen_batch import __version__
+
+    res = _cli(["--version"])
+    assert res.exit_code == 0 and res.output == f"fengshen-batch {__version__}\n"
+
+
 def test_debug_shows_the_traceback(tmp_path):
     res = _cli(["score", "--model", "m", "--input", str(tmp_path / "nope"), "--output", "o", "--debug"])
     assert res.exit_code != 0 and isinstance(res.exception, Exception)

@@ -80,7 +80,9 @@ def _up(head: Head) -> bool:
 
 
 @contextlib.contextmanager
-def _head(s3_endpoint: str, auth_mode: str):
+def _head(s3_endpoint: str, auth_mode: str, default_temp: bool = False):
+    """`default_temp`: the head keeps Ray's own temp dir (/tmp/ray), as a plain `ray start --head` does, so
+    that a plain `ray.init()` on this machine finds it."""
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     dashboard, gcs, metrics = _free_port(), _free_port(), _free_port()
     env = {
@@ -100,7 +102,7 @@ def _head(s3_endpoint: str, auth_mode: str):
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--metrics-export-port", str(metrics),
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(temp),
+        "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", *([] if default_temp else ["--temp-dir", str(temp)]),
         # the suite's own Ray (and the other head) hold the default agent and metrics ports on this machine
         *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                            "--runtime-env-agent-port", "--ray-client-server-port")
@@ -121,6 +123,11 @@ def _head(s3_endpoint: str, auth_mode: str):
         process.terminate()
         process.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
+        current = Path(
+            "/tmp/ray/ray_current_cluster"
+        )  # a plain head leaves its address there: not ours to keep
+        if default_temp and current.exists() and head.gcs in current.read_text():
+            current.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -452,3 +459,20 @@ def test_a_running_job_counts_into_ray_metrics(tmp_path, open_head, tiny_model_d
                 found[name] = sum(values)
         time.sleep(1)
     assert found == wanted, text[-3000:]
+
+
+def test_a_job_without_an_address_starts_its_own_ray_beside_a_running_head(
+    tmp_path, s3_endpoint, tiny_model_dir
+):
+    """Issue 33: with a plain `ray start --head` on this machine, a job given no address (and no RAY_ADDRESS)
+    runs on a Ray of its own, as the README promises; before, it joined that head and died on
+    "When connecting to an existing cluster, num_cpus and num_gpus must not be provided" (exit 1)."""
+    write_texts(tmp_path / "in", files=(3,))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with _head(s3_endpoint, "disabled", default_temp=True):
+        res = subprocess.run([sys.executable, "-m", "fengshen_batch", "score", "--model", str(tiny_model_dir),
+                              "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "starting a local Ray" in res.stdout and "existing cluster" not in res.stdout + res.stderr
+    assert (tmp_path / "out" / "_SUCCESS").exists()

@@ -252,3 +252,6 @@ def test_prompts_cut_to_fit_a_near_context_limit_are_counted_and_said(tmp_path, 
     cut = [n - room for n in lengths if n > room]
     assert cut and counts["truncated_prompts"] == len(cut) and counts["truncated_prompt_tokens"] == sum(cut)
     assert f"warning: {len(cut)} prompts were cut from the left" in res.output
+    assert (
+        f"report: {tmp_path / 'out'}/report/report.html" in res.output
+    )  # issue 33: the report on the done line

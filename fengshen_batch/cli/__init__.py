@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .. import api
+from .. import __version__, api
 from ..spec import build_spec, fill_dates, load_spec
 from .options import RAY_PROGRESS, TOKEN_LOGPROBS, baseline_options, job_options, report_errors, spec_fields
 
@@ -37,6 +37,7 @@ def _exit_if_drifted(drift: dict | None, say: bool = True) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="fengshen-batch", message="%(prog)s %(version)s")
 def main():
     """Offline batch scoring and generation for the Fengshenbang GPT2-3.5B models on Ray."""
 

@@ -30,8 +30,10 @@ def init_ray(address: str | None, min_cpus: float = 1) -> bool:
         # Logical CPUs: enough for the actors plus the read tasks, whatever this machine's core count.
         cpus = max(os.cpu_count() or 1, int(min_cpus) + 1)
         # Only what a job needs: no dashboard, and no metrics pipeline (nothing would read it; the raylet
-        # otherwise waits for the metrics agent at start).
+        # otherwise waits for the metrics agent at start). address="local": a new Ray of our own even where
+        # a `ray start --head` runs on this machine (plain ray.init() would join it, and refuse num_cpus).
         ray.init(
+            address="local",
             include_dashboard=False,
             num_cpus=cpus,
             logging_level=logging.WARNING,
