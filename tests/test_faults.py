@@ -256,7 +256,7 @@ def test_a_driver_killed_during_the_overwrite_swap_leaves_no_published_mix(tmp_p
     the swap from the complete staging copy: the new output, every row exactly once."""
     from fsspec.implementations.local import LocalFileSystem
 
-    rows = write_texts(tmp_path / "in", files=(8, 8))
+    rows = write_texts(tmp_path / "in", files=(4, 4))
     out = tmp_path / "out"
     base = ["score", "--model", replica.source, "--input", str(tmp_path / "in"), "--output", str(out),
             "--shard-rows", "4"]  # fmt: skip

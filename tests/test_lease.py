@@ -67,7 +67,8 @@ def test_a_stale_lease_is_taken_over(tmp_path, tiny_model_dir, output):
         {"run_id": "killed-run", "job": "x", "host": OutputLease(store, "x").body["host"],
          "pid": int(dead.stdout), "renewed": time.time()},
     ]  # fmt: skip
-    for body in stale:
+    # one case per backend keeps the suite short: a stale lease on S3, a dead driver's on a local disk
+    for body in stale[:1] if output.startswith("s3://") else stale[1:]:
         store.fs.makedirs(store.path, exist_ok=True)
         store.fs.pipe_file(store.path_to(LEASE), json.dumps(body).encode())
         res = _score(tiny_model_dir, tmp_path / "in", output)

@@ -168,3 +168,21 @@ def test_drop_columns_and_result_prefix_from_the_command_line():
     assert build_spec({"kind": "score", **BASE, "drop_columns": "ppl"}).drop_columns == ("ppl",)
     with pytest.raises(SpecError, match="result_prefix"):
         build_spec({"kind": "score", **BASE, "result_prefix": "new ppl"})
+
+
+def test_a_hub_id_without_a_reachable_hub_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """Issue 33: one line and exit 2 before Ray starts (before: the actors died, 368 lines, exit 1)."""
+    import huggingface_hub.constants
+
+    from tests.helpers import write_texts
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    write_texts(tmp_path / "in", files=(2,))
+    res = _cli(["score", "--model", "IDEA-CCNL/Wenzhong-GPT2-3.5B", "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "out")])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(
+        "error: cannot reach the Hugging Face hub to fetch 'IDEA-CCNL/Wenzhong-GPT2-3.5B'"
+    )
+    assert len(res.output.strip().splitlines()) == 1 and "local Ray" not in res.output

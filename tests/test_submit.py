@@ -82,7 +82,8 @@ def _up(head: Head) -> bool:
 @contextlib.contextmanager
 def _head(s3_endpoint: str, auth_mode: str, default_temp: bool = False):
     """`default_temp`: the head keeps Ray's own temp dir (/tmp/ray), as a plain `ray start --head` does, so
-    that a plain `ray.init()` on this machine finds it."""
+    that a plain `ray.init()` on this machine finds it; it runs no dashboard (nothing here submits to it), so
+    it is up once `ray start` says so."""
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     dashboard, gcs, metrics = _free_port(), _free_port(), _free_port()
     env = {
@@ -101,7 +102,9 @@ def _head(s3_endpoint: str, auth_mode: str, default_temp: bool = False):
     }
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--metrics-export-port", str(metrics),
-        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--node-ip-address", "127.0.0.1",
+        *(["--include-dashboard=false"] if default_temp else
+          ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]),
         "--num-cpus", "4", "--num-gpus", "0", "--disable-usage-stats", *([] if default_temp else ["--temp-dir", str(temp)]),
         # the suite's own Ray (and the other head) hold the default agent and metrics ports on this machine
         *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -114,7 +117,12 @@ def _head(s3_endpoint: str, auth_mode: str, default_temp: bool = False):
                 metrics)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not _up(head):
+        up = (
+            (lambda: b"block forever" in (temp / "ray-start.log").read_bytes())
+            if default_temp
+            else (lambda: _up(head))
+        )
+        while not up():
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"the head did not come up\n{head.diagnose()}")
             time.sleep(1)

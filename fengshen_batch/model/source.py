@@ -225,7 +225,8 @@ def check_model_source(
     source: str, storage_options: dict | None = None, trust_remote_code: bool = False
 ) -> dict | None:
     """Fail early, before any replica loads, on a model that is missing or not GPT2 (reads config.json only).
-    Returns the config, or None for a hub id (read only when it loads)."""
+    Returns the config, or None for a hub id not in this machine's hub cache (read only when it loads); a
+    hub id is refused here when the hub cannot be reached and the model is not cached."""
     if is_url(source) and not source.startswith("file://"):
         import fsspec
 
@@ -244,6 +245,22 @@ def check_model_source(
         return check_model_dir(path, source, trust_remote_code)
     if not HUB_ID.match(source) or path.exists():
         raise _not_found(source)
+    return _check_hub_model(source, trust_remote_code)
+
+
+def _check_hub_model(repo_id: str, trust_remote_code: bool) -> dict | None:
+    """The config of a cached hub model; else None once the hub is known reachable (the replicas fetch it),
+    or one line naming why it is not (before, an unreachable hub surfaced as actors dying, each repeating it)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return check_model_dir(Path(cached).parent, repo_id, trust_remote_code)
+    if not constants.HF_HUB_OFFLINE and (why := _hub_unreachable(constants.ENDPOINT)):
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub to fetch {repo_id!r} ({why}), and it is not in this machine's "
+            "hub cache: copy the model to a local directory or a bucket prefix and pass that"
+        )
     return None
 
 
