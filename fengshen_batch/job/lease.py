@@ -71,8 +71,8 @@ class OutputLease:
 
     def _create(self) -> bool:
         """Write the lease if no lease exists; whether this call wrote it."""
-        self.fs.makedirs(self.store.path, exist_ok=True)
-        if self.local:
+        if self.local:  # (object stores have no folders to make; s3fs's makedirs would create a bucket)
+            os.makedirs(self.store.path, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
