@@ -234,7 +234,7 @@ class ModelRunner:
         self._pos[width:B].zero_()
         self._tables[width:B, :nb].fill_(NULL_BLOCK)
         if self.triton:
-            tiles = self._attention(B).splits.tiles
+            tiles = attn.splits.tiles
             st, rows, tlen = extra_t.split([width, tiles * TILE_ROWS, tiles])
             self._starts[:width].copy_(st)
             self._starts[width:B].zero_()

@@ -16,7 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _empty_cuda_cache() -> None:
+def empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -48,7 +48,7 @@ def run_packed(
         except torch.OutOfMemoryError:
             if rows == 1:
                 raise
-            _empty_cuda_cache()
+            empty_cuda_cache()
             budget = max(width, budget // 2)
             log.warning("out of memory on %d x %d tokens: token budget halved to %d", rows, width, budget)
             continue

@@ -19,6 +19,7 @@ import torch
 from ..engine.replica import Replica
 from ..io.redact import redact_text
 from . import get
+from .batching import empty_cuda_cache
 from .rows import RowError
 from .schemas import ERROR_FIELDS
 
@@ -50,7 +51,7 @@ def run_rows(
         try:
             return kind.run(replicas, spec, items, ids, budget, usage)
         except torch.OutOfMemoryError:
-            _empty_cuda_cache()
+            empty_cuda_cache()
             log.warning("out of memory on a batch of %d rows at the smallest batch (attempt %d of 2)%s",
                         len(items), attempt + 1, "; retrying row by row" if attempt else "")  # fmt: skip
         except Exception:
@@ -64,7 +65,7 @@ def run_rows(
                 (result,), budget = kind.run(replicas, spec, [item], [row_id], budget, usage)
                 break
             except torch.OutOfMemoryError:
-                _empty_cuda_cache()
+                empty_cuda_cache()
                 result = RowError(
                     "out_of_memory",
                     "out of memory on this row alone, twice (on the GPU, with the smallest batch): a "
@@ -75,11 +76,6 @@ def run_rows(
                 break
         results.append(result)
     return results, budget
-
-
-def _empty_cuda_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def to_columns(spec, results: list, extra: dict[str, list]) -> tuple[list[int], dict[str, list], list]:
