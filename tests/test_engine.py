@@ -152,11 +152,34 @@ def test_the_cpu_sort_of_probabilities_by_their_bits_is_the_float_sort():
     probs = torch.cat([(torch.randn(6, 3000) * 3).softmax(-1), (torch.randn(1, 3000) * 200).softmax(-1),
                        torch.full((1, 3000), 1 / 3000)])  # fmt: skip
     assert (probs == 0).any()
-    values, idx = _sort_descending(probs)
-    want = torch.sort(probs, dim=-1, descending=True)
-    assert torch.equal(values, want.values)
-    assert torch.equal(probs.gather(1, idx), values)  # the indices point at those values
-    assert torch.equal(idx[:6], want.indices[:6])  # (tied values may order their indices either way)
+    assert torch.equal(_sort_descending(probs), torch.sort(probs, dim=-1, descending=True).values)
+
+
+def test_tied_probabilities_draw_the_token_a_stable_sort_puts_there():
+    """Draws name tokens by value: among tokens of equal probability, the one at the drawn rank of a stable
+    descending sort. The candidates and the full sort then agree, ties straddling the candidates included."""
+    torch.manual_seed(0)
+    V = 4 * CANDIDATES
+    logits = torch.randn(6, V) * 4
+    logits[0, :40] = logits[0].max() + 1  # 40 tied leaders
+    logits[1, 10 : 10 + 2 * CANDIDATES] = 5.0  # a tie group that straddles the candidates: flat, a redraw
+    logits[2] = 0.0  # a row of ties
+    n = 2000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    params = GenerateParams(temperature=0.9, top_p=0.9)
+    for row in range(3):
+        probs = (logits[row] / 0.9).softmax(-1).expand(n, -1)
+        sorted_ = torch.sort(probs[:1], dim=-1, descending=True, stable=True)
+        cum = sorted_.values.double().cumsum(-1)[0]
+        kept = int((cum < params.top_p).sum()) + 1
+        mass = cum[kept - 1]
+        want = sorted_.indices[0, torch.searchsorted(cum, u * mass).clamp(max=kept - 1)]
+        assert torch.equal(sample_full(logits[row].expand(n, -1), None, None, params, u=u), want)
+    keys = torch.tensor([sample_key(2, f"r{i}", 0) for i in range(6)])
+    tokens, redraw = sample(logits, keys, torch.zeros(6, dtype=torch.long), params)
+    ok = ~redraw
+    assert ok[0] and not ok[1]
+    assert torch.equal(tokens[ok], sample_full(logits, keys, torch.zeros(6, dtype=torch.long), params)[ok])
 
 
 def test_stop_strings_are_found_in_the_new_bytes_even_across_tokens(replica):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 from ..params import GenerateParams
@@ -69,20 +70,34 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) ->
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+def _first_at_or_above(cum: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, 1) index of the first entry of each row of `cum` (B, K) that is >= x (B, 1), at most K - 1."""
+    return torch.searchsorted(cum, x).clamp_(max=cum.shape[-1] - 1)
+
+
 def _draw(
-    p: torch.Tensor, idx: torch.Tensor, u: torch.Tensor, top_p: float
+    probs: torch.Tensor, values: torch.Tensor, u: torch.Tensor, top_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF draw among tokens `idx` (B, K) with probabilities `p` (B, K) in descending order; top-p
-    keeps the smallest most-likely set whose mass reaches top_p (at least one token), as transformers'
-    TopPLogitsWarper does. Returns (tokens (B,), the candidates' total mass (B,))."""
-    p = p.double()  # float64 sums: exact enough over 50k small terms
-    cum = p.cumsum(-1)  # (B, K)
-    if top_p < 1.0:
-        p = p.masked_fill(cum - p >= top_p, 0.0)  # the mass before a token reached top_p: drop it
-    kept = p.cumsum(-1)
-    target = u[:, None] * kept[:, -1:]  # (B, 1), inside the kept mass
-    choice = torch.searchsorted(kept, target).clamp_(max=p.shape[-1] - 1)  # first cum >= target
-    return idx.gather(1, choice).squeeze(1), cum[:, -1]
+    """Inverse-CDF draw from the probabilities `values` (B, K), most likely first: the K largest of `probs`
+    (B, V), or all of them. Top-p keeps ranks up to the first whose cumulative mass reaches top_p (at least one
+    token), as transformers' TopPLogitsWarper does. Returns (tokens (B,), the K values' total mass (B,)).
+
+    The token is named by its probability, not by a sort's indices: the drawn rank's value, and among tokens
+    of exactly that probability the one a stable sort would put there (lowest vocabulary index first). So the
+    candidates' partial top-k and the full sort give the same token for the same draw, ties included, and a
+    sort needs no indices (on CPU, values alone sort four times faster)."""
+    cum = values.double().cumsum(-1)  # (B, K); float64: exact enough over 50k small terms
+    last = _first_at_or_above(cum, cum.new_full((len(cum), 1), top_p)) if top_p < 1.0 else None
+    total = cum[:, -1:] if last is None else cum.gather(1, last)  # (B, 1) the kept mass
+    rank = _first_at_or_above(cum, u[:, None] * total)  # (B, 1) first cum >= target: inside the kept ranks
+    if last is not None:
+        rank = torch.minimum(rank, last)
+    value = values.gather(1, rank)  # (B, 1)
+    tie = rank - (values > value).sum(-1, keepdim=True)  # (B, 1) place among the tokens of that value
+    same = probs == value  # (B, V)
+    if probs.device.type != "cpu" or bool(tie.any()):  # (no host sync on a GPU: always the general form)
+        same &= same.cumsum(-1) == tie + 1
+    return same.int().argmax(-1), cum[:, -1]
 
 
 def sample_full(logits, keys, steps, params: GenerateParams, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,26 +106,24 @@ def sample_full(logits, keys, steps, params: GenerateParams, u: torch.Tensor | N
     probs = (logits / params.temperature).softmax(-1)  # (B, V)
     u = uniform(keys, steps) if u is None else u
     if params.top_p >= 1.0 and not params.top_k:  # no filter: vocabulary order, no sort
-        vocab = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-        return _draw(probs, vocab, u, 1.0)[0]
+        cum = probs.double().cumsum(-1)
+        return _first_at_or_above(cum, u[:, None] * cum[:, -1:]).squeeze(1)
     if params.top_k and params.top_k < probs.shape[-1]:
-        p, idx = torch.topk(probs, params.top_k, dim=-1)
-        return _draw(p / p.sum(-1, keepdim=True), idx, u, params.top_p)[
-            0
-        ]  # top-p sees the top-k distribution
-    p, idx = _sort_descending(probs)
-    return _draw(p, idx, u, params.top_p)[0]
+        values = torch.topk(probs, params.top_k, dim=-1).values
+        probs = probs / values.sum(-1, keepdim=True)  # top-p sees the top-k distribution
+        return _draw(probs, values / values.sum(-1, keepdim=True), u, params.top_p)[0]
+    return _draw(probs, _sort_descending(probs), u, params.top_p)[0]
 
 
-def _sort_descending(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of float32 probabilities (B, V) sorted most likely first. On CPU the sort runs on the
-    values' int32 bit patterns: for non-negative floats they order the same, and torch sorts integers in
-    two-thirds of the time it takes for floats (no NaN handling): 41 vs 64 ms at (256, 8192) on 2 cores, the
-    largest single cost of a decode step where distributions are flat enough to need the full sort."""
+def _sort_descending(probs: torch.Tensor) -> torch.Tensor:
+    """Float32 probabilities (B, V) sorted most likely first. On CPU numpy sorts the values' int32 bit
+    patterns (for non-negative floats they order the same) with its vectorised sort: 2.6 ms at (128, 8192)
+    where torch's sort, which always also returns indices, takes 23 ms; it was the largest single cost of a
+    decode step where distributions are flat enough to need the full sort."""
     if probs.device.type != "cpu" or probs.dtype != torch.float32:
-        return torch.sort(probs, dim=-1, descending=True)
-    bits, idx = torch.sort(probs.view(torch.int32), dim=-1, descending=True)
-    return bits.view(torch.float32), idx
+        return torch.sort(probs, dim=-1, descending=True).values
+    ascending = np.sort(probs.contiguous().view(torch.int32).numpy(), axis=-1)
+    return torch.from_numpy(ascending).flip(-1).view(torch.float32)
 
 
 def sample(
@@ -124,6 +137,7 @@ def sample(
     V = logits.shape[-1]
     if full or params.top_p >= 1.0 or params.top_k or V <= CANDIDATES:
         return sample_full(logits, keys, steps, params), None
-    p, idx = torch.topk((logits / params.temperature).softmax(-1), CANDIDATES, dim=-1)  # most likely first
-    tokens, mass = _draw(p, idx, uniform(keys, steps), params.top_p)
+    probs = (logits / params.temperature).softmax(-1)
+    values = torch.topk(probs, CANDIDATES, dim=-1).values  # (B, CANDIDATES) most likely first
+    tokens, mass = _draw(probs, values, uniform(keys, steps), params.top_p)
     return tokens, mass < params.top_p  # the nucleus extends past the candidates: redraw those rows
