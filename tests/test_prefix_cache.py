@@ -318,3 +318,18 @@ def test_judge_rows_that_open_alike_score_their_opening_once_and_equal_lm_eval(
         dense, _ = score_tokens(replica, [replica.encode(s) for s in statements])
         assert got == pytest.approx([d[0] for d in dense], rel=1e-6)
         assert [s.token_count for s in judgment.scores] == [d[1] for d in dense]
+
+
+def test_a_rows_linear_bits_do_not_depend_on_how_many_rows_share_the_step():
+    """CPU GEMMs change kernels below ~a dozen rows and again past ~176 (K=1,024, N=256 on 2 cores): a row
+    of a big prefill or decode step would get other last bits than the same row in a small one, and caching
+    on vs off (which changes the steps' sizes) would show it. `_linear` pads small inputs and blocks big ones."""
+    from fengshen_batch.engine.gpt2 import GPT2
+
+    torch.manual_seed(0)
+    linear = GPT2._linear.__get__(object.__new__(GPT2))  # (it uses no state)
+    for k, n in ((1024, 256), (256, 1024), (256, 768)):
+        w, b, x = torch.randn(k, n), torch.randn(n), torch.randn(700, k)
+        alone = torch.cat([linear(x[i : i + 1], w, b) for i in range(0, 700, 50)])  # each row on its own
+        for rows in (3, 16, 100, 176, 300, 700):
+            assert torch.equal(linear(x[:rows], w, b)[::50], alone[: (rows + 49) // 50]), (k, n, rows)
