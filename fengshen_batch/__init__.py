@@ -23,6 +23,8 @@ _EXPORTS = {
     "submit": "api",
     "Submission": "api",
     "report": "api",
+    "head": "api",
+    "plan": "api",
     "score": "processors",
     "generate": "processors",
     "judge": "processors",
@@ -32,6 +34,7 @@ _EXPORTS = {
     "ModelLoadError": "errors",
     "JobError": "errors",
     "SubmitError": "errors",
+    "JobInterrupted": "errors",
 }
 __all__ = ["__version__", *_EXPORTS]
 

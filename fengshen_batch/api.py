@@ -86,6 +86,16 @@ def run(
     return JobResult(spec.output, manifest)
 
 
+def plan(job: AnyJob | dict | str | Path):
+    """What `job` would run, as `fengshen-batch plan` prints it (`Plan.lines()`), without starting Ray or
+    loading a model: rows, shards (and those already committed), tokens from a sample as the job counts them,
+    and an estimate of compute time and device-hours from measured rates. Raises what a run would raise
+    before Ray starts (a bad spec, input, model or output)."""
+    from .job.plan import plan_job
+
+    return plan_job(as_spec(job))
+
+
 def report(
     output: str,
     *,
@@ -95,7 +105,7 @@ def report(
     baseline_check: bool | None = None,
     drift_threshold: float | dict | None = None,
 ) -> dict:
-    """Rebuild OUTPUT/report/ of a finished score or generate job from its shards' summaries (no pass over
+    """Rebuild OUTPUT/report/ of a finished score, generate or judge job from its shards' summaries (no pass over
     the rows unless `by` names another column than the job's `report_by`); return the report's summary.
     A score job's report is compared with `baseline` (default: the job's own), its drift judged against
     `drift_threshold` (default: the job's); `summary["drift"]["exceeded"]` says whether it drifted."""
@@ -146,6 +156,54 @@ def _baseline(manifest: dict, storage, url: str | None, check: bool | None, thre
         return base, DriftThreshold.model_validate(threshold).model_dump()
     except ValidationError as e:
         raise SpecError(f"drift_threshold: {e.errors()[0]['msg']}") from None
+
+
+def head(
+    output: str,
+    n: int = 10,
+    *,
+    errors: bool = False,
+    columns: list[str] | None = None,
+    endpoint_url: str | None = None,
+):
+    """The first `n` rows of an output's data (or, `errors`, of its errors) as a pyarrow Table, reading
+    only as many shard files as that takes: a look at a job's results, finished or still running (its
+    committed shards so far)."""
+    import pyarrow.parquet as pq
+
+    from .errors import JobError
+    from .io.outputs import DATA, ERRORS, OutputStore
+    from .io.redact import redact_url
+    from .io.storage import StorageSpec
+
+    store = OutputStore(output, StorageSpec(endpoint_url=endpoint_url))
+    folder = ERRORS if errors else DATA
+    files = store.files(folder)
+    if not files:
+        raise JobError(
+            f"{redact_url(output)} has no {folder}/ files: not a job's output, or no shard committed yet"
+        )
+    parts, have = [], 0
+    for path in files:
+        with store.fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
+            if missing:
+                raise JobError(
+                    f"{folder}/ has no column {missing[0]!r}; it has {', '.join(pf.schema_arrow.names)}"
+                )
+            for batch in pf.iter_batches(batch_size=max(1, n), columns=columns):
+                parts.append(batch.slice(0, n - have))
+                have += len(parts[-1])
+                if have >= n:
+                    break
+        if have >= n:
+            break
+    import pyarrow as pa
+
+    return (
+        pa.Table.from_batches(parts) if parts else pq.read_schema(store.fs.open(files[0], "rb")).empty_table()
+    )
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,14 @@ class JobError(FengshenError, RuntimeError):
 
 class SubmitError(FengshenError, RuntimeError):
     """Submission to a Ray cluster failed for a reason the user can fix; the message says what to set or do."""
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a job: what was committed stays committed, and the same command resumes from
+    there. A KeyboardInterrupt still (so Python callers stop as they would), which the CLI ends with exit 130."""
+
+    def __init__(self, committed: int, shards: int):
+        self.committed, self.shards = committed, shards
+        super().__init__(
+            f"interrupted: {committed} of {shards} shards committed; rerun the same command to resume"
+        )

@@ -40,10 +40,41 @@ def _processor(kind: str, ds: ray.data.Dataset, fields: dict) -> ray.data.Datase
         if source:  # before any actor starts, as a job checks it
             check_model_source(source, storage_options(source, spec.storage), spec.trust_remote_code)
     cluster.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    _check_schema(spec, ds)
     gpus = (
         spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if cluster.cluster_gpus() else 0.0)
     )
     return pools.map_rows(ds, spec, gpus)
+
+
+def _check_schema(spec, ds: ray.data.Dataset) -> None:
+    """The columns the job needs, with their types, checked from the dataset's schema when the processor is
+    built (an InputError now, not a task error when the pipeline runs). Ray Data knows a schema without
+    executing for most sources; otherwise it computes the first block."""
+    import pyarrow as pa
+
+    from .errors import InputError
+    from .io.inputs import ID_COLUMN, check_columns
+    from .kinds import get
+
+    schema = ds.schema(fetch_if_missing=True)
+    if schema is None:  # an empty dataset: nothing to check, nothing to run
+        return
+    base = schema.base_schema if isinstance(schema.base_schema, pa.Schema) else pa.schema([])
+    names = list(schema.names)
+    strings, lists, others = spec.input_columns()
+    id_column = spec.id_column or ID_COLUMN
+    if id_column not in names and (get(spec.kind).needs_ids or spec.id_column):
+        raise InputError(
+            f"id column {id_column!r} not in the dataset (columns: {', '.join(names)}): samples are seeded by "
+            "row id; add one or name it with id_column"
+        )
+    wanted = [c for c in [*strings, *lists, *others, *spec.number_columns()] if c]
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise InputError(f"column {missing[0]!r} not in the dataset (columns: {', '.join(names)})")
+    if base.names:  # Arrow types known: the job's own type checks
+        check_columns(base, [c for c in strings if c], [c for c in lists if c], [], spec.number_columns())
 
 
 def score(ds: ray.data.Dataset, **spec_keys) -> ray.data.Dataset:

@@ -118,6 +118,8 @@ class DriftThreshold(BaseModel):
 
     ppl_change: float | None = Field(default=None, gt=0)  # |today / baseline - 1| of corpus perplexity
     ks: float | None = Field(default=None, gt=0, le=1)  # Kolmogorov-Smirnov distance of per-document ppl
+    # |today / baseline - 1| of the rows or the tokens scored: a night's volume against the last one's
+    volume_change: float | None = Field(default=None, gt=0)
     min_group_rows: int = Field(default=1000, ge=1)
 
     @model_validator(mode="before")
@@ -130,8 +132,8 @@ class DriftThreshold(BaseModel):
 
     @model_validator(mode="after")
     def _some_limit(self):
-        if self.ppl_change is None and self.ks is None:
-            raise ValueError("drift_threshold needs ppl_change, ks or both")
+        if self.ppl_change is None and self.ks is None and self.volume_change is None:
+            raise ValueError("drift_threshold needs ppl_change, ks or volume_change")
         return self
 
 
@@ -261,9 +263,10 @@ class JudgeJob(JobBase, ScoreParams):
     criterion: Literal["ppl", "nll", "bpb"] = "ppl"
     label_column: str | None = None  # the correct candidate (index or text): accuracy in the manifest
     threshold: float | None = None  # a single statement is judged true when its criterion value <= this
+    report_by: str | None = None  # a column (e.g. `source`) to break the report's accuracy down by
 
     def input_columns(self) -> tuple[list[str], list[str], list[str]]:
-        others = [self.label_column] if self.label_column else []
+        others = [c for c in (self.label_column, self.report_by) if c]
         if self.candidates_column:
             return [], [self.candidates_column], others
         return [self.question_column], [self.answers_column], others
@@ -325,6 +328,32 @@ def fill_dates(text: str, date: str | None = None) -> str:
 def load_spec(path: str | Path) -> AnyJob:
     """Read and validate a YAML spec; `{date}` and `{date-N}` anywhere in it become dates (`fill_dates`)."""
     return build_spec(read_spec_fields(path))
+
+
+def apply_overrides(fields: dict, pairs: tuple[str, ...] | list[str]) -> dict:
+    """`run --set KEY=VALUE`: each pair replaces one spec key (`storage.endpoint_url=...` a nested one); the
+    value is read as YAML (`8`, `true`, `[a, b]`, `null`), with `{date}` filled in, and checked with the
+    rest of the spec by `build_spec`."""
+    fields = dict(fields)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        keys = [k.strip() for k in key.split(".")]
+        if not sep or not all(keys):
+            raise SpecError(
+                f"--set wants a spec key and a value joined by '=' (e.g. output=s3://bucket/out/), got {pair!r}"
+            )
+        try:
+            value = yaml.safe_load(fill_dates(raw)) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = fields
+        for k in keys[:-1]:
+            inner = node.get(k)
+            if inner is not None and not isinstance(inner, dict):
+                raise SpecError(f"--set {key}: {k} is not a mapping in this spec")
+            node[k] = node = dict(inner or {})
+        node[keys[-1]] = value
+    return fields
 
 
 def read_spec_fields(path: str | Path) -> dict:

@@ -61,10 +61,41 @@ def test_run_returns_the_manifest_it_wrote_and_a_rerun_finds_it_complete(tmp_pat
     spec = {"kind": "score", "model": str(replica.source), "input": _texts(tmp_path / "in"),
             "output": str(tmp_path / "out"), "shard_rows": 4}  # fmt: skip
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump({**spec, "output": str(tmp_path / "elsewhere")}))
+    # the plan, before anything starts: the rows, shards and tokens the job then counts
+    plan = fb.plan({**spec})
+    assert (plan.rows, plan.shards, plan.files, plan.exact, plan.already_complete) == (9, 3, 1, True, False)
+    from click.testing import CliRunner
+
+    from fengshen_batch.cli import main
+
     lines = []
-    result = fb.run(path, progress=lines.append)
+    res = CliRunner().invoke(
+        main, ["run", str(path), "--set", f"output={spec['output']}"]
+    )  # --set over the YAML
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert not (tmp_path / "elsewhere").exists()
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    result = fb.JobResult(spec["output"], on_disk)
+    assert plan.tokens["tokens"] == on_disk["counts"]["tokens"] and plan.tokens["error_rows"] == 0
+    shown = CliRunner().invoke(main, ["plan", str(path), "--set", f"output={spec['output']}"]).output
+    assert "already complete" in shown and "9 rows in 1 files, 3 shards (3 already committed" in shown, shown
+    assert f"tokens: tokens {plan.tokens['tokens']:,}" in shown and "GPU-hours" in shown
+    bad = CliRunner().invoke(main, ["run", str(path), "--set", "shard_rows"])
+    assert bad.exit_code == 2 and "--set wants a spec key and a value joined by" in bad.output
+    bad = CliRunner().invoke(main, ["run", str(path), "--set", "shard_rowz=3"])
+    assert bad.exit_code == 2 and "shard_rowz" in bad.output
+    # a peek at the output: the first rows as JSON lines, long values cut, only the columns asked for
+    head = CliRunner().invoke(main, ["head", spec["output"], "-n", "2", "--columns", "id,ppl"])
+    assert head.exit_code == 0, head.output
+    peeked = [json.loads(line) for line in head.output.splitlines()]
+    first = pq.read_table(tmp_path / "out" / "data" / "part-000000.parquet").slice(0, 2)
+    assert peeked == first.select(["id", "ppl"]).to_pylist()
+    none = CliRunner().invoke(main, ["head", spec["output"], "--errors"])
+    assert none.exit_code == 0 and none.output == ""
+    missing = CliRunner().invoke(main, ["head", spec["output"], "--columns", "nope"])
+    assert missing.exit_code == 2 and "no column 'nope'" in missing.output
     assert result.output == spec["output"] and not result.already_complete
     assert result.manifest == on_disk and result.counts == on_disk["counts"]
     assert result.counts["input_rows"] == 9 == result.counts["result_rows"] and result.manifest["shards"] == 3

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from fengshen_batch import JobError
 from fengshen_batch.cli import main
 from fengshen_batch.job.run import run_job
-from fengshen_batch.reports.baseline import DRIFT_EXIT_CODE, ks_distance
+from fengshen_batch.reports.baseline import DRIFT_EXIT_CODE, drift, ks_distance
 from fengshen_batch.reports.histograms import BINS_PER_DECADE, histogram
 from fengshen_batch.spec import build_spec, load_spec
 from fengshen_batch.tiny_model import build_tiny_gpt2
@@ -74,7 +74,7 @@ def test_comparison_equals_the_rows_and_drift_sets_the_exit_code(tmp_path, repli
     day1, day2, day3 = (tmp_path / d for d in ("2026-11-27", "2026-11-28", "2026-11-29"))
     base = _score(replica.source, tmp_path / "in", day1, bucket_quantiles=[0.3, 0.7])
     assert base["model_fingerprint"]["tokenizer"] and (day1 / "report" / "sketch.json").exists()
-    threshold = {"ppl_change": 0.05, "ks": 0.3, "min_group_rows": 5}
+    threshold = {"ppl_change": 0.05, "ks": 0.3, "volume_change": None, "min_group_rows": 5}
 
     # the same corpus again: nothing moved, no alert, exit 0
     res = CliRunner().invoke(main, [
@@ -85,6 +85,9 @@ def test_comparison_equals_the_rows_and_drift_sets_the_exit_code(tmp_path, repli
     assert res.exit_code == 0, res.output
     manifest = json.loads((day2 / "manifest.json").read_text())
     assert manifest["drift"] == {"threshold": threshold, "exceeded": False, "breaches": []}
+    # a passing comparison is one line in the terminal, the night's volume beside its perplexity
+    assert (f"baseline {day1}: corpus ppl +0.0%, bits per byte +0.0%, KS 0.000, rows +0.0%, tokens +0.0%; "
+            "within the drift threshold") in res.output.splitlines()  # fmt: skip
     same = json.loads((day2 / "report" / "summary.json").read_text())["comparison"]
     assert same["corpus_ppl"]["change"] == 0 and same["ks"] == 0 and not same["new_groups"]
     # today's documents in the baseline's buckets: its 30/40/30 split, to within the cutoff bins' documents
@@ -128,6 +131,16 @@ def test_comparison_equals_the_rows_and_drift_sets_the_exit_code(tmp_path, repli
     ]
     assert comparison["corpus_bits_per_byte"]["today"] == pytest.approx(bpb[0], rel=1e-9)
     assert comparison["corpus_bits_per_byte"]["baseline"] == pytest.approx(bpb[1], rel=1e-9)
+    tokens = [pc.sum(t.column("token_count")).as_py() for t in (today, before)]
+    assert comparison["tokens"] == {
+        "today": tokens[0],
+        "baseline": tokens[1],
+        "change": tokens[0] / tokens[1] - 1,
+    }
+    assert comparison["rows_change"] == 0
+    volume = drift(comparison, {"volume_change": 0.01, "min_group_rows": 5})  # the boilerplate added tokens
+    assert f"corpus: tokens {tokens[0] / tokens[1] - 1:+.1%} (limit ±1.0%)" in volume["breaches"]
+    assert not any("rows" in b for b in volume["breaches"])
     for key, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):  # within half a bin on each side
         want = (
             np.quantile(today.column("ppl").to_numpy(), q) / np.quantile(before.column("ppl").to_numpy(), q)

@@ -175,7 +175,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_exists(tmp_path, repli
     old = pq.read_table(out / "data").sort_by("id")
     changed = [*base, "--stride", "8"]
     res = runner.invoke(main, changed)  # a different configuration is refused, nothing touched
-    assert res.exit_code == 2 and "different configuration" in res.output
+    assert res.exit_code == 2 and "different configuration (stride null there, 8 here)" in res.output
     # kill an --overwrite run mid-way: the old output is still published and intact
     proc = subprocess.Popen([sys.executable, "-m", "fengshen_batch", *changed, "--overwrite"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

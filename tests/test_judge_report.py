@@ -3,9 +3,11 @@ recomputed from the output Parquet)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +17,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from fengshen_batch.io.outputs import sum_counts
+from fengshen_batch.job.plan import plan_job
 from fengshen_batch.job.run import run_job
 from fengshen_batch.kinds.judge import accuracy, label_counts, label_index
 from fengshen_batch.kinds.judging import CRITERIA, declarative, judge
+from fengshen_batch.reports.generate_sketch import normalize
 from fengshen_batch.spec import SpecError, build_spec
 
 TEMPLATES = [
@@ -139,8 +143,21 @@ def test_judge_job_with_labels(tmp_path, replica):
     spec = build_spec({"kind": "judge", "model": replica.source, "input": str(tmp_path / "in"),
                        "output": str(tmp_path / "out"), "answers_column": "answers", "label_column": "label",
                        "shard_rows": 2})  # fmt: skip
-    manifest = run_job(spec, progress=lambda _: None)
+    plan = plan_job(spec)
+    lines = []
+    manifest = run_job(spec, progress=lines.append)
     assert manifest["shards"] > 1  # accuracy is added up from the shards' counts
+    assert plan.tokens["tokens"] == manifest["counts"]["tokens"] and plan.tokens["error_rows"] == 1
+    # the accuracy on the done line, and a report of its own (the margins chart inside the page)
+    acc = manifest["judge"]
+    done = next(line for line in lines if line.startswith("done:"))
+    assert f"accuracy {acc['accuracy']:.1%} of {acc['labelled_rows']} labelled rows (ppl)" in done
+    report = tmp_path / "out" / "report"
+    page = (report / "report.html").read_text()
+    assert base64.b64encode((report / "margins.png").read_bytes()).decode() in page
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["accuracy"] == acc["accuracy"] and summary["rows"] == len(QUESTIONS)
+    assert f"Accuracy {acc['accuracy']:.1%}" in page and "<code>null_text</code>" in page
     data = pq.read_table(tmp_path / "out" / "data").to_pylist()
     assert len(data) == len(QUESTIONS) and manifest["counts"]["error_rows"] == 1
     expected, _ = judge(replica, [[declarative(q, a) for a in answers] for q, answers, _ in QUESTIONS], "ppl")
@@ -186,7 +203,12 @@ def test_score_report_matches_the_output(tmp_path, replica):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     page = (report / "report.html").read_text()
     lowest = data.sort_by("ppl").column("id")[0].as_py()
-    assert "ppl_histogram.png" in page and lowest in page and page.count("<tr>") >= 2 * 20
+    assert base64.b64encode(png).decode() in page and lowest in page  # the chart travels inside the page
+    # each text once in the example lists; the duplicate rate is exact at this size
+    texts = {normalize(t) for t in data.column("text").to_pylist()}
+    assert summary["duplicate_rate"] == pytest.approx(1 - len(texts) / 35) and summary["duplicate_rate"] > 0
+    assert summary["duplicate_rate_exact"] and f"{summary['duplicate_rate']:.2%}" in page
+    assert page.count("<tr>") >= 2 * min(20, len(texts))
 
     # `fengshen-batch report` rebuilds it from the output alone
     shutil.rmtree(report)
@@ -226,12 +248,22 @@ def test_report_html_opens_in_headless_chromium(tmp_path, replica):
                              "token_count": [2, 3], "ppl": [4.48, 20.1], "byte_count": [8, 6],
                              "bits_per_byte": [0.54, 2.16]}), out / "data" / "part-000000.parquet")  # fmt: skip
     build_report(OutputStore(str(out), StorageSpec()), {"model": "m", "spec": {"text_column": "text"}})
+    # the page alone, as mailed or fetched as one object: its chart must still show
+    (tmp_path / "alone").mkdir()
+    page = shutil.copy(out / "report" / "report.html", tmp_path / "alone" / "report.html")
     shot = tmp_path / "shot.png"
+    from PIL import Image
+
     from tests.helpers import screenshot
 
-    res = screenshot(out / "report" / "report.html", shot, tmp_path / "profile", "1100,900")
+    res = screenshot(Path(page), shot, tmp_path / "profile", "1100,900")
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 10_000
+    pixels = Image.open(shot).convert("RGB").getdata()
+    bars = sum(
+        abs(r - 0x3B) + abs(g - 0x6E) + abs(b - 0xA5) < 40 for r, g, b in pixels
+    )  # the histogram's blue
+    assert bars > 300, bars
     assert "&lt;b&gt;x&lt;/b&gt;" in (out / "report" / "report.html").read_text()  # text is escaped
 
 

@@ -81,9 +81,13 @@ def test_what_a_processor_cannot_run_is_said_plainly(tmp_path, replica):
         fb.score(ray.data.from_items([{"text": "x"}]), model=str(replica.source), bogus=1)
     with pytest.raises(fb.ModelLoadError):
         fb.score(ray.data.from_items([{"text": "x"}]), model=str(tmp_path / "none"))
-    ds = fb.generate(ray.data.from_items([{"prompt": "北京"}]), model=str(replica.source))
-    with pytest.raises(Exception, match="id column 'id' not in the dataset"):
-        ds.materialize()
+    # checked from the dataset's schema when the processor is built, before anything runs
+    with pytest.raises(fb.InputError, match="id column 'id' not in the dataset"):
+        fb.generate(ray.data.from_items([{"prompt": "北京"}]), model=str(replica.source))
+    with pytest.raises(fb.InputError, match="column 'prompt' not in the dataset"):
+        fb.generate(ray.data.from_items([{"id": "a", "text": "北京"}]), model=str(replica.source))
+    with pytest.raises(fb.InputError, match="text column 'text' is int64, not a string column"):
+        fb.score(ray.data.from_items([{"text": 3}]), model=str(replica.source))
 
 
 def test_the_example_pipeline_runs(tmp_path, replica, ray_cluster):

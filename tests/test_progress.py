@@ -37,18 +37,24 @@ NOISE = [
 
 
 def _run_in_pty(
-    cmd: list[str], env: dict, timeout: float = 240, chunks: list | None = None
+    cmd: list[str], env: dict, timeout: float = 240, chunks: list | None = None, interrupt_when=None
 ) -> tuple[int, bytes]:
     """Run `cmd` with a pseudo-terminal of COLUMNS x LINES as stdin/stdout/stderr; return (exit code, bytes).
-    `chunks`: gets (seconds since start, bytes) of each read, to see when things were drawn."""
+    `chunks`: gets (seconds since start, bytes) of each read, to see when things were drawn.
+    `interrupt_when`: once it returns True, Ctrl-C is typed (the terminal sends SIGINT to the command)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
-    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    # its own session with the terminal as its controlling one, as a shell runs a command
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # fmt: skip
     os.close(slave)
     out, start = bytearray(), time.monotonic()
     deadline = start + timeout
     try:
         while time.monotonic() < deadline:
+            if interrupt_when is not None and interrupt_when():
+                os.write(master, b"\x03")
+                interrupt_when = None
             ready, _, _ = select.select([master], [], [], 0.5)
             if ready:
                 try:
@@ -198,3 +204,35 @@ def test_the_line_shows_in_flight_work_and_phases_before_it():
     assert lines[-1].startswith("12/100 rows, 24 samples,") and "1 errors, shards 0/2" in lines[-1]
     display.update(rows=50, tokens=4000, errors=1, shards=1)  # a commit ahead of the posted counts
     assert lines[-1].startswith("50/100 rows, 24 samples,") and "shards 1/2" in lines[-1]
+
+
+def test_ctrl_c_stops_the_job_saying_how_far_it_got_and_a_rerun_resumes(
+    tmp_path, tiny_model_dir, ray_cluster
+):
+    """Ctrl-C in the terminal: exit 130 and one line with the shards committed (the markers on disk say the
+    same), no _SUCCESS; the same command again resumes after them and finishes."""
+    from click.testing import CliRunner
+
+    from fengshen_batch.cli import main
+
+    write_texts(tmp_path / "in", files=(12, 12))
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(tiny_model_dir), "--input", str(tmp_path / "in"), "--output", str(out),
+            "--prompt-column", "text", "--shard-rows", "2", "--max-new-tokens", "40", "--ignore-eos",
+            "--address", ray_cluster]  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PYTEST")
+    }  # (Ray's: to join the session's)
+    env["TERM"] = "xterm"
+    code, raw = _run_in_pty([str(BIN / "fengshen-batch"), *args], env,
+                            interrupt_when=lambda: any((out / "_markers").glob("*.json")))  # fmt: skip
+    text = raw.decode(errors="replace")
+    assert code == 130, text[-3000:]
+    m = re.search(r"interrupted: (\d+) of 12 shards committed; rerun the same command to resume", text)
+    assert m, text[-3000:]
+    committed = int(m.group(1))
+    assert committed == len(list((out / "_markers").glob("*.json"))) and 1 <= committed < 12
+    assert not (out / "_SUCCESS").exists() and "Traceback" not in text
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert f"12 shards ({committed} already committed)" in again.output

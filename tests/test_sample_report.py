@@ -7,6 +7,7 @@ integer quantiles exactly, NLL quantiles within half a bin, estimated distinct c
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -258,11 +259,13 @@ def test_generate_report_matches_the_output_and_survives_a_resume(tmp_path, repl
     assert summary["errors"] == manifest["counts"]["error_kinds"] == {"null_text": 1, "bad_max_new_tokens": 1}
     assert 0 < summary["limit_hit_fraction"] < 1 and summary["repetition_loops"] >= 0
     assert manifest["finish_seconds"]["report"] > 0
-    for name in ("lengths.png", "nll_per_token.png"):
-        assert (out / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report" / "report.html").read_text()
+    for name in ("lengths.png", "nll_per_token.png"):  # beside the page, and inside it (a page mailed alone)
+        png = (out / "report" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64encode(png).decode() in page
     random_ids = {r["id"] for r in _examples(out, "random")}
-    assert "lengths.png" in page and all(i in page for i in random_ids)
+    assert all(i in page for i in random_ids)
+    assert "<code>null_text</code></td><td>1</td>" in page  # errors by kind
 
     # an interrupted run (two shards uncommitted, no report) reports exactly what the whole run did
     for name in ("part-000001.json", "part-000003.json"):

@@ -82,7 +82,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, tiny_model_dir):
     model, out = str(tiny_model_dir), str(tmp_path / "out")
     cases = [
         (["score", "--model", model, "--input", str(tmp_path / "missing"), "--output", out], "input not found"),
-        (["score", "--model", model, "--input", str(tmp_path / "empty"), "--output", out], "no Parquet files"),
+        (["score", "--model", model, "--input", str(tmp_path / "empty"), "--output", out], "no Parquet, JSON Lines or CSV files"),
         (["score", "--model", model, "--input", str(tmp_path / "in"), "--output", out], "corrupt.parquet"),
         (["score", "--model", model, "--input", str(tmp_path / "ints"), "--output", out], "'text' is int64"),
         (["score", "--model", model, "--input", str(tmp_path / "ints"), "--output", out, "--text-column", "body"],

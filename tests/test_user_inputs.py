@@ -245,13 +245,92 @@ def test_prompts_cut_to_fit_a_near_context_limit_are_counted_and_said(tmp_path, 
     limit = replica.max_length - 8  # room for 8 prompt tokens
     room = replica.max_length - limit
     lengths = [len(replica.encode(t)) for t in texts]
-    res = CliRunner().invoke(main, ["generate", "--model", str(replica.source), "--input", str(tmp_path / "in"),
-                                    "--output", str(tmp_path / "out"), "--max-new-tokens", str(limit), "--prompt-column", "text"])  # fmt: skip
+    args = ["generate", "--model", str(replica.source), "--input", str(tmp_path / "in"), "--output",
+            str(tmp_path / "out"), "--max-new-tokens", str(limit), "--prompt-column", "text"]  # fmt: skip
+    shown = CliRunner().invoke(main, [*args, "--plan"])  # the plan says it before anything runs
+    assert shown.exit_code == 0 and not (tmp_path / "out").exists(), shown.output
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    assert (
+        f"prompt tokens {counts['prompt_tokens']:,}, generated tokens at most {6 * limit:,}, prompts truncated "
+        f"{counts['truncated_prompts']}, prompt tokens truncated {counts['truncated_prompt_tokens']}"
+    ) in shown.output
+    assert "warning: " in shown.output and "would be cut from the left" in shown.output
+    # tokens on the done line: each prompt once, and what was generated
+    done = next(line for line in res.output.splitlines() if line.startswith("done:"))
+    assert f"{counts['prompt_tokens']:,} prompt + {counts['generated_tokens']:,} generated tokens" in done
+    assert counts["tokens"] == counts["prompt_tokens"] + counts["generated_tokens"]
+    generated = pq.read_table(tmp_path / "out" / "data").column("generated_tokens").to_pylist()
+    assert counts["generated_tokens"] == sum(generated)
     cut = [n - room for n in lengths if n > room]
     assert cut and counts["truncated_prompts"] == len(cut) and counts["truncated_prompt_tokens"] == sum(cut)
     assert f"warning: {len(cut)} prompts were cut from the left" in res.output
     assert (
         f"report: {tmp_path / 'out'}/report/report.html" in res.output
     )  # issue 33: the report on the done line
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_jsonl_and_csv_inputs_score_as_their_parquet_does(tmp_path, replica):
+    """JSON Lines (gzipped too) and CSV: the same rows as Parquet give the same results, the same checks
+    refuse what cannot run (an unparseable file, a missing column, formats mixed in one input)."""
+    import csv
+    import gzip
+
+    from click.testing import CliRunner
+
+    from fengshen_batch.cli import main
+
+    rows = [
+        {"id": f"r{i}", "text": TEXTS[i % len(TEXTS)] * (1 + i % 2), "source": f"s{i % 2}"} for i in range(7)
+    ]
+    rows.append({"id": "r7", "text": None, "source": "s1"})
+    for name in ("pq", "jsonl", "csv"):
+        (tmp_path / name).mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pq" / "a.parquet")
+
+    def jsonl(part):
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+
+    (tmp_path / "jsonl" / "a.jsonl").write_text(jsonl(rows[:4]), encoding="utf-8")
+    (tmp_path / "jsonl" / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(rows[4:]).encode()))
+    with open(tmp_path / "csv" / "a.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["id", "text", "source"])
+        w.writeheader()
+        w.writerows(rows)
+
+    def score(name):
+        res = CliRunner().invoke(main, ["score", "--model", str(replica.source), "--input", str(tmp_path / name),
+                                        "--output", str(tmp_path / f"out-{name}")])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        data = pq.read_table(tmp_path / f"out-{name}" / "data").sort_by("id")
+        errors = pq.read_table(tmp_path / f"out-{name}" / "errors")
+        return data.select(["id", "text", "source", "nll_sum", "token_count"]).to_pylist(), errors.column(
+            "id"
+        ).to_pylist()
+
+    want = score("pq")
+    assert score("jsonl") == want and want[1] == ["r7"]
+    got_csv = score("csv")
+    assert got_csv[0] == want[0]
+    assert got_csv[1] == ["r7"]  # an empty CSV cell: the row's error, as a null is in Parquet
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n', encoding="utf-8")
+    (tmp_path / "mixed").mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "mixed" / "a.parquet")
+    (tmp_path / "mixed" / "b.csv").write_text("text\nb\n", encoding="utf-8")
+    for folder, message in (("bad", "cannot read JSON Lines file"), ("mixed", "mixes CSV files and Parquet files"),
+                            ("csv", "text column 'body' not in the input")):  # fmt: skip
+        args = [
+            "score",
+            "--model",
+            str(replica.source),
+            "--input",
+            str(tmp_path / folder),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+        res = CliRunner().invoke(main, args + (["--text-column", "body"] if folder == "csv" else []))
+        assert res.exit_code == 2 and message in res.output, res.output

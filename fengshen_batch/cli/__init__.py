@@ -11,14 +11,21 @@ import sys
 import click
 
 from .. import __version__, api
-from ..spec import build_spec, fill_dates, load_spec
+from ..spec import apply_overrides, build_spec, fill_dates, read_spec_fields
 from .options import RAY_PROGRESS, TOKEN_LOGPROBS, baseline_options, job_options, report_errors, spec_fields
 
 
-def _run(fields: dict, overwrite: bool, ray_progress: bool) -> None:
-    _exit_on_drift(
-        api.run(build_spec(fields), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
-    )
+def _run(fields: dict, overwrite: bool, ray_progress: bool, plan_only: bool = False) -> None:
+    spec = build_spec(fields)
+    if plan_only:
+        _show_plan(spec)
+        return
+    _exit_on_drift(api.run(spec, progress=click.echo, overwrite=overwrite, ray_progress=ray_progress))
+
+
+def _show_plan(spec) -> None:
+    for line in api.plan(spec).lines():
+        click.echo(line)
 
 
 def _exit_on_drift(result: api.JobResult) -> None:
@@ -34,6 +41,20 @@ def _exit_if_drifted(drift: dict | None, say: bool = True) -> None:
         if say:
             click.echo("drift: " + "; ".join(drift["breaches"]), err=True)
         sys.exit(DRIFT_EXIT_CODE)
+
+
+SET = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Replace one spec key for this run, e.g. --set output=s3://b/out/ --set actors=4 (a YAML value; "
+    "storage.endpoint_url=... for a nested one). Repeatable.",
+)
+
+
+def _spec(spec_path: str, overrides: tuple[str, ...]):
+    return build_spec(apply_overrides(read_spec_fields(spec_path), overrides))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -64,9 +85,9 @@ def main():
 @TOKEN_LOGPROBS
 @baseline_options
 @report_errors
-def score(overwrite, ray_progress, **opts):
+def score(overwrite, ray_progress, plan_only, **opts):
     """Perplexity of every text (lm-eval loglikelihood_rolling semantics)."""
-    _run(spec_fields("score", opts), overwrite, ray_progress)
+    _run(spec_fields("score", opts), overwrite, ray_progress, plan_only)
 
 
 @main.command()
@@ -144,9 +165,9 @@ def score(overwrite, ray_progress, **opts):
     help="Prompt longer than context - max_new_tokens: keep its end (default) or a row error.",
 )
 @report_errors
-def generate(overwrite, ray_progress, **opts):
+def generate(overwrite, ray_progress, plan_only, **opts):
     """Generate continuations of every prompt."""
-    _run(spec_fields("generate", opts), overwrite, ray_progress)
+    _run(spec_fields("generate", opts), overwrite, ray_progress, plan_only)
 
 
 @main.command()
@@ -172,10 +193,11 @@ def generate(overwrite, ray_progress, **opts):
     help="With one statement per row: judged true when its criterion value <= this.",
 )
 @click.option("--stride", type=int, help="As for score: new tokens per window after the first.")
+@click.option("--report-by", help="Break the report's accuracy down by this column (e.g. source).")
 @report_errors
-def judge(overwrite, ray_progress, **opts):
+def judge(overwrite, ray_progress, plan_only, **opts):
     """Judge facts by perplexity (Yuyuan): the least surprising candidate statement wins."""
-    _run(spec_fields("judge", opts), overwrite, ray_progress)
+    _run(spec_fields("judge", opts), overwrite, ray_progress, plan_only)
 
 
 @main.command()
@@ -185,13 +207,16 @@ def judge(overwrite, ray_progress, **opts):
 @baseline_options
 @report_errors
 def report(output, by, endpoint_url, baseline, baseline_check, drift_threshold):
-    """Rebuild OUTPUT/report/ (summary.json, histograms, report.html) from a finished score or generate job;
+    """Rebuild OUTPUT/report/ (summary.json, histograms, report.html) from a finished score, generate or judge job;
     a score job's is compared with its baseline (or --baseline), exit 3 when it drifted past the threshold."""
     baseline = fill_dates(baseline) if baseline else None
     summary = api.report(output, by=by, endpoint_url=endpoint_url, baseline=baseline,
                          baseline_check=baseline_check, drift_threshold=drift_threshold)  # fmt: skip
     if "corpus_ppl" in summary:
         headline = f"corpus ppl {summary['corpus_ppl']:,.2f}"
+    elif "per_criterion" in summary:  # a judge job's
+        acc = summary["accuracy"]
+        headline = f"{summary['rows']:,} rows judged" + ("" if acc is None else f", accuracy {acc:.1%}")
     else:
         headline = f"{summary['samples']:,} samples, {summary['limit_hit_fraction'] or 0:.1%} hit the limit"
     click.echo(f"report: {output.rstrip('/')}/report/report.html ({headline})")
@@ -200,16 +225,57 @@ def report(output, by, endpoint_url, baseline, baseline_check, drift_threshold):
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC.yaml")
+@SET
+@report_errors
+def plan(spec_path, overrides):
+    """What SPEC.yaml would run, without starting Ray or loading a model: input files, rows, shards (and those
+    already committed), tokens from a sample with the job's truncation, the prefix cache's share, and an
+    estimate of compute time and GPU-hours from measured rates. `score|generate|judge ... --plan` does the
+    same for options."""
+    _show_plan(_spec(spec_path, overrides))
+
+
+@main.command()
+@click.argument("output")
+@click.option("-n", "rows", type=int, default=10, show_default=True, help="Rows to show.")
+@click.option("--errors", is_flag=True, help="The errors/ rows (error_kind, error_message) instead of data/.")
+@click.option("--columns", help="Comma-separated columns to show. Default: all.")
+@click.option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS config).")
+@report_errors
+def head(output, rows, errors, columns, endpoint_url):
+    """The first rows of OUTPUT's data (or errors) as JSON lines, long values cut: a look at what a job wrote,
+    finished or still running. Reads only the shard files those rows are in."""
+    import json
+
+    table = api.head(output, rows, errors=errors, endpoint_url=endpoint_url,
+                     columns=[c.strip() for c in columns.split(",")] if columns else None)  # fmt: skip
+
+    def cut(value):
+        if isinstance(value, str) and len(value) > HEAD_CHARS:
+            return value[:HEAD_CHARS] + f"... ({len(value):,} chars)"
+        if isinstance(value, list) and len(value) > HEAD_ITEMS:
+            return [*value[:HEAD_ITEMS], f"... ({len(value):,} items)"]
+        return value
+
+    for row in table.to_pylist():
+        click.echo(json.dumps({k: cut(v) for k, v in row.items()}, ensure_ascii=False, default=str))
+
+
+HEAD_CHARS, HEAD_ITEMS = 200, 8  # `head`: longer strings and lists are cut
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml")
+@SET
 @click.option(
     "--overwrite", is_flag=True, help="Recompute everything, replacing a finished or different output."
 )
 @RAY_PROGRESS
 @report_errors
-def run(spec_path, overwrite, ray_progress):
+def run(spec_path, overrides, overwrite, ray_progress):
     """Run a job spec (kind: score|generate|judge, and the options above as snake_case keys)."""
-    _exit_on_drift(
-        api.run(load_spec(spec_path), progress=click.echo, overwrite=overwrite, ray_progress=ray_progress)
-    )
+    spec = _spec(spec_path, overrides)
+    _exit_on_drift(api.run(spec, progress=click.echo, overwrite=overwrite, ray_progress=ray_progress))
 
 
 @main.command()

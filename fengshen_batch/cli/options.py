@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from ..errors import FengshenError
+from ..errors import FengshenError, JobInterrupted
 from ..io.redact import install_log_redaction, redact_text
 from ..spec import fill_dates
 
@@ -31,6 +31,14 @@ def report_errors(fn):
                 raise
             click.echo(f"error: {redact_text(str(e))}", err=True)
             sys.exit(2)
+        except JobInterrupted as e:  # Ctrl-C mid-run: how far it got, and that a rerun resumes
+            click.echo(str(e), err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:  # before any shard ran (checks, Ray starting, the model loading)
+            click.echo(
+                "interrupted before this run committed any shard; rerun the same command to resume", err=True
+            )
+            sys.exit(130)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)
 
@@ -132,6 +140,13 @@ def job_options(fn):
             help="Recompute everything, replacing a finished or different output.",
         ),
         RAY_PROGRESS,
+        click.option(
+            "--plan",
+            "plan_only",
+            is_flag=True,
+            help="Print what would run (rows, shards, tokens, an estimate of time and GPU-hours) and stop: "
+            "nothing starts, no model loads.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

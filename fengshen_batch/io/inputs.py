@@ -1,4 +1,5 @@
-"""Input Parquet: find the files, check them from their footers, and cut them into deterministic shards.
+"""Input files: find them, check them (Parquet from their footers; JSON Lines and CSV parsed once, see
+`formats.py`), and cut them into deterministic shards.
 
 Everything here runs on the driver before Ray starts or a model loads, reading only Parquet footers, so a
 missing path, an empty folder, a corrupt file or a missing text column fails the job at once with a line
@@ -14,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import InputError
+from .formats import NAMES, format_of, read_meta, read_rows
 from .portable import mark_int96
 from .redact import redact_url
 from .storage import StorageSpec, filesystem
@@ -90,18 +91,17 @@ def _list(url: str, storage: StorageSpec) -> tuple[list[str], str, object, dict[
         raise
     except Exception as e:  # unreachable endpoint, refused credentials: say which, never the secret
         raise InputError(f"cannot list input {redact_url(url)}: {type(e).__name__}: {e}") from None
-    paths = sorted(p for p in infos if p.endswith((".parquet", ".pq")) and "/_" not in p.removeprefix(root))
+    paths = sorted(p for p in infos if format_of(p) and "/_" not in p.removeprefix(root))
     if not paths:
-        raise InputError(f"no Parquet files (*.parquet) under input {redact_url(url)}")
+        raise InputError(
+            f"no Parquet, JSON Lines or CSV files (*.parquet, *.jsonl, *.csv) under input {redact_url(url)}"
+        )
+    formats = sorted({format_of(p) for p in paths})
+    if len(formats) > 1:
+        raise InputError(
+            f"input {redact_url(url)} mixes {' and '.join(NAMES[f] + 's' for f in formats)}: one format per input"
+        )
     return paths, root, fs, infos
-
-
-def _footer(fs, path: str) -> pq.FileMetaData:
-    try:
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).metadata
-    except Exception as e:
-        raise InputError(f"cannot read Parquet file {fs.unstrip_protocol(path)}: {e}") from None
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -128,7 +128,7 @@ def _hive_partitions(rel: str) -> tuple[tuple[str, str | None], ...]:
     return tuple(pairs)
 
 
-def _check_columns(schema: pa.Schema, strings, lists, others, numbers=()) -> None:
+def check_columns(schema: pa.Schema, strings, lists, others, numbers=()) -> None:
     names = ", ".join(schema.names)
     for column in [*strings, *lists, *others, *numbers]:
         if column not in schema.names:
@@ -166,22 +166,24 @@ def inspect_inputs(
     """List and check the input files; return them with their row counts and the common schema: the
     files' columns, less `drop_columns`, then any hive partition keys (as strings) of their folders."""
     paths, root, fs, infos = _list(url, storage)
+    fmt = format_of(paths[0])
+    kind = NAMES[fmt]
     with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(lambda p: _footer(fs, p), paths))
+        footers = list(pool.map(lambda p: read_meta(fs, p, fmt), paths))
     # INT96 columns (Spark's default timestamps) are UTC instants: marked so, they are written back as such
-    first = footers[0].schema.to_arrow_schema().remove_metadata()
-    schema = mark_int96(first, footers[0].schema)
+    first = footers[0].schema
+    schema = mark_int96(first, footers[0].parquet_schema) if footers[0].parquet_schema else first
     for path, meta in zip(paths, footers, strict=True):
-        other = meta.schema.to_arrow_schema().remove_metadata()
+        other = meta.schema
         if other.names != schema.names:
             raise InputError(
-                f"Parquet file {fs.unstrip_protocol(path)} has columns {other.names}, "
+                f"{kind} {fs.unstrip_protocol(path)} has columns {other.names}, "
                 f"the first file has {schema.names}: all input files need the same columns"
             )
         for a, b in zip(first, other, strict=True):
             if not _same_kind(a.type, b.type):
                 raise InputError(
-                    f"column {a.name!r} is {b.type} in Parquet file {fs.unstrip_protocol(path)} but {a.type} in "
+                    f"column {a.name!r} is {b.type} in {kind} {fs.unstrip_protocol(path)} but {a.type} in "
                     f"the first file ({fs.unstrip_protocol(paths[0])}): all input files need one type per "
                     "column (pandas: give the column a dtype; an all-null column is written as null)"
                 )
@@ -191,7 +193,7 @@ def inspect_inputs(
     for path, parts in zip(paths, partitions, strict=True):
         if [k for k, _ in parts] != keys:
             raise InputError(
-                f"Parquet file {fs.unstrip_protocol(path)} has partition folders {[k for k, _ in parts]}, the "
+                f"{kind} {fs.unstrip_protocol(path)} has partition folders {[k for k, _ in parts]}, the "
                 f"first file has {keys}: all input files need the same key=value folders"
             )
     for key in keys:
@@ -207,7 +209,7 @@ def inspect_inputs(
         if column in needed:
             raise InputError(f"drop_columns: {column!r} is a column this job reads")
         schema = schema.remove(schema.get_field_index(column))
-    _check_columns(schema, [text_column] if text_column else [], list_columns, other_columns, number_columns)
+    check_columns(schema, [text_column] if text_column else [], list_columns, other_columns, number_columns)
     if id_column is not None and id_column not in schema.names:
         raise InputError(f"id column {id_column!r} not in the input (columns: {', '.join(schema.names)})")
     if id_column is None and ID_COLUMN in schema.names:
@@ -222,7 +224,7 @@ def inspect_inputs(
     if id_column is None:
         schema = schema.insert(0, pa.field(ID_COLUMN, pa.string()))
     files = [
-        InputFile(fs.unstrip_protocol(p), rel, meta.num_rows, parts, file_version(infos[p]))
+        InputFile(fs.unstrip_protocol(p), rel, meta.rows, parts, file_version(infos[p]))
         for p, rel, meta, parts in zip(paths, rels, footers, partitions, strict=True)
     ]
     return Inputs(files, schema, id_column)
@@ -248,23 +250,7 @@ def read_shard(
     """The shard's rows (less the `drop` columns, plus its partition keys), with `id` (derived where the
     input has none), `_shard` and `_row` columns added."""
     fs, path = filesystem(shard.url, storage)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        columns = [c for c in pf.schema_arrow.names if c not in drop] if drop else None
-        groups, first, offset = [], None, 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if offset < shard.stop and offset + n > shard.start:
-                groups.append(g)
-                first = offset if first is None else first
-            offset += n
-        if groups:
-            table = pf.read_row_groups(groups, columns=columns).slice(
-                shard.start - first, shard.stop - shard.start
-            )
-        else:  # an empty shard (an input of only empty files)
-            table = pf.schema_arrow.empty_table()
-            table = table.select(columns) if columns else table
+    table = read_rows(fs, path, format_of(path) or "parquet", shard.start, shard.stop, drop)
     table = table.replace_schema_metadata(None)
     for key, value in shard.partitions:
         if key not in drop:

@@ -61,16 +61,33 @@ RUNTIME_FIELDS = {
 
 # Fields a kind gained after outputs of it existed: left out of the hash while at their default, so a rerun
 # over an older output still finds its own configuration there.
-ADDED_FIELDS = {"generate": {"report_by": None}}
+ADDED_FIELDS = {"generate": {"report_by": None}, "judge": {"report_by": None}}
+
+
+def _relevant(record: dict) -> dict:
+    """The spec fields that determine results (a field added since, at its default, is left out)."""
+    added = ADDED_FIELDS.get(record.get("kind"), {})
+    return {k: v for k, v in record.items() if k not in RUNTIME_FIELDS and not (k in added and v == added[k])}
 
 
 def spec_hash(record: dict) -> str:
     """Hash of the spec fields that determine results; markers carry it so configurations never mix."""
-    added = ADDED_FIELDS.get(record.get("kind"), {})
-    relevant = {
-        k: v for k, v in record.items() if k not in RUNTIME_FIELDS and not (k in added and v == added[k])
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_relevant(record), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_differences(old: dict, new: dict, limit: int = 3) -> str:
+    """The result-determining settings in which two spec records differ, for a refusal's message:
+    `temperature 0.7 there, 0.9 here; max_new_tokens 64 there, 128 here`."""
+    a, b = _relevant(old), _relevant(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+    def show(v) -> str:
+        text = json.dumps(v, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    parts = [f"{k} {show(a.get(k))} there, {show(b.get(k))} here" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(parts) + more
 
 
 def sum_counts(counts: list[dict]) -> dict:

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ..errors import JobError
 from ..io.inputs import Inputs, Shard, inspect_inputs, make_shards
-from ..io.outputs import DATA, ERRORS, OutputStore, part_name, spec_hash
+from ..io.outputs import DATA, ERRORS, OutputStore, part_name, spec_differences, spec_hash
 from ..io.portable import portable_schema
 from ..io.redact import redact_url
 from ..io.storage import filesystem, storage_options
@@ -136,9 +136,11 @@ def plan_output(
     published = store.published_manifest()
     if published and not overwrite:
         if published.get("spec_hash") != hash_:
+            differs = spec_differences(published.get("spec") or {}, record)
             raise JobError(
-                f"output {redact_url(spec.output)} holds a finished job of a different configuration; "
-                "use a new output or --overwrite"
+                f"output {redact_url(spec.output)} holds a finished job of a different configuration"
+                + (f" ({differs})" if differs else "")
+                + "; use a new output or --overwrite"
             )
         if check_published(published, inputs, spec, store, progress):
             progress(f"already complete: {redact_url(spec.output)} has _SUCCESS; nothing to do")

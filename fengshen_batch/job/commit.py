@@ -9,6 +9,7 @@ import json
 import threading
 import time
 
+from ..errors import JobInterrupted
 from ..io.outputs import ShardStats
 from ..kinds import get
 from .checks import JobPlan
@@ -108,6 +109,8 @@ def run_shards(plan: JobPlan, gpus: float, progress, startup: dict, started: flo
                 if commits.add(rec):
                     startup.setdefault("first_shard", time.time() - started)
             display.update(commits.rows, commits.tokens, commits.errors, len(commits.stats))
+    except KeyboardInterrupt:  # Ctrl-C: the markers written so far are the job's progress
+        raise JobInterrupted(len(commits.stats), len(plan.shards)) from None
     finally:
         stop.set()
         watcher.join(timeout=5)

@@ -94,11 +94,11 @@ def finish_job(plan: JobPlan, commits: Commits, manifest: dict, map_files, progr
     store.publish(manifest)
     counts = manifest["counts"]
     progress(
-        f"done: {counts['input_rows']} rows ({counts['error_rows']} errors), {counts['tokens']} tokens, "
-        f"{manifest['tokens_per_second']:,.0f} tokens/s{kind.done_note(manifest)}, "
+        f"done: {counts['input_rows']:,} rows ({counts['error_rows']:,} errors), {kind.token_note(manifest)}"
+        f"{kind.done_note(manifest)}, "
         f"{manifest['wall_seconds']:.1f}s -> {redact_url(spec.output)}"
     )
-    if store.fs.exists(store.path_to("report", "report.html")):  # score and generate jobs write one
+    if store.fs.exists(store.path_to("report", "report.html")):  # every kind writes one
         progress(f"report: {redact_url(spec.output.rstrip('/'))}/report/report.html")
     for line in kind.report_lines(manifest, plan.context):
         progress(line)

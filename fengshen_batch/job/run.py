@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
+from ..errors import JobError
 from ..io.outputs import OutputStore
 from ..io.redact import redact_url
 from ..spec import GenerateJob, JudgeJob, ScoreJob
@@ -66,7 +67,15 @@ def start_ray(spec, ray_progress: bool, progress, startup: dict) -> float:
     t = time.time()
     address = spec.address or os.environ.get("RAY_ADDRESS")
     progress(f"joining Ray at {redact_url(address)} ..." if address else "starting a local Ray ...")
-    cluster.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    try:
+        cluster.init_ray(spec.address, min_cpus=spec.actors[1] * spec.cpus_per_actor)
+    except Exception as e:  # Ray's own errors are pages of traceback: the first line says what happened
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        what = f"cannot join Ray at {redact_url(address)}" if address else "the local Ray did not start"
+        hint = (
+            "is the cluster up and the address right?" if address else "the machine may be overloaded; retry"
+        )
+        raise JobError(f"{what}: {type(e).__name__}: {first[:300]} ({hint})") from None
     startup["ray_start"] = time.time() - t
     if spec.gpus_per_actor is not None:
         return spec.gpus_per_actor

@@ -107,6 +107,10 @@ class Kind:
         """What the kind does once every shard is committed and before _SUCCESS (report, accuracy, ...),
         from the shards' merged summary (None where a shard has none); `context`: `before_run`'s."""
 
+    def token_note(self, manifest: dict) -> str:
+        """The `done:` line's tokens and rate."""
+        return f"{manifest['counts']['tokens']:,} tokens, {manifest['tokens_per_second']:,.0f} tokens/s"
+
     def done_note(self, manifest: dict) -> str:
         """What the kind adds to the job's `done:` line."""
         return ""

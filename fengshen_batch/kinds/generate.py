@@ -102,9 +102,11 @@ class Generate(Kind):
         ]  # fmt: skip
 
     def tokens(self, good: pa.Table) -> int:
+        """Generated tokens: a shard's prompts are counted once each from its engine's usage (a prompt's
+        tokens repeat on each of its samples' rows)."""
         import pyarrow.compute as pc
 
-        return int(sum(pc.sum(good.column(c)).as_py() or 0 for c in ("prompt_tokens", "generated_tokens")))
+        return int(pc.sum(good.column("generated_tokens")).as_py() or 0)
 
     def summarize(self, spec, data, renamed, id_field):
         from ..reports.generate_sketch import summarize
@@ -121,7 +123,15 @@ class Generate(Kind):
         added up from the shards' records (markers of older versions count nothing)."""
         prompt = sum(m.get("prompt_tokens", 0) for m in shards)
         cached = sum(m.get("cached_prompt_tokens", 0) for m in shards)
-        manifest["counts"].update(
+        counts, generated = manifest["counts"], manifest["counts"]["tokens"]
+        manifest["generated_tokens_per_second"] = manifest["tokens_per_second"]
+        if generated:  # the shards counted generated tokens; the job's tokens are those and the prompts'
+            manifest["tokens_per_second"] = round(
+                manifest["tokens_per_second"] * (prompt + generated) / generated, 1
+            )
+        counts.update(
+            tokens=prompt + generated,
+            generated_tokens=generated,
             prompt_tokens=prompt, cached_prompt_tokens=cached, prefilled_prompt_tokens=prompt - cached,
             truncated_prompts=sum(m.get("truncated_prompts", 0) for m in shards),
             truncated_prompt_tokens=sum(m.get("truncated_prompt_tokens", 0) for m in shards),
@@ -137,6 +147,13 @@ class Generate(Kind):
             manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
         build_sample_report(store, manifest, spec.report_by, [summary])
         took["report"] = round(time.time() - t, 3)
+
+    def token_note(self, manifest) -> str:
+        counts = manifest["counts"]
+        return (
+            f"{counts['prompt_tokens']:,} prompt + {counts['generated_tokens']:,} generated tokens, "
+            f"{manifest['generated_tokens_per_second']:,.0f} generated tokens/s"
+        )
 
     def done_note(self, manifest) -> str:
         return f", prefix cache hit rate {manifest['prefix_cache_hit_rate']:.0%}"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from ..reports.judge_sketch import accuracy  # noqa: F401  (the accuracy figures, here where callers look)
 from .base import Kind, list_tokens
 from .judging import CRITERIA, Judgment, choose, statement_lists
 from .rows import ScoreResult
@@ -41,47 +42,41 @@ def label_index(label: object, statements: Sequence[str], answers: Sequence[str]
     return label
 
 
-def label_counts(rows: list[dict], label_column: str, answers_column: str | None) -> dict:
-    """Labelled rows and correct choices per criterion among `rows` (one shard's data): the actor computes
-    them where the rows are, and the driver adds up the shards' counts (`io.outputs.sum_counts`) instead of reading
-    the output back after the job."""
-    correct = dict.fromkeys(CRITERIA, 0)
-    labelled = invalid = 0
+def outcomes(
+    rows: list[dict], label_column: str | None, answers_column: str | None, id_field: str
+) -> list[dict]:
+    """Per judged row (one shard's data): its id and statements, the label's candidate index (None when
+    unlabelled or, with `invalid`, when the label names no candidate), the choice under each criterion, and
+    the job's choice and margin: what the shard's summary (`reports.judge_sketch`) counts."""
+    out = []
     for row in rows:
         statements = row["statements"]
-        try:
-            target = label_index(
-                row.get(label_column), statements, row.get(answers_column) if answers_column else None
-            )
-        except ValueError:
-            invalid += 1
-            continue
-        if target is None:
-            continue
-        labelled += 1
+        target, invalid = None, False
+        if label_column:
+            try:
+                target = label_index(
+                    row.get(label_column), statements, row.get(answers_column) if answers_column else None
+                )
+            except ValueError:
+                invalid = True
         scores = [
             ScoreResult(nll, count, len(text.encode("utf-8")))
             for nll, count, text in zip(
                 row["candidate_nll_sum"], row["candidate_token_count"], statements, strict=True
             )
         ]
-        for name in CRITERIA:
-            correct[name] += int(choose(scores, name)[0] == target)
-    return {"labelled": labelled, "invalid": invalid, "correct": correct}
+        out.append({"id": row.get(id_field), "statements": statements, "target": target, "invalid": invalid,
+                    "choices": {name: choose(scores, name)[0] for name in CRITERIA},
+                    "choice": row.get("choice"), "margin": row.get("margin")})  # fmt: skip
+    return out
 
 
-def accuracy(counts: dict, criterion: str) -> dict:
-    """Accuracy of the choices against labels, for the job's criterion and for each criterion."""
-    labelled = counts["labelled"]
-    per = {name: (counts["correct"][name] / labelled if labelled else None) for name in CRITERIA}
-    return {
-        "criterion": criterion,
-        "accuracy": per[criterion],
-        "per_criterion": per,
-        "labelled_rows": labelled,
-        # labels that name no candidate (out of range, a fraction, a text matching none): not counted above
-        "invalid_label_rows": counts.get("invalid", 0),
-    }
+def label_counts(rows: list[dict], label_column: str, answers_column: str | None) -> dict:
+    """Labelled rows and correct choices per criterion among `rows` (one shard's data): the actor computes
+    them where the rows are, and the driver adds up the shards' counts (`io.outputs.sum_counts`)."""
+    from ..reports.judge_sketch import count_outcomes
+
+    return count_outcomes(outcomes(rows, label_column, answers_column, "id"))
 
 
 class Judge(Kind):
@@ -120,30 +115,54 @@ class Judge(Kind):
         return list_tokens(good.column("candidate_token_count"))
 
     @staticmethod
-    def _label_columns(spec) -> list[str]:
-        return [*COUNTED, spec.label_column, *([spec.answers_column] if spec.answers_column else [])]
+    def _columns(spec, id_field: str) -> list[str]:
+        extra = [spec.label_column, spec.answers_column, spec.report_by]
+        return list(dict.fromkeys([*COUNTED, "choice", "margin", id_field, *[c for c in extra if c]]))
 
     def summarize(self, spec, data, renamed, id_field):
-        if not spec.label_column:
-            return None
-        rows = data.select(self._label_columns(spec)).to_pylist()
-        return label_counts(rows, spec.label_column, spec.answers_column)
+        from ..reports import judge_sketch
+
+        rows = data.select(self._columns(spec, id_field)).to_pylist()
+        groups, n_groups = judge_sketch.group_values(data.column(spec.report_by) if spec.report_by else None,
+                                                     spec.report_by)  # fmt: skip
+        judged = outcomes(rows, spec.label_column, spec.answers_column, id_field)
+        return judge_sketch.summarize(judged, groups, n_groups, spec.report_by)
+
+    def merge(self, summaries):
+        from ..reports.judge_sketch import merge
+
+        return merge(summaries)
 
     def finish(self, spec, store, manifest, summary, context) -> None:
-        """Accuracy against the labels, from the shards' counts."""
-        if not spec.label_column:
-            return
-        from ..io.outputs import DATA
+        """Accuracy against the labels and the report, from the shards' merged summary (shards committed by
+        a version that did not summarise them: from the data files)."""
+        from ..reports.judge_report import build_judge_report
 
         t = time.time()
-        if summary is None:  # shards committed by a version that did not count: read their labels back
-            columns = self._label_columns(spec)
-            names = {f.name for f in self.fields}
-            table = store.read(DATA, [spec.result_prefix + c if c in names else c for c in columns])
-            rows = table.rename_columns(columns).to_pylist()
-            summary = label_counts(rows, spec.label_column, spec.answers_column)
-        manifest["judge"] = accuracy(summary, spec.criterion)
-        manifest.setdefault("finish_seconds", {})["accuracy"] = round(time.time() - t, 3)
+        report = build_judge_report(store, manifest, spec.report_by, [summary])
+        if spec.label_column:
+            manifest["judge"] = {k: report[k] for k in
+                                 ("criterion", "accuracy", "per_criterion", "labelled_rows", "invalid_label_rows")}  # fmt: skip
+        manifest.setdefault("finish_seconds", {})["report"] = round(time.time() - t, 3)
+
+    def done_note(self, manifest) -> str:
+        judged = manifest.get("judge")
+        if not judged or judged["accuracy"] is None:
+            return ""
+        return (f", accuracy {judged['accuracy']:.1%} of {judged['labelled_rows']:,} labelled rows "
+                f"({judged['criterion']})")  # fmt: skip
+
+    def report_lines(self, manifest, context) -> list[str]:
+        judged = manifest.get("judge") or {}
+        if judged.get("invalid_label_rows"):
+            return [f"warning: {judged['invalid_label_rows']} labels name no candidate and were not counted "
+                    "(`judge.invalid_label_rows` in the manifest)"]  # fmt: skip
+        return []
+
+    def rebuild_report(self, store, manifest, by, summaries, compare):
+        from ..reports.judge_report import build_judge_report
+
+        return build_judge_report(store, manifest, by, summaries)
 
 
 KIND = Judge()

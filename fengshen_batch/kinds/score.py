@@ -122,6 +122,10 @@ class Score(Kind):
         report = build_report(store, manifest, spec.report_by, [summary], context.get("baseline"), threshold)
         if "drift" in report:
             manifest["drift"] = report["drift"]
+        if "comparison" in report:
+            from ..reports.baseline import comparison_line
+
+            manifest["baseline_comparison"] = comparison_line(report["comparison"], report.get("drift"))
         took["report"] = round(time.time() - t, 3)
 
     @staticmethod
@@ -138,10 +142,10 @@ class Score(Kind):
         return sum_counts(parts)
 
     def report_lines(self, manifest, context) -> list[str]:
-        drift = manifest.get("drift", {})
-        if not drift.get("exceeded"):
-            return []
-        return [f"drift against {context['baseline'].url}: " + "; ".join(drift["breaches"])]
+        lines = [manifest["baseline_comparison"]] if manifest.get("baseline_comparison") else []
+        if context.get("skipped"):
+            lines.append(f"baseline: {context['skipped']}")
+        return lines
 
     def rebuild_report(self, store, manifest, by, summaries, compare):
         from ..reports.score_report import build_report

@@ -196,6 +196,29 @@ def localize(
     raise _not_found(source)
 
 
+def fetch_metadata(source: str, storage_options: dict | None = None) -> Path:
+    """A local directory with `source`'s config and tokenizer files but none of its weights (`plan`
+    tokenizes a sample without loading a model): the directory itself, a temp copy of a URL prefix's small
+    files, or the hub's (from its cache when offline)."""
+    if is_url(source) and not source.startswith("file://"):
+        fs, root, wanted, _ = _list_prefix(source.rstrip("/"), storage_options)
+        dest = Path(tempfile.mkdtemp(prefix="fengshen-plan-"))
+        for name in (n for n in wanted if n in METADATA_FILES):
+            fs.get(f"{root}/{name}", str(dest / name))
+        return dest
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return path
+    if HUB_ID.match(source):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source, allow_patterns=list(METADATA_FILES)))
+        except Exception as e:
+            raise ModelLoadError(f"cannot fetch the tokenizer of {source!r}: {type(e).__name__}") from e
+    raise _not_found(source)
+
+
 def _not_found(source: str) -> ModelLoadError:
     return ModelLoadError(f"model not found: {source} is neither a directory, a URL prefix nor a hub id")
 

@@ -132,6 +132,9 @@ def _side_by_side(today: dict, baseline: dict) -> dict:
     t, b = figures(today), figures(baseline)
     return {
         "rows": {"today": t["rows"], "baseline": b["rows"]},
+        # night-over-night volume: a feed that shrank (or doubled) is news even when its perplexity is not
+        "rows_change": _change(t["rows"], b["rows"])["change"],
+        "tokens": _change(t["tokens"], b["tokens"]),
         "corpus_ppl": _change(t["corpus_ppl"], b["corpus_ppl"]),
         "corpus_bits_per_byte": _change(t.get("corpus_bits_per_byte"), b.get("corpus_bits_per_byte")),
         **ks_distance(today["ppl"], baseline["ppl"]),
@@ -184,12 +187,43 @@ def drift(comparison: dict, threshold: dict) -> dict:
             breaches.append(f"{name}: corpus perplexity {change:+.1%} (limit ±{threshold['ppl_change']:.1%})")
         if threshold.get("ks") and ks is not None and ks > threshold["ks"]:
             breaches.append(f"{name}: KS distance {ks:.3f} (limit {threshold['ks']})")
+        if limit := threshold.get("volume_change"):
+            for what, change in (
+                ("rows", figures_.get("rows_change")),
+                ("tokens", figures_["tokens"]["change"]),
+            ):
+                if change is not None and abs(change) > limit:
+                    breaches.append(f"{name}: {what} {change:+.1%} (limit ±{limit:.1%})")
 
     check("corpus", comparison)
     for group in comparison.get("groups", []):
         if min(group["rows"].values()) >= threshold.get("min_group_rows", 1):
             check(f"{comparison['by']} {group['group']}", group)
     return {"threshold": threshold, "exceeded": bool(breaches), "breaches": breaches}
+
+
+def comparison_line(comparison: dict, verdict: dict | None) -> str:
+    """The comparison in one line, for the terminal: `baseline s3://scores/2026-12-01: corpus ppl +1.2%, bits
+    per byte +0.8%, KS 0.013, rows -3.0%, tokens -2.1%; within the drift threshold`."""
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{v:+.1%}"
+
+    ks = comparison.get("ks")
+    parts = [
+        f"corpus ppl {pct(comparison['corpus_ppl']['change'])}",
+        f"bits per byte {pct(comparison['corpus_bits_per_byte']['change'])}",
+        f"KS {'n/a' if ks is None else f'{ks:.3f}'}",
+        f"rows {pct(comparison.get('rows_change'))}",
+        f"tokens {pct(comparison['tokens']['change'])}",
+    ]
+    if verdict is None:
+        end = "no drift threshold set"
+    elif verdict["exceeded"]:
+        end = "DRIFTED: " + "; ".join(verdict["breaches"])
+    else:
+        end = "within the drift threshold"
+    return f"baseline {comparison['baseline']}: {', '.join(parts)}; {end}"
 
 
 def comparison_html(summary: dict) -> str:

@@ -18,6 +18,7 @@ from ..io.outputs import OutputStore
 from . import generate_sketch
 from .generate_sketch import NLL_WIDTH, figures
 from .histograms import group_label, groups_note
+from .page import errors_table, png_img
 from .summaries import REPORT, merged_summary
 
 FINISH_COLORS = {"stop": "#3b6ea5", "length": "#c44e52"}
@@ -108,7 +109,7 @@ def _examples_table(rows: list[dict], caption: str) -> str:
     return f"<h2>{html.escape(caption)}</h2><table><tr>{head}</tr>{body}</table>" if rows else ""
 
 
-def _html(summary: dict, examples: dict) -> str:
+def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
     exact = summary["exact"]
 
     def estimate(key: str) -> str:
@@ -179,9 +180,10 @@ img{{max-width:49%}} p.note{{color:#666;font-size:12px;max-width:800px}}
 </style></head><body>
 <h1>Generation report</h1>
 <p>Model <code>{html.escape(summary["model"])}</code>, input <code>{html.escape(summary["input"])}</code>.</p>
-<img src="lengths.png" alt="histogram of generated tokens per sample by finish reason">
-<img src="nll_per_token.png" alt="histogram of NLL per generated token">
+{png_img(pngs[0], "histogram of generated tokens per sample by finish reason")}
+{png_img(pngs[1], "histogram of NLL per generated token")}
 <table>{stats}</table>
+{errors_table(summary["errors"], summary["prompts"] + sum(summary["errors"].values()))}
 <p class=note>Words: each CJK character is one, any other run of letters or digits is one, each punctuation mark
 is one. A repetition loop: a block of 1 to 32 words repeated back to back 4 or more times over 16 or more words.
 Duplicates compare texts after NFKC, casefolding and collapsing whitespace. Estimates: a HyperLogLog of the
@@ -218,12 +220,12 @@ def build_sample_report(
     store.fs.pipe_file(
         store.path_to(REPORT, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False).encode()
     )
-    store.fs.pipe_file(store.path_to(REPORT, "lengths.png"), lengths_png(merged["finish"]))
+    pngs = lengths_png(merged["finish"]), nll_png(merged["nll_per_token"], summary["nll_per_token"]["mean"])
+    store.fs.pipe_file(store.path_to(REPORT, "lengths.png"), pngs[0])
+    store.fs.pipe_file(store.path_to(REPORT, "nll_per_token.png"), pngs[1])
     store.fs.pipe_file(
-        store.path_to(REPORT, "nll_per_token.png"),
-        nll_png(merged["nll_per_token"], summary["nll_per_token"]["mean"]),
+        store.path_to(REPORT, "report.html"), _html(summary, merged["examples"], pngs).encode()
     )
-    store.fs.pipe_file(store.path_to(REPORT, "report.html"), _html(summary, merged["examples"]).encode())
     return summary
 
 

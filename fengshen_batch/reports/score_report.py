@@ -20,6 +20,7 @@ from . import score_sketch
 from .baseline import SKETCH, Baseline, compare, comparison_html, drift
 from .buckets import BUCKETS
 from .histograms import BINS_PER_DECADE, group_label, groups_note
+from .page import errors_table, png_img
 from .score_sketch import figures
 from .summaries import REPORT, merged_summary
 
@@ -73,7 +74,7 @@ def _histogram_png(hist: dict, corpus_ppl: float | None, baseline: dict | None =
     return buf.getvalue()
 
 
-def _html(summary: dict, low: list[dict], high: list[dict]) -> str:
+def _html(summary: dict, low: list[dict], high: list[dict], png: bytes) -> str:
     def fmt(v):
         return f"{v:,.3f}" if isinstance(v, float) else html.escape(str(v))
 
@@ -90,6 +91,9 @@ def _html(summary: dict, low: list[dict], high: list[dict]) -> str:
                ("corpus perplexity", summary["corpus_ppl"])]  # fmt: skip
     if summary.get("corpus_bits_per_byte") is not None:
         figures.append(("corpus bits per byte", summary["corpus_bits_per_byte"]))
+    if summary.get("duplicate_rate") is not None:  # rows whose text another row has too (beyond its first)
+        approx = "" if summary.get("duplicate_rate_exact") else " (estimate)"
+        figures.append((f"duplicate rate{approx}", f"{summary['duplicate_rate']:.2%}"))
     figures += [(f"ppl {k}", v) for k, v in summary["ppl_quantiles"].items()]
     figures += [(f"bits/byte {k}", v) for k, v in summary["bits_per_byte_quantiles"].items()]
     figures += [(f"bpb_diff {k}", v) for k, v in summary.get("bpb_diff_quantiles", {}).items()]
@@ -115,8 +119,9 @@ text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word
 <h1>Scoring report</h1>
 <p>Model <code>{html.escape(summary["model"])}</code>, input <code>{html.escape(summary["input"])}</code>.</p>
 {comparison_html(summary) if "comparison" in summary else ""}
-<img src="ppl_histogram.png" alt="histogram of per-document perplexity, log scale">
+{png_img(png, "histogram of per-document perplexity, log scale")}
 <table>{stats}</table>
+{errors_table(summary.get("error_kinds", {}), summary["rows"] + summary["errors"])}
 {groups}
 {table(low, f"The {len(low)} lowest-perplexity documents")}
 {table(high, f"The {len(high)} highest-perplexity documents")}
@@ -139,9 +144,9 @@ def build_report(
         store, score_sketch, spec.get("text_column"), by, summaries, bool(manifest.get("bucket_cutoffs")),
         spec.get("result_prefix") or "", spec.get("id_column") or "id",
     )  # fmt: skip
-    errors = manifest.get("counts", {}).get("error_rows", 0)  # the committed shards' count
+    counts = manifest.get("counts", {})  # the committed shards' counts
     summary = {"model": manifest.get("model", ""), "input": spec.get("input", ""), **figures(merged),
-               "errors": errors}  # fmt: skip
+               "errors": counts.get("error_rows", 0), "error_kinds": counts.get("error_kinds", {})}  # fmt: skip
     if by:
         summary["by"] = by
         summary["groups"] = {g: figures(f) for g, f in merged["groups"].items()}
@@ -161,6 +166,6 @@ def build_report(
         store.fs.pipe_file(store.path_to(REPORT, SKETCH), json.dumps(sketch).encode())
     png = _histogram_png(merged["ppl"], summary["corpus_ppl"], baseline.sketch["ppl"] if baseline else None)
     store.fs.pipe_file(store.path_to(REPORT, "ppl_histogram.png"), png)
-    page = _html(summary, merged["low"], merged["high"])
+    page = _html(summary, merged["low"], merged["high"], png)
     store.fs.pipe_file(store.path_to(REPORT, "report.html"), page.encode())
     return summary

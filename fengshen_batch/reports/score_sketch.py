@@ -7,7 +7,9 @@ O(rows). A summary holds:
 - log-histograms of per-document perplexity and bits per byte, 200 bins per decade: a quantile read from
   them is the geometric middle of its bin, within 0.6% of the exact quantile (and inside [min, max]);
   with a reference model, a linear histogram of bpb_diff (bins of 0.001 bits per byte);
-- the EXAMPLES lowest- and highest-perplexity documents (exact after merging: each shard keeps its own);
+- the EXAMPLES lowest- and highest-perplexity documents, each text once (exact after merging: each shard
+  keeps its own);
+- the distinct texts (`distinct.py`: exact up to 1,024, then HyperLogLog), for the duplicate rate;
 - the same figures per value of the report's `by` column (nulls their own group; at most MAX_GROUPS values).
 """
 
@@ -19,7 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..io.outputs import sum_counts
+from . import distinct
 from .buckets import bucket_counts
+from .generate_sketch import normalize
 from .histograms import group_keys, histogram, merge_groups, merge_histograms, quantiles
 
 EXAMPLES = 20
@@ -68,31 +72,53 @@ def _merge_figures(figures: list[dict]) -> dict:
     return out
 
 
+def _distinct_texts(rows: list[dict], key) -> list[dict]:
+    """The rows whose example text has not been seen before, in order, at most EXAMPLES: a corpus with one
+    text copied a thousand times shows it once, not as every one of its lowest documents."""
+    seen, out = set(), []
+    for r in rows:
+        k = normalize(r["text"])
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+            if len(out) == EXAMPLES:
+                break
+    return sorted(out, key=key)
+
+
 def _examples(table: pa.Table, text_column: str | None, lowest: bool, id_column: str) -> list[dict]:
     order = pc.sort_indices(table, sort_keys=[("ppl", "ascending" if lowest else "descending")])
-    rows = table.take(order[:EXAMPLES]).to_pylist()
-    return [
+    rows = table.take(order[: EXAMPLES * 8]).to_pylist()  # room for copies of one text among them
+    rows = [
         {"id": r[id_column], "ppl": r["ppl"], "bits_per_byte": r["bits_per_byte"], "tokens": r["token_count"],
          "text": ((r.get(text_column) or "") if text_column else "")[:TEXT_CHARS]}
         for r in rows
     ]  # fmt: skip
+    return _distinct_texts(rows, _order(lowest))
+
+
+def _order(lowest: bool):
+    return lambda r: (r["ppl"] if lowest else -r["ppl"], str(r["id"]))
 
 
 def summarize(data: pa.Table, text_column: str | None, by: str | None, id_column: str = "id") -> dict:
     """The summary of one shard's (or file's) data rows; `id_column` names the example documents."""
     summary = {**_figures(data), "low": _examples(data, text_column, True, id_column),
                "high": _examples(data, text_column, False, id_column)}  # fmt: skip
+    if text_column:  # exact duplicates (NFKC, casefolded, whitespace collapsed): how much of it is copies
+        texts = data.column(text_column).to_pylist()
+        summary["texts"] = distinct.sketch(distinct.stable_hashes(normalize(t or "") for t in texts))
     if "bucket" in data.column_names:
         summary["buckets"] = bucket_counts(data.column("bucket"))
     if by:
-        keys, distinct = group_keys(data.column(by))
+        keys, n_groups = group_keys(data.column(by))
         groups = {}
         for key in sorted(set(keys or [])):
             mask = pa.array([k == key for k in keys], pa.bool_())
             groups[key] = _figures(data.filter(mask))
         summary["by"], summary["groups"] = by, groups
         if keys is None:
-            summary["groups_left_out"] = distinct
+            summary["groups_left_out"] = n_groups
     return summary
 
 
@@ -102,9 +128,11 @@ def merge(summaries: list[dict]) -> dict:
 
     def top(key: str, lowest: bool) -> list[dict]:
         rows = [r for s in summaries for r in s[key]]
-        return sorted(rows, key=lambda r: (r["ppl"] if lowest else -r["ppl"], str(r["id"])))[:EXAMPLES]
+        return _distinct_texts(sorted(rows, key=_order(lowest)), _order(lowest))
 
     merged["low"], merged["high"] = top("low", True), top("high", False)
+    if summaries and all("texts" in s for s in summaries):  # (older versions' summaries have none)
+        merged["texts"] = distinct.merge([s["texts"] for s in summaries])
     if any("buckets" in s for s in summaries):
         merged["buckets"] = sum_counts([s.get("buckets", {}) for s in summaries])
     merged.update(merge_groups(summaries, _merge_figures))
@@ -126,6 +154,16 @@ def figures(summary: dict) -> dict:
                 else None
             }
             if "bytes" in summary
+            else {}
+        ),  # fmt: skip
+        **(
+            {
+                "duplicate_rate": 1 - distinct.count(summary["texts"]) / summary["rows"]
+                if summary["rows"]
+                else 0.0,
+                "duplicate_rate_exact": distinct.is_exact(summary["texts"]),
+            }
+            if "texts" in summary
             else {}
         ),  # fmt: skip
         "ppl_quantiles": quantiles(summary["ppl"]),
