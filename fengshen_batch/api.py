@@ -169,6 +169,7 @@ def head(
     """The first `n` rows of an output's data (or, `errors`, of its errors) as a pyarrow Table, reading
     only as many shard files as that takes: a look at a job's results, finished or still running (its
     committed shards so far)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .errors import JobError
@@ -199,8 +200,6 @@ def head(
                     break
         if have >= n:
             break
-    import pyarrow as pa
-
     return (
         pa.Table.from_batches(parts) if parts else pq.read_schema(store.fs.open(files[0], "rb")).empty_table()
     )

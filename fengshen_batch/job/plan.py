@@ -11,6 +11,7 @@ sample the token figures are exact: what the job's manifest will count.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from ..io.inputs import make_shards, read_shard
 from ..io.outputs import OutputStore, spec_hash
 from ..io.redact import redact_url
 from ..io.storage import storage_options
-from ..kinds import get
 from .checks import check_job
 from .rates import RATES, scale
 
@@ -198,8 +198,6 @@ def plan_job(spec) -> Plan:
     rows = _sample(spec, inputs, shards)
     meta = fetch_metadata(spec.model, storage_options(spec.model, spec.storage))
     try:
-        import json
-
         config = json.loads((meta / "config.json").read_text())
         tokenizer = GPT2TextTokenizer.from_dir(meta)
     finally:
@@ -215,7 +213,6 @@ def plan_job(spec) -> Plan:
         tokens = _judge_tokens(spec, rows, tokenizer.encode)
     if rows and len(rows) < inputs.rows:  # scaled to every row
         tokens = {k: round(v * inputs.rows / len(rows)) for k, v in tokens.items()}
-    get(spec.kind)  # (the kind exists: check_job has validated the rest)
     return Plan(spec.kind, redact_url(spec.output), len(inputs.files), inputs.rows, len(shards), committed,
                 bool(published and published.get("spec_hash") == hash_), len(rows), tokens,
                 _estimate(spec, spec.kind, tokens, config), warnings)  # fmt: skip

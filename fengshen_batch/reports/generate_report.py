@@ -18,31 +18,10 @@ from ..io.outputs import OutputStore
 from . import generate_sketch
 from .generate_sketch import NLL_WIDTH, figures
 from .histograms import group_label, groups_note
-from .page import errors_table, png_img
+from .page import errors_table, figure, head, png_bytes, png_img
 from .summaries import REPORT, merged_summary
 
 FINISH_COLORS = {"stop": "#3b6ea5", "length": "#c44e52"}
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
-    ax.spines[["top", "right"]].set_visible(False)
-    return plt, fig, ax
-
-
-def _png(plt, fig) -> bytes:
-    import io
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _bars(hist: dict, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +32,7 @@ def _bars(hist: dict, scale: float) -> tuple[np.ndarray, np.ndarray]:
 
 def lengths_png(finish: dict) -> bytes:
     """Generated tokens per sample, stacked by finish_reason, in about 40 bars."""
-    plt, fig, ax = _figure()
+    plt, fig, ax = figure()
     hists = {r: f["generated_tokens"] for r, f in sorted(finish.items()) if f["generated_tokens"]["bins"]}
     if hists:
         lo = min(h["min"] for h in hists.values())
@@ -67,12 +46,12 @@ def lengths_png(finish: dict) -> bytes:
     ax.set_xlabel("generated tokens per sample")
     ax.set_ylabel("samples")
     ax.set_title("Sample lengths")
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def nll_png(hist: dict, mean: float | None) -> bytes:
     """NLL per generated token per sample, in about 40 bars."""
-    plt, fig, ax = _figure()
+    plt, fig, ax = figure()
     if hist["bins"]:
         values, counts = _bars(hist, NLL_WIDTH)
         lo, hi = hist["min"], hist["max"]
@@ -85,7 +64,7 @@ def nll_png(hist: dict, mean: float | None) -> bytes:
     ax.set_xlabel("NLL per generated token (nats)")
     ax.set_ylabel("samples")
     ax.set_title("How likely the model found its samples")
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def _fmt(v) -> str:
@@ -118,8 +97,7 @@ def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
     figures_rows = [
         ("samples", summary["samples"]),
         ("prompts", summary["prompts"]),
-        ("error rows", sum(summary["errors"].values())),
-        *((f"errors: {k}", v) for k, v in summary["errors"].items()),
+        ("error rows", sum(summary["errors"].values())),  # by kind: the errors table
         *(
             [("samples dropped by keep_best", summary["dropped_samples"])]
             if "dropped_samples" in summary
@@ -170,14 +148,14 @@ def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
             ("longest_loops", "Longest repetition loops"),
         )
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Generation report: {html.escape(summary["model"])}</title>
-<style>
-body{{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}}
-table{{border-collapse:collapse;margin:.5em 0 1.5em}} td,th{{border-bottom:1px solid #ddd;padding:3px 10px;
-text-align:left;vertical-align:top}} td.t{{max-width:420px;word-break:break-word;white-space:pre-wrap}}
-img{{max-width:49%}} p.note{{color:#666;font-size:12px;max-width:800px}}
-</style></head><body>
+    return f"""{
+        head(
+            f"Generation report: {summary['model']}",
+            "1200px",
+            "td.t{max-width:420px;word-break:break-word;white-space:pre-wrap} img{max-width:49%} "
+            "p.note{color:#666;font-size:12px;max-width:800px}",
+        )
+    }
 <h1>Generation report</h1>
 <p>Model <code>{html.escape(summary["model"])}</code>, input <code>{html.escape(summary["input"])}</code>.</p>
 {png_img(pngs[0], "histogram of generated tokens per sample by finish reason")}

@@ -5,7 +5,6 @@ and the labelled rows chosen wrong with the largest margins."""
 from __future__ import annotations
 
 import html
-import io
 import json
 
 import numpy as np
@@ -13,18 +12,12 @@ import numpy as np
 from ..io.outputs import DATA, OutputStore
 from . import judge_sketch
 from .histograms import BINS_PER_DECADE, group_label, groups_note
-from .page import errors_table, png_img
+from .page import errors_table, figure, head, png_bytes, png_img
 from .summaries import REPORT
 
 
 def _margins_png(hist: dict, criterion: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
-    ax.spines[["top", "right"]].set_visible(False)
+    plt, fig, ax = figure()
     if hist["bins"]:
         bins = np.array(sorted(int(b) for b in hist["bins"]), dtype=np.int64)
         counts = np.array([hist["bins"][str(b)] for b in bins], dtype=np.float64)
@@ -39,11 +32,7 @@ def _margins_png(hist: dict, criterion: str) -> bytes:
     ax.set_xlabel(f"winning margin ({criterion} of the runner-up minus the winner's, log scale)")
     ax.set_ylabel("rows")
     ax.set_title("How clear each choice was")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(plt, fig)
 
 
 def _pct(v) -> str:
@@ -85,14 +74,13 @@ def _html(summary: dict, worst: list[dict], png: bytes, error_kinds: dict) -> st
     wrong = (f"<h2>Confidently wrong: the {len(worst)} labelled rows chosen wrong by the largest margins</h2>"
              f"<table><tr><th>id</th><th>margin</th><th>chosen</th><th>the label's</th></tr>{body}</table>"
              if worst else "")  # fmt: skip
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Judge report: {html.escape(summary["model"])}</title>
-<style>
-body{{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}}
-table{{border-collapse:collapse;margin:.5em 0 1.5em}} td,th{{border-bottom:1px solid #ddd;padding:3px 10px;
-text-align:left;vertical-align:top}} td.t{{max-width:420px;word-break:break-word}} img{{max-width:100%}}
-p.note{{color:#666;font-size:12px}}
-</style></head><body>
+    return f"""{
+        head(
+            f"Judge report: {summary['model']}",
+            "1100px",
+            "td.t{max-width:420px;word-break:break-word} img{max-width:100%} p.note{color:#666;font-size:12px}",
+        )
+    }
 <h1>Judge report</h1>
 <p>Model <code>{html.escape(summary["model"])}</code>, input <code>{html.escape(summary["input"])}</code>. The
 least surprising candidate wins (criterion <code>{html.escape(summary["criterion"])}</code>).</p>

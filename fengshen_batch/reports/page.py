@@ -6,6 +6,39 @@ from __future__ import annotations
 
 import base64
 import html
+import io
+
+# What every page's stylesheet starts with; each adds its own widths
+STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:%s;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em} td,th{border-bottom:1px solid #ddd;padding:3px 10px;
+text-align:left;vertical-align:top}"""
+
+
+def head(title: str, width: str, css: str) -> str:
+    """A page's opening up to <body>: the shared style at `width`, plus the page's own `css`."""
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+            f"<style>\n{STYLE % width} {css}\n</style></head><body>")  # fmt: skip
+
+
+def figure(height: float = 3.4):
+    """(pyplot, a 7-inch figure, its axes without the top and right spines), on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, height), dpi=110)
+    ax.spines[["top", "right"]].set_visible(False)
+    return plt, fig, ax
+
+
+def png_bytes(plt, fig) -> bytes:
+    """The figure as PNG bytes, laid out tight; the figure is closed."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def png_img(png: bytes, alt: str) -> str:

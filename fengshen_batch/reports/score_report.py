@@ -10,7 +10,6 @@ perplexities; it is exact, the quantiles are within 0.6% (the summaries' log-his
 from __future__ import annotations
 
 import html
-import io
 import json
 
 import numpy as np
@@ -20,7 +19,7 @@ from . import score_sketch
 from .baseline import SKETCH, Baseline, compare, comparison_html, drift
 from .buckets import BUCKETS
 from .histograms import BINS_PER_DECADE, group_label, groups_note
-from .page import errors_table, png_img
+from .page import errors_table, figure, head, png_bytes, png_img
 from .score_sketch import figures
 from .summaries import REPORT, merged_summary
 
@@ -28,13 +27,9 @@ from .summaries import REPORT, merged_summary
 def _histogram_png(hist: dict, corpus_ppl: float | None, baseline: dict | None = None) -> bytes:
     """The merged log-histogram of perplexity, drawn in about 40 bars between its min and max; a baseline's
     as an outline over it, both as shares of their documents."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    plt, fig, ax = figure(3.6)
     if hist["bins"]:
         both = [h for h in (hist, baseline) if h and h["bins"]]
         lo = max(min(h["min"] for h in both), 1e-3)
@@ -66,12 +61,7 @@ def _histogram_png(hist: dict, corpus_ppl: float | None, baseline: dict | None =
     if not baseline:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Perplexity distribution")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(plt, fig)
 
 
 def _html(summary: dict, low: list[dict], high: list[dict], png: bytes) -> str:
@@ -109,13 +99,13 @@ def _html(summary: dict, low: list[dict], high: list[dict], png: bytes) -> str:
                   f"<th>rows</th><th>tokens</th><th>corpus ppl</th><th>median ppl</th></tr>{rows}</table>")  # fmt: skip
         if note := groups_note(summary):
             groups = f"<h2>By {html.escape(summary['by'])}</h2><p>{html.escape(note)}</p>"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Scoring report: {html.escape(summary["model"])}</title>
-<style>
-body{{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}}
-table{{border-collapse:collapse;margin:.5em 0 1.5em}} td,th{{border-bottom:1px solid #ddd;padding:3px 10px;
-text-align:left;vertical-align:top}} td.t{{max-width:640px;word-break:break-word}} img{{max-width:100%}}
-</style></head><body>
+    return f"""{
+        head(
+            f"Scoring report: {summary['model']}",
+            "1100px",
+            "td.t{max-width:640px;word-break:break-word} img{max-width:100%}",
+        )
+    }
 <h1>Scoring report</h1>
 <p>Model <code>{html.escape(summary["model"])}</code>, input <code>{html.escape(summary["input"])}</code>.</p>
 {comparison_html(summary) if "comparison" in summary else ""}
