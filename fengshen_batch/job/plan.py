@@ -20,12 +20,12 @@ from ..io.inputs import make_shards, read_shard
 from ..io.outputs import OutputStore, spec_hash
 from ..io.redact import redact_url
 from ..io.storage import storage_options
+from ..kinds import get
 from .checks import check_job
 from .rates import RATES, scale
 
 SAMPLE_ROWS = 2000  # rows tokenized at most, from up to SAMPLE_SHARDS shards spread over the input
 SAMPLE_SHARDS = 8
-BLOCK = 16  # the prefix cache matches whole blocks (engine.kv_cache.BLOCK)
 
 
 @dataclass(frozen=True)
@@ -87,97 +87,11 @@ def _sample(spec, inputs, shards) -> list[dict]:
     return rows
 
 
-def _shared_prefix_tokens(prompts: list[list[int]]) -> int:
-    """Prompt tokens an unbounded prefix cache would serve: each prompt's longest common prefix with one
-    before it in sorted order, in whole blocks, at most all but its last token."""
-    served, previous = 0, None
-    for p in sorted(prompts):
-        if previous is not None:
-            n = 0
-            for a, b in zip(p, previous, strict=False):
-                if a != b:
-                    break
-                n += 1
-            served += min(n, len(p) - 1) // BLOCK * BLOCK
-        previous = p
-    return served
-
-
-def _generate_tokens(spec, rows, encode, context: int) -> tuple[dict, list[str]]:
-    from ..kinds.generate import fill_template
-    from ..kinds.generation import prepare_prompt, row_limit
-    from ..kinds.rows import RowError, check_text
-
-    params, prompts, limits, cut_rows, cut_tokens, errors = spec.params(), [], [], 0, 0, 0
-    for row in rows:
-        if spec.prompt_template:
-            text = fill_template(spec.prompt_template, spec.template_columns(), row)
-        else:
-            text = row.get(spec.prompt_column)
-        tokens = text if isinstance(text, RowError) else check_text(text) or encode(text)
-        column = spec.max_new_tokens_column
-        limit = row_limit(row.get(column) if column else None, params.max_new_tokens, context)
-        prepared = limit if isinstance(limit, RowError) else prepare_prompt(tokens, limit, context, params)
-        if isinstance(prepared, RowError):
-            errors += 1
-            continue
-        if len(prepared) < len(tokens):
-            cut_rows, cut_tokens = cut_rows + 1, cut_tokens + len(tokens) - len(prepared)
-        prompts.append(prepared)
-        limits.append(limit)
-    n = params.num_return_sequences
-    figures = {"prompt_tokens": sum(map(len, prompts)), "generated_tokens_at_most": n * sum(limits),
-               "prompts_truncated": cut_rows, "prompt_tokens_truncated": cut_tokens, "error_rows": errors,
-               "cached_prompt_tokens": _shared_prefix_tokens(prompts) if spec.enable_prefix_caching else 0}  # fmt: skip
-    warnings = []
-    if cut_rows and cut_rows * 2 >= len(rows):
-        warnings.append(f"{cut_rows / len(rows):.0%} of the sampled prompts would be cut from the left to fit "
-                        f"max_new_tokens={params.max_new_tokens} in the context of {context} tokens")  # fmt: skip
-    return figures, warnings
-
-
-def _score_tokens(spec, rows, encode, context: int, eos: int) -> dict:
-    from ..kinds.rows import check_text
-    from ..kinds.scoring import rolling_windows
-
-    tokens = windows = positions = errors = 0
-    for row in rows:
-        text = row.get(spec.text_column)
-        if check_text(text) is not None:
-            errors += 1
-            continue
-        ids = encode(text)
-        w = rolling_windows(ids, eos, context, spec.stride)
-        tokens, windows, positions = (
-            tokens + len(ids),
-            windows + len(w),
-            positions + sum(len(s) - 1 for s, _ in w),
-        )
-    return {"tokens": tokens, "windows": windows, "positions_computed": positions, "error_rows": errors}
-
-
-def _judge_tokens(spec, rows, encode) -> dict:
-    from ..kinds.judging import statement_lists
-
-    def column(name):
-        return [r.get(name) for r in rows] if name else None
-
-    items = statement_lists(column(spec.candidates_column), column(spec.question_column if spec.answers_column else None),
-                            column(spec.answers_column), spec.template)  # fmt: skip
-    good = [s for s in items if isinstance(s, list)]
-    return {"tokens": sum(len(encode(t)) for s in good for t in s), "statements": sum(map(len, good)),
-            "error_rows": len(items) - len(good)}  # fmt: skip
-
-
-def _estimate(spec, kind: str, tokens: dict, config: dict) -> dict:
+def _estimate(spec, tokens: dict, config: dict) -> dict:
     device = "cpu" if spec.gpus_per_actor == 0 else "gpu"
     r = RATES[device]
     k = scale(config, r["shape"])
-    if kind == "generate":
-        seconds = ((tokens["prompt_tokens"] - tokens["cached_prompt_tokens"]) / r["prefill_tokens_per_s"]
-                   + tokens["generated_tokens_at_most"] / r["decode_tokens_per_s"]) * k  # fmt: skip
-    else:
-        seconds = tokens.get("positions_computed", tokens["tokens"]) / r["score_tokens_per_s"] * k
+    seconds = get(spec.kind).plan_seconds(tokens, r) * k
     actors = spec.actors[1]
     per_actor = (spec.gpus_per_actor or 1) if device == "gpu" else spec.cpus_per_actor
     return {"device": r["device"].split(",")[0] if k != 1 else r["device"], "source": r["source"], "scale": k,
@@ -204,15 +118,9 @@ def plan_job(spec) -> Plan:
         if is_url(spec.model) and not spec.model.startswith("file://"):
             shutil.rmtree(meta, ignore_errors=True)
     context = config.get("n_positions") or config.get("n_ctx") or 1024
-    warnings = []
-    if spec.kind == "generate":
-        tokens, warnings = _generate_tokens(spec, rows, tokenizer.encode, context)
-    elif spec.kind == "score":
-        tokens = _score_tokens(spec, rows, tokenizer.encode, context, tokenizer.eos_token_id)
-    else:
-        tokens = _judge_tokens(spec, rows, tokenizer.encode)
+    tokens, warnings = get(spec.kind).plan_tokens(spec, rows, tokenizer, context)
     if rows and len(rows) < inputs.rows:  # scaled to every row
         tokens = {k: round(v * inputs.rows / len(rows)) for k, v in tokens.items()}
     return Plan(spec.kind, redact_url(spec.output), len(inputs.files), inputs.rows, len(shards), committed,
                 bool(published and published.get("spec_hash") == hash_), len(rows), tokens,
-                _estimate(spec, spec.kind, tokens, config), warnings)  # fmt: skip
+                _estimate(spec, tokens, config), warnings)  # fmt: skip

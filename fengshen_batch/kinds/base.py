@@ -107,6 +107,16 @@ class Kind:
         """What the kind does once every shard is committed and before _SUCCESS (report, accuracy, ...),
         from the shards' merged summary (None where a shard has none); `context`: `before_run`'s."""
 
+    def plan_tokens(self, spec, rows: list[dict], tokenizer, context: int) -> tuple[dict, list[str]]:
+        """`plan`: the token figures of a sample of input rows as this kind counts them, and any warnings."""
+        from .planning import score_tokens
+
+        return score_tokens(spec, rows, tokenizer.encode, context, tokenizer.eos_token_id), []
+
+    def plan_seconds(self, tokens: dict, rates: dict) -> float:
+        """`plan`: compute seconds of `plan_tokens`' figures at `rates` (job/rates.py), the benchmark's model."""
+        return tokens.get("positions_computed", tokens["tokens"]) / rates["score_tokens_per_s"]
+
     def token_note(self, manifest: dict) -> str:
         """The `done:` line's tokens and rate."""
         return f"{manifest['counts']['tokens']:,} tokens, {manifest['tokens_per_second']:,.0f} tokens/s"

@@ -9,19 +9,7 @@ import pyarrow as pa
 
 from ..errors import SpecError
 from .base import Kind
-from .rows import RowError, Sample
-
-
-def fill_template(template: str, columns: list[str], row: dict) -> str | RowError:
-    """The row's prompt from `template` (str.format over its columns); a null in a named column, or a value
-    its format spec cannot take, is the row's error."""
-    missing = [c for c in columns if row[c] is None]
-    if missing:
-        return RowError("null_template_field", f"template column {missing[0]!r} is null in this row")
-    try:
-        return template.format(**row)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        return RowError("bad_template_value", f"prompt_template: {type(e).__name__}: {e}"[:2000])
+from .rows import RowError, Sample, fill_template
 
 
 def prompt_field(spec, renamed: dict[str, str]) -> str | None:
@@ -147,6 +135,18 @@ class Generate(Kind):
             manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
         build_sample_report(store, manifest, spec.report_by, [summary])
         took["report"] = round(time.time() - t, 3)
+
+    def plan_tokens(self, spec, rows, tokenizer, context):
+        from .planning import generate_tokens
+
+        return generate_tokens(spec, rows, tokenizer.encode, context)
+
+    def plan_seconds(self, tokens, rates):
+        prefill = tokens["prompt_tokens"] - tokens["cached_prompt_tokens"]
+        return (
+            prefill / rates["prefill_tokens_per_s"]
+            + tokens["generated_tokens_at_most"] / rates["decode_tokens_per_s"]
+        )
 
     def token_note(self, manifest) -> str:
         counts = manifest["counts"]

@@ -71,6 +71,15 @@ def outcomes(
     return out
 
 
+def summarize_table(table, by: str | None, label_column, answers_column, id_field: str) -> dict:
+    """The judge summary (`reports.judge_sketch`) of judged rows: a shard's, or an output's data files'."""
+    from ..reports import judge_sketch
+
+    groups, n_groups = judge_sketch.group_values(table.column(by) if by else None, by)
+    judged = outcomes(table.to_pylist(), label_column, answers_column, id_field)
+    return judge_sketch.summarize(judged, groups, n_groups, by)
+
+
 def label_counts(rows: list[dict], label_column: str, answers_column: str | None) -> dict:
     """Labelled rows and correct choices per criterion among `rows` (one shard's data): the actor computes
     them where the rows are, and the driver adds up the shards' counts (`io.outputs.sum_counts`)."""
@@ -120,13 +129,16 @@ class Judge(Kind):
         return list(dict.fromkeys([*COUNTED, "choice", "margin", id_field, *[c for c in extra if c]]))
 
     def summarize(self, spec, data, renamed, id_field):
-        from ..reports import judge_sketch
+        return summarize_table(data.select(self._columns(spec, id_field)), spec.report_by, spec.label_column,
+                               spec.answers_column, id_field)  # fmt: skip
 
-        rows = data.select(self._columns(spec, id_field)).to_pylist()
-        groups, n_groups = judge_sketch.group_values(data.column(spec.report_by) if spec.report_by else None,
-                                                     spec.report_by)  # fmt: skip
-        judged = outcomes(rows, spec.label_column, spec.answers_column, id_field)
-        return judge_sketch.summarize(judged, groups, n_groups, spec.report_by)
+    @staticmethod
+    def _report(store, manifest, by, summaries):
+        from ..reports.judge_report import build_judge_report
+
+        spec = manifest["spec"]
+        return build_judge_report(store, manifest, by, summaries, lambda table, by: summarize_table(
+            table, by, spec.get("label_column"), spec.get("answers_column"), spec.get("id_column") or "id"))  # fmt: skip
 
     def merge(self, summaries):
         from ..reports.judge_sketch import merge
@@ -136,14 +148,17 @@ class Judge(Kind):
     def finish(self, spec, store, manifest, summary, context) -> None:
         """Accuracy against the labels and the report, from the shards' merged summary (shards committed by
         a version that did not summarise them: from the data files)."""
-        from ..reports.judge_report import build_judge_report
-
         t = time.time()
-        report = build_judge_report(store, manifest, spec.report_by, [summary])
+        report = self._report(store, manifest, spec.report_by, [summary])
         if spec.label_column:
             manifest["judge"] = {k: report[k] for k in
                                  ("criterion", "accuracy", "per_criterion", "labelled_rows", "invalid_label_rows")}  # fmt: skip
         manifest.setdefault("finish_seconds", {})["report"] = round(time.time() - t, 3)
+
+    def plan_tokens(self, spec, rows, tokenizer, context):
+        from .planning import judge_tokens
+
+        return judge_tokens(spec, rows, tokenizer.encode), []
 
     def done_note(self, manifest) -> str:
         judged = manifest.get("judge")
@@ -160,9 +175,7 @@ class Judge(Kind):
         return []
 
     def rebuild_report(self, store, manifest, by, summaries, compare):
-        from ..reports.judge_report import build_judge_report
-
-        return build_judge_report(store, manifest, by, summaries)
+        return self._report(store, manifest, by, summaries)
 
 
 KIND = Judge()

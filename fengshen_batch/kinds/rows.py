@@ -119,3 +119,15 @@ def first_errors(*lists: list[RowError | None] | None) -> list[RowError | None] 
     if not given:
         return None
     return [next((e for e in row if e is not None), None) for row in zip(*given, strict=True)]
+
+
+def fill_template(template: str, columns: list[str], row: dict) -> str | RowError:
+    """The row's prompt from `template` (str.format over its columns); a null in a named column, or a value
+    its format spec cannot take, is the row's error."""
+    missing = [c for c in columns if row[c] is None]
+    if missing:
+        return RowError("null_template_field", f"template column {missing[0]!r} is null in this row")
+    try:
+        return template.format(**row)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return RowError("bad_template_value", f"prompt_template: {type(e).__name__}: {e}"[:2000])

@@ -94,10 +94,9 @@ least surprising candidate wins (criterion <code>{html.escape(summary["criterion
 """
 
 
-def _from_files(store: OutputStore, spec: dict, by: str | None) -> dict:
-    """The summary from the data files (shards summarised by an older version, or a report by another column)."""
-    from ..kinds.judge import outcomes
-
+def _from_files(store: OutputStore, spec: dict, by: str | None, summarize_table) -> dict:
+    """The summary from the data files (shards summarised by an older version, or a report by another column),
+    by the kind's `summarize_table(table, by)`."""
     prefix, id_field = spec.get("result_prefix") or "", spec.get("id_column") or "id"
     results = ["statements", "candidate_nll_sum", "candidate_token_count", "choice", "margin"]
     inputs = [c for c in (id_field, spec.get("label_column"), spec.get("answers_column"), by) if c]
@@ -108,20 +107,18 @@ def _from_files(store: OutputStore, spec: dict, by: str | None) -> dict:
         raise ValueError(f"column {by!r} is not in the output")
     table = table.rename_columns([n[len(prefix):] if n[len(prefix):] in results and n.startswith(prefix) else n
                                   for n in table.column_names])  # fmt: skip
-    rows = table.to_pylist()
-    groups, n_groups = judge_sketch.group_values(table.column(by) if by else None, by)
-    judged = outcomes(rows, spec.get("label_column"), spec.get("answers_column"), id_field)
-    return judge_sketch.summarize(judged, groups, n_groups, by)
+    return summarize_table(table, by)
 
 
 def build_judge_report(
-    store: OutputStore, manifest: dict, by: str | None = None, summaries: list | None = None
+    store: OutputStore, manifest: dict, by: str | None, summaries: list | None, summarize_table
 ) -> dict:
     """Write OUTPUT/report/ of a judge job from per-shard summaries (the data files' where those are missing
-    or made for another `by`); return the summary (the manifest's `judge` figures are its accuracy)."""
+    or made for another `by`, by `summarize_table(table, by)`); return the summary (the manifest's `judge`
+    figures are its accuracy)."""
     spec = manifest["spec"]
     fresh = bool(summaries) and all(s is not None and s.get("by") == by for s in summaries)
-    merged = judge_sketch.merge(summaries) if fresh else _from_files(store, spec, by)
+    merged = judge_sketch.merge(summaries) if fresh else _from_files(store, spec, by, summarize_table)
     criterion = spec.get("criterion") or "ppl"
     summary = {"model": manifest.get("model", ""), "input": spec.get("input", ""),
                **judge_sketch.figures(merged, criterion)}  # fmt: skip

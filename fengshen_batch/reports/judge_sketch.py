@@ -13,7 +13,6 @@ in the shard's marker, and the driver merges them (`merge`). A summary holds:
 from __future__ import annotations
 
 from ..io.outputs import sum_counts
-from ..kinds.judging import CRITERIA
 from .histograms import group_keys, histogram, merge_groups, merge_histograms, quantiles
 
 WORST = 10
@@ -23,11 +22,13 @@ STATEMENT_CHARS = 200
 def count_outcomes(outcomes: list[dict]) -> dict:
     """rows, labelled, invalid and correct per criterion of a list of per-row outcomes."""
     labelled = [o for o in outcomes if o["target"] is not None]
+    criteria = outcomes[0]["choices"] if outcomes else ()
     return {
         "rows": len(outcomes),
         "labelled": len(labelled),
         "invalid": sum(o["invalid"] for o in outcomes),
-        "correct": {name: sum(o["choices"][name] == o["target"] for o in labelled) for name in CRITERIA},
+        # per criterion (kinds.judging.CRITERIA: each outcome's `choices` names them)
+        "correct": {name: sum(o["choices"][name] == o["target"] for o in labelled) for name in criteria},
     }
 
 
@@ -82,7 +83,7 @@ def merge(summaries: list[dict]) -> dict:
 def accuracy(counts: dict, criterion: str) -> dict:
     """Accuracy of the choices against labels, for the job's criterion and for each criterion."""
     labelled = counts["labelled"]
-    per = {name: (counts["correct"][name] / labelled if labelled else None) for name in CRITERIA}
+    per = {name: (n / labelled if labelled else None) for name, n in counts["correct"].items()}
     return {
         "criterion": criterion,
         "accuracy": per[criterion],
