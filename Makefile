@@ -16,7 +16,9 @@ $(BIN)/.installed: pyproject.toml
 	else \
 		$(BIN)/pip install --quiet $(TORCH_CPU); \
 	fi
-	$(BIN)/pip install --quiet -e '.[test]'
+	# setuptools prints a boxed "Editable installation" notice for every editable install; it is advice
+	# about import shadowing, not a fault, so setup stays quiet about it (other warnings still show).
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 setup: $(BIN)/.installed
