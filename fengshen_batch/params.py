@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .constraints import Constraint, check
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -40,6 +42,9 @@ class GenerateParams(BaseModel):
     seed: int = 0
     prompt_too_long: Literal["truncate_left", "error"] = "truncate_left"
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length data; benchmarks)
+    # What every output must look like (choice, regex, json_schema or grammar; constraints/spec.py); a job's
+    # constraint_column can set one per row instead. Checked here, before any model loads.
+    constraint: Constraint | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -49,6 +54,19 @@ class GenerateParams(BaseModel):
         if any(not isinstance(s, str) or s == "" for s in value or ()):
             raise ValueError("stop strings must be non-empty strings")
         return tuple(value or ())
+
+    @field_validator("constraint")
+    @classmethod
+    def _compiles(cls, value):
+        if value is not None:
+            check(value)
+        return value
+
+    @model_validator(mode="after")
+    def _constraint_ends(self):
+        if self.constraint is not None and self.ignore_eos:
+            raise ValueError("a constraint ends its output where the constraint is complete: drop ignore_eos")
+        return self
 
     @property
     def sampling(self) -> bool:
@@ -71,3 +89,5 @@ class EngineParams(BaseModel):
     # Reuse the K/V of prompt prefixes already in the cache (shared few-shot headers, templates, n > 1):
     # only the rest of a prompt is computed. Outputs are the same either way.
     enable_prefix_caching: bool = True
+    # The library behind `constraint` / `constraint_column` (constraints/backend.py).
+    constraint_backend: Literal["llguidance"] = "llguidance"

@@ -208,6 +208,9 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
     token_logprobs: bool = False  # token_ids and token_logprobs of each generation (large: off by default)
     # An integer column of per-row output limits; null takes max_new_tokens. A bad value is that row's error.
     max_new_tokens_column: str | None = None
+    # A column of per-row constraints: JSON text (or a struct) such as {"choice": ["yes", "no"]} or
+    # {"json_schema": {...}}; null takes `constraint`. One that is not a constraint is that row's error.
+    constraint_column: str | None = None
     # Ray batches in flight per replica, all feeding its one engine, so it never drains between batches.
     max_concurrent_batches: int = Field(default=4, ge=1)
     report_by: str | None = None  # a column (e.g. `source`) to break the report's figures down by
@@ -216,6 +219,8 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
     def _template_and_best_of_n(self):
         if self.prompt_template is not None:
             self.template_columns()
+        if self.constraint_column is not None and self.ignore_eos:
+            raise ValueError("a constraint ends its output where the constraint is complete: drop ignore_eos")
         if self.keep_best is not None and self.keep_best >= self.num_return_sequences:
             raise ValueError(
                 f"keep_best ({self.keep_best}) must be below num_return_sequences ({self.num_return_sequences})"
@@ -236,7 +241,7 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
         return list(dict.fromkeys(names))
 
     def input_columns(self) -> tuple[list[str], list[str], list[str]]:
-        by = [self.report_by] if self.report_by else []
+        by = [c for c in (self.report_by, self.constraint_column) if c]
         if self.prompt_template is not None:
             return [], [], list(dict.fromkeys([*self.template_columns(), *by]))
         return [self.prompt_column], [], by

@@ -164,10 +164,38 @@ def score(overwrite, ray_progress, plan_only, **opts):
     type=click.Choice(["truncate_left", "error"]),
     help="Prompt longer than context - max_new_tokens: keep its end (default) or a row error.",
 )
+@click.option("--choice", multiple=True, help="Constraint: the output is one of these strings. Repeatable.")
+@click.option("--regex", help="Constraint: the whole output matches this regular expression.")
+@click.option(
+    "--json-schema", help="Constraint: a JSON record valid under this schema (JSON text, or a file/URL)."
+)
+@click.option("--grammar", help="Constraint: a Lark or GBNF grammar (its text, or @FILE).")
+@click.option(
+    "--constraint-column",
+    help='Column of per-row constraints, e.g. {"choice": ["yes", "no"]}; null takes the job\'s.',
+)
 @report_errors
-def generate(overwrite, ray_progress, plan_only, **opts):
+def generate(overwrite, ray_progress, plan_only, choice, regex, json_schema, grammar, **opts):
     """Generate continuations of every prompt."""
+    if grammar and grammar.startswith("@"):
+        grammar = _read_text(grammar[1:], "--grammar")
+    given = {"choice": list(choice) or None, "regex": regex, "json_schema": json_schema, "grammar": grammar}
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        raise click.UsageError(
+            f"give one constraint, not {' and '.join('--' + k.replace('_', '-') for k in given)}"
+        )
+    if given:
+        opts["constraint"] = given
     _run(spec_fields("generate", opts), overwrite, ray_progress, plan_only)
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint=option) from None
 
 
 @main.command()

@@ -22,6 +22,7 @@ import torch
 
 from ..params import EngineParams, GenerateParams
 from .kv_cache import KVCache, plan_blocks
+from .masks import Constraints
 from .model_runner import ModelRunner
 from .sampler import penalize, sample, sample_full
 from .scheduler import DecodeStep, PrefillStep, Scheduler
@@ -61,6 +62,7 @@ class EngineStats:
     sampled_tokens: int = 0  # tokens appended to samples
     finished_samples: int = 0
     finished_prompts: int = 0  # requests done that hold a prompt's first sample
+    mask_wait_seconds: float = 0.0  # constrained rows: time sampling waited for token masks
 
     @property
     def useful_slot_fraction(self) -> float:
@@ -119,6 +121,7 @@ class LLMEngine:
             else None
         )
         self.stats = EngineStats()
+        self.constraints = Constraints(replica, slots, engine.constraint_backend)  # masks, matchers
         self._full_steps = 0  # steps left to sample over the full vocabulary (see FULL_SAMPLING_STEPS)
         log.info("engine: up to %d sequences, %d KV blocks (%.2f GiB), %d-token step budget, prefix caching %s",
                  slots, blocks - 1, self.cache.nbytes / 2**30, budget,
@@ -139,11 +142,19 @@ class LLMEngine:
             )
         if request.n > self.scheduler.num_slots:
             raise ValueError(f"{request.n} samples per prompt exceed max_num_seqs={self.scheduler.num_slots}")
+        if request.constraint is not None:
+            error = self.constraint_error(request.constraint)
+            if error:
+                raise ValueError(error)
         if not self.scheduler.fits_alone(request):
             raise ValueError(
                 f"{request.n} samples of {len(request.prompt)} + {request.max_new_tokens} tokens need more KV "
                 "cache than the engine has: raise gpu_memory_utilization or cpu_kv_cache_gb"
             )
+
+    def constraint_error(self, constraint) -> str | None:
+        """Why `constraint` cannot run with this replica's tokenizer (None: it can)."""
+        return self.constraints.error(constraint)
 
     def add(self, *requests: Request) -> None:
         """Queue requests, all or none: every one is checked before any is queued."""
@@ -182,6 +193,7 @@ class LLMEngine:
             self.stats.prompt_tokens += sum(len(r.prompt) for r in done)
             self.stats.cached_tokens += sum(r.cached for r in done)
             seqs = [s for r in done for s in r.seqs]
+            self.constraints.start_matchers(done)
             if seqs:
                 counts = torch.tensor([r.n for r in done], device=logits.device)
                 logits = logits.repeat_interleave(counts, dim=0)  # (R, V): one row per sample
@@ -219,7 +231,8 @@ class LLMEngine:
              [s.slot for s in seqs]], dtype=torch.long,
         ).to(dev, non_blocking=True)  # fmt: skip
         keys, steps, limits, slots = meta
-        logits = penalize(raw, None if self.seen is None else self.seen[slots], p.repetition_penalty)
+        masked = self.constraints.apply(raw, seqs)  # constrained rows: their allowed tokens only
+        logits = penalize(masked, None if self.seen is None else self.seen[slots], p.repetition_penalty)
         tokens, redraw = sample(logits, keys, steps, p, full=self._full_steps > 0)
         self._full_steps = max(0, self._full_steps - 1)
         logprobs = raw.log_softmax(-1)  # (R, V) at temperature 1, unwarped: for the NLL
@@ -237,11 +250,15 @@ class LLMEngine:
             self.seen[slots, tokens] = True
         toks, nlls, ends = host[0].long().tolist(), host[1].tolist(), host[2].bool().tolist()
         self.stats.sampled_tokens += len(seqs)
-        finished = []
+        finished, constrained = [], []
         for seq, tok, nll, end in zip(seqs, toks, nlls, ends, strict=True):
             seq.tokens.append(tok)
             seq.nll.append(nll)
-            if self.stop is not None and not end:
+            if seq.matcher is not None:  # the constraint decides where the output ends; stop strings do not
+                end = self.constraints.feed(seq, tok, end)
+                if not end:
+                    constrained.append(seq)
+            elif self.stop is not None and not end:
                 end = self.stop.update(seq, tok)
             if end:
                 self.scheduler.finish(seq)
@@ -249,6 +266,9 @@ class LLMEngine:
                 if seq.request.done:
                     finished.append(seq.request)
                     self.stats.finished_prompts += seq.request.first_index == 0
+        if self.constraints.active:
+            self.stats.mask_wait_seconds = self.constraints.fill_seconds
+            self.constraints.start(constrained)  # their next masks fill while the next step runs
         return finished
 
     def _flags(self, logprobs, tokens, steps, limits, redraw) -> torch.Tensor:
@@ -274,6 +294,7 @@ class LLMEngine:
 
     def reset(self) -> None:
         """Drop every request (after a failed step): the engine is empty and ready again."""
+        self.constraints.wait()
         self.scheduler.requeue_all(shrink=False)
         self.scheduler.waiting.clear()
 

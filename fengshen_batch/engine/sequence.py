@@ -32,6 +32,11 @@ class Sequence:
     nll: list[float] = field(default_factory=list)  # -log p of each, temperature 1, unwarped
     tail: bytes = b""  # the last bytes of the output, for incremental stop-string checks
     status: Status = Status.WAITING
+    matcher: object = None  # constrained: the backend's state of this output (constraints/backend.Matcher)
+    # constrained and finished: the output may end where it did (accepting), and it ended because the
+    # constraint was done rather than at the token limit (complete)
+    accepting: bool | None = None
+    complete: bool | None = None
 
     @property
     def position(self) -> int:
@@ -53,6 +58,7 @@ class Request:
     order: int = -1  # admission order (preemption takes the newest first)
     seqs: list[Sequence] = field(default_factory=list)
     hashes: list[int] | None = None  # the prompt's block hashes (prefix caching), computed once
+    constraint: object = None  # what each sample must look like (constraints.Constraint), or None
 
     def __post_init__(self):
         self.seqs = [Sequence(self, self.first_index + i, k) for i, k in enumerate(self.keys)]
@@ -71,3 +77,4 @@ class Request:
         self.prefilled = self.cached = 0
         for s in self.seqs:
             s.slot, s.table, s.tokens, s.nll, s.tail, s.status = -1, [], [], [], b"", Status.WAITING
+            s.matcher = s.accepting = s.complete = None

@@ -20,6 +20,10 @@ def prompt_field(spec, renamed: dict[str, str]) -> str | None:
     return renamed.get(spec.prompt_column, spec.prompt_column)
 
 
+def constrained(spec) -> bool:
+    return spec.constraint is not None or spec.constraint_column is not None
+
+
 class Generate(Kind):
     name = "generate"
     fields = [
@@ -36,6 +40,8 @@ class Generate(Kind):
 
     def result_fields(self, spec) -> list[pa.Field]:
         fields = super().result_fields(spec)
+        if constrained(spec):
+            fields.insert(len(self.fields), pa.field("constraint_satisfied", pa.bool_()))
         if spec.prompt_template and spec.keep_prompt:
             fields.insert(0, pa.field(spec.prompt_column, pa.string()))  # the filled-in prompt
         return fields
@@ -57,8 +63,8 @@ class Generate(Kind):
         )
 
     def items(self, spec, table, extra):
-        """(prompt, the row's max_new_tokens or None) per row; a template that cannot be filled is the
-        row's error."""
+        """(prompt, the row's max_new_tokens or None, its constraint or None) per row; a template that
+        cannot be filled, or a constraint that is not one, is the row's error."""
         if spec.prompt_template:
             names = spec.template_columns()
             prompts = [
@@ -70,13 +76,21 @@ class Generate(Kind):
             prompts = table.column(spec.text_field).to_pylist()
         column = spec.max_new_tokens_column
         limits = table.column(column).to_pylist() if column else [None] * len(prompts)
-        return list(zip(prompts, limits, strict=True))
+        constraints = [None] * len(prompts)
+        if spec.constraint_column:
+            from ..constraints import row_constraint
+
+            parsed = [row_constraint(v) for v in table.column(spec.constraint_column).to_pylist()]
+            constraints = [RowError("bad_constraint", c[:2000]) if isinstance(c, str) else c for c in parsed]
+        return list(zip(prompts, limits, constraints, strict=True))
 
     def run(self, replicas, spec, items, ids, budget, usage):
         from .generation import generate, keep_best
 
-        prompts, limits = zip(*items, strict=True) if items else ((), ())
-        results = generate(replicas.model, prompts, ids, spec.params(), limits, replicas.engine, usage)
+        prompts, limits, constraints = zip(*items, strict=True) if items else ((), (), ())
+        results = generate(
+            replicas.model, prompts, ids, spec.params(), limits, replicas.engine, usage, constraints
+        )
         if spec.keep_best:
             results = [r if isinstance(r, RowError) else keep_best(r, spec.keep_best) for r in results]
         return results, budget
@@ -85,7 +99,8 @@ class Generate(Kind):
         return [
             {"sample_index": s.sample_index, "generation": s.generation, "prompt_tokens": s.prompt_tokens,
              "generated_tokens": s.generated_tokens, "finish_reason": s.finish_reason,
-             "generation_nll_sum": s.generation_nll_sum, "token_ids": s.token_ids, "token_logprobs": s.token_logprobs}
+             "generation_nll_sum": s.generation_nll_sum, "token_ids": s.token_ids, "token_logprobs": s.token_logprobs,
+             "constraint_satisfied": s.constraint_satisfied}
             for s in samples
         ]  # fmt: skip
 
@@ -133,7 +148,9 @@ class Generate(Kind):
         if spec.keep_best:  # samples generated and not kept: each good row made n samples and kept k of them
             n, k = spec.num_return_sequences, spec.keep_best
             manifest["counts"]["dropped_samples"] = manifest["counts"]["result_rows"] // k * (n - k)
-        build_sample_report(store, manifest, spec.report_by, [summary])
+        figures = build_sample_report(store, manifest, spec.report_by, [summary])
+        if "constraint" in figures:  # satisfied, cut at the limit, failed: from the shards' summaries
+            manifest["counts"]["constraint"] = figures["constraint"]
         took["report"] = round(time.time() - t, 3)
 
     def plan_tokens(self, spec, rows, tokenizer, context):
@@ -156,7 +173,13 @@ class Generate(Kind):
         )
 
     def done_note(self, manifest) -> str:
-        return f", prefix cache hit rate {manifest['prefix_cache_hit_rate']:.0%}"
+        note = f", prefix cache hit rate {manifest['prefix_cache_hit_rate']:.0%}"
+        c = manifest["counts"].get("constraint")
+        if c:
+            note += f", constraint satisfied by {c['satisfied']:,} of {c['samples']:,} samples"
+            if c["cut"] or c["failed"]:
+                note += f" ({c['cut']:,} cut by the token limit, {c['failed']:,} failed)"
+        return note
 
     def report_lines(self, manifest, context) -> list[str]:
         """A warning where prompts were cut to fit: the prompt column and the report show them whole."""

@@ -64,6 +64,22 @@ def finish_sample(
     return Sample(index, text, prompt_len, n, reason, float(sum(nll[:n])), tokens[:n], [-x for x in nll[:n]])
 
 
+def finish_constrained(replica: Replica, seq, prompt_len: int) -> Sample:
+    """A constrained sample ends where its constraint did (no stop strings): `finish_reason` is "stop" when
+    the constraint was complete, "length" when the token limit cut it, and `constraint_satisfied` says
+    whether the text is valid (never true for an incomplete record)."""
+    from ..constraints import satisfied
+
+    tokens, nll = seq.tokens, seq.nll
+    body = tokens[:-1] if tokens and tokens[-1] == replica.eos_id else tokens
+    text = replica.tokenizer.decode(body)
+    ok = satisfied(seq.request.constraint, text, bool(seq.accepting))
+    reason = "stop" if seq.complete else "length"
+    return Sample(
+        seq.index, text, prompt_len, len(tokens), reason, float(sum(nll)), tokens, [-x for x in nll], ok
+    )
+
+
 def row_limit(value: object, default: int, context: int) -> int | RowError:
     """A row's max_new_tokens from its column value: null (or NaN, pandas' null in a float column) means
     the job's; anything else must be a whole number from 1 to context - 1 (a prompt needs a token)."""
@@ -108,11 +124,12 @@ def generate(
     max_new_tokens: Sequence[object] | None = None,
     engine: LLMEngine | EngineThread | None = None,
     usage: PromptUsage | None = None,
+    constraints: Sequence[object] | None = None,
 ) -> list[list[Sample] | RowError]:
     """`num_return_sequences` samples per prompt (or the row's error), in input order. A prompt may be a
     RowError already (a template that could not be filled): it passes through."""
     token_lists = [p if isinstance(p, RowError) else check_text(p) or replica.encode(p) for p in prompts]
-    return generate_tokens(replica, token_lists, row_ids, params, max_new_tokens, engine, usage)
+    return generate_tokens(replica, token_lists, row_ids, params, max_new_tokens, engine, usage, constraints)
 
 
 def generate_tokens(
@@ -123,17 +140,23 @@ def generate_tokens(
     max_new_tokens: Sequence[object] | None = None,
     engine: LLMEngine | EngineThread | None = None,
     usage: PromptUsage | None = None,
+    constraints: Sequence[object] | None = None,
 ) -> list[list[Sample] | RowError]:
     """`generate` from token ids (row errors pass through). `max_new_tokens`: per-row limits (None entries
     take the job's); `engine`: a replica's long-lived engine, else one is built for this call; `usage`:
-    where the prompt tokens run (and those the prefix cache supplied) are added up."""
+    where the prompt tokens run (and those the prefix cache supplied) are added up; `constraints`: per-row
+    constraints (None entries take the job's `params.constraint`; a RowError is that row's)."""
     context = replica.max_length
     if params.max_new_tokens >= context:
         raise ValueError(
             f"max_new_tokens={params.max_new_tokens} must be below the model's context of {context}"
         )
-    if len(prompts) != len(row_ids) or (max_new_tokens is not None and len(max_new_tokens) != len(prompts)):
-        raise ValueError("one row id (and one max_new_tokens value, when given) per prompt is required")
+    if len(prompts) != len(row_ids) or any(
+        v is not None and len(v) != len(prompts) for v in (max_new_tokens, constraints)
+    ):
+        raise ValueError(
+            "one row id (and one max_new_tokens value and constraint, when given) per prompt is required"
+        )
     if engine is None:
         engine = LLMEngine(replica, params, EngineParams(max_num_seqs=_slots_for(prompts, params)))
     elif _engine_of(engine).params != params:
@@ -142,10 +165,14 @@ def generate_tokens(
     n = params.num_return_sequences
     results: list[list[Sample] | RowError] = []
     requests, truncated = [], []  # truncated: tokens cut off each prompt that was cut
+    checked: dict[str, RowError | None] = {}  # a constraint's JSON -> its error (rows repeat constraints)
     for i, prompt in enumerate(prompts):
         value = None if max_new_tokens is None else max_new_tokens[i]
         limit = row_limit(value, params.max_new_tokens, context)
         prepared = limit if isinstance(limit, RowError) else prepare_prompt(prompt, limit, context, params)
+        constraint = params.constraint if constraints is None or constraints[i] is None else constraints[i]
+        if not isinstance(prepared, RowError) and constraint is not None:
+            prepared = _constraint_error(_engine_of(engine), constraint, checked) or prepared
         if isinstance(prepared, RowError):
             results.append(prepared)
             continue
@@ -153,7 +180,9 @@ def generate_tokens(
             truncated.append(len(prompt) - len(prepared))
         keys = [sample_key(params.seed, str(row_ids[i]), s) for s in range(n)]
         for first in range(0, n, per_request):
-            requests.append(Request(i, prepared, keys[first : first + per_request], limit, first))
+            requests.append(
+                Request(i, prepared, keys[first : first + per_request], limit, first, constraint=constraint)
+            )
         results.append([])
     if requests:
         engine.run(requests)
@@ -161,9 +190,24 @@ def generate_tokens(
             usage.add(requests, truncated)
     for req in requests:
         results[req.ident] += [
-            finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params) for s in req.seqs
+            finish_constrained(replica, s, len(req.prompt))
+            if req.constraint is not None
+            else finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params)
+            for s in req.seqs
         ]
     return results
+
+
+def _constraint_error(engine: LLMEngine, constraint, checked: dict) -> RowError | None:
+    """The row's error if its constraint is one or does not compile for this tokenizer (once per distinct
+    constraint)."""
+    if isinstance(constraint, RowError):
+        return constraint
+    key = constraint.model_dump_json()
+    if key not in checked:
+        error = engine.constraint_error(constraint)
+        checked[key] = RowError("bad_constraint", error[:2000]) if error else None
+    return checked[key]
 
 
 def _engine_of(engine: LLMEngine | EngineThread) -> LLMEngine:

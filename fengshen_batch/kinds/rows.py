@@ -47,6 +47,8 @@ class Sample:
     generation_nll_sum: float  # -log p of the produced tokens at temperature 1, unwarped
     token_ids: list[int] | None = None  # the generated_tokens tokens
     token_logprobs: list[float] | None = None  # log p of each at temperature 1, before any warping
+    # constrained: the output is complete and valid (matcher accepting, JSON parsed and validated); else None
+    constraint_satisfied: bool | None = None
 
     @property
     def nll_per_token(self) -> float:

@@ -88,6 +88,17 @@ def _examples_table(rows: list[dict], caption: str) -> str:
     return f"<h2>{html.escape(caption)}</h2><table><tr>{head}</tr>{body}</table>" if rows else ""
 
 
+def _constraint_rows(c: dict | None) -> list[tuple[str, object]]:
+    if not c:
+        return []
+    return [
+        ("constrained samples", c["samples"]),
+        ("valid (constraint satisfied)", c["satisfied"]),
+        ("cut by the token limit before complete", c["cut"]),
+        ("failed otherwise", c["failed"]),
+    ]
+
+
 def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
     exact = summary["exact"]
 
@@ -111,6 +122,7 @@ def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
         ("distinct-1" + estimate("distinct_1"), summary["distinct_1"]),
         ("distinct-2" + estimate("distinct_2"), summary["distinct_2"]),
         ("samples with a repetition loop", summary["repetition_loops"]),
+        *_constraint_rows(summary.get("constraint")),
     ]
     stats = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in figures_rows)
     qs = ("p05", "p25", "p50", "p75", "p95")

@@ -117,6 +117,12 @@ def _group_figures(s: dict, mask: np.ndarray) -> dict:
         "distinct_bigrams": distinct.sketch(s["bigram_hash"][pairs]),
         "loops": int((s["loop"][mask] > 0).sum()),
     }
+    if s["constrained"][mask].any():  # constrained samples: valid, cut by their limit, or failed otherwise
+        invalid = mask & s["constrained"] & ~s["satisfied"]
+        out["constrained"] = int((mask & s["constrained"]).sum())
+        out["constraint_satisfied"] = int((mask & s["satisfied"]).sum())
+        out["constraint_cut"] = int((invalid & (s["finish_reason"] == "length")).sum())
+        out["constraint_failed"] = int((invalid & (s["finish_reason"] != "length")).sum())
     return out
 
 
@@ -148,6 +154,13 @@ def summarize(data: pa.Table, prompt_column: str | None, by: str | None, id_colu
         "generated_tokens": data.column("generated_tokens").to_numpy().astype(np.int64),
         "prompt_tokens": data.column("prompt_tokens").to_numpy().astype(np.int64),
     }
+    satisfied = (
+        data.column("constraint_satisfied").to_pylist()
+        if "constraint_satisfied" in data.column_names
+        else [None] * n
+    )
+    s["constrained"] = np.array([v is not None for v in satisfied], dtype=bool)
+    s["satisfied"] = np.array([v is True for v in satisfied], dtype=bool)
     nll = data.column("generation_nll_sum").to_numpy().astype(np.float64)
     s["nll_units"] = np.round(nll / NLL_UNIT).astype(np.int64)
     s["nll_per_token"] = nll / np.maximum(s["generated_tokens"], 1)
@@ -247,6 +260,15 @@ def merge(summaries: list[dict]) -> dict:
     return merged
 
 
+def constraint_figures(summary: dict) -> dict:
+    """{"constraint": counts} of constrained samples ({} where none was)."""
+    if not summary.get("constrained"):
+        return {}
+    keys = ("constraint_satisfied", "constraint_cut", "constraint_failed")
+    counts = {k.removeprefix("constraint_"): summary.get(k, 0) for k in keys}
+    return {"constraint": {"samples": summary["constrained"], **counts}}
+
+
 def figures(summary: dict) -> dict:
     """What summary.json shows of a (merged) summary's figures."""
     samples = summary["samples"]
@@ -287,6 +309,7 @@ def figures(summary: dict) -> dict:
             distinct.count(summary["distinct_bigrams"]) / summary["bigrams"] if summary["bigrams"] else None
         ),
         "repetition_loops": summary["loops"],
+        **constraint_figures(summary),
         "exact": {  # False: a HyperLogLog estimate (standard error 0.81% of the distinct count)
             "duplicate_samples": distinct.is_exact(summary["texts"]),
             "distinct_1": distinct.is_exact(summary["distinct_words"]),
