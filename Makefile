@@ -8,6 +8,8 @@ TORCH_CPU := torch==2.13.0
 
 .PHONY: setup demo test lint bench bench-cpu clean
 
+# setuptools prints a boxed "Editable installation" notice for every editable install: advice about import
+# shadowing, not a fault, so setup leaves that one message out (every other warning still shows).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -16,8 +18,6 @@ $(BIN)/.installed: pyproject.toml
 	else \
 		$(BIN)/pip install --quiet $(TORCH_CPU); \
 	fi
-	# setuptools prints a boxed "Editable installation" notice for every editable install; it is advice
-	# about import shadowing, not a fault, so setup stays quiet about it (other warnings still show).
 	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: this process's cores)")
     ap.add_argument("--skip-mixed", action="store_true", help="only the few-shot workload")
+    ap.add_argument("--skip-hf", action="store_true", help="no HF static run (its ~10 min on 2 cores)")
     ap.add_argument("--judge", action="store_true", help="also judge statements: dense vs cached prefill")
     ap.add_argument("--judge-only", action="store_true", help="only the judge comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -160,7 +161,7 @@ def main() -> None:
     warm = workload(rng, p["cfg"], 4, (16, 64), (4, 8))  # shares no prefix with the timed rows
     print(f"few_shot: {describe(w)}", flush=True)
     res = on_off(replica, w, warm, p["max_num_seqs"], device)
-    res["hf_static"] = run_hf_static(replica.hf, w, p["hf_batch_sizes"], device)
+    res["hf_static"] = {} if args.skip_hf else run_hf_static(replica.hf, w, p["hf_batch_sizes"], device)
     hf = res["hf_static"].get("useful_tokens_per_s")
     for k in ("ours_on", "ours_off"):
         res[f"{k}_vs_hf_static"] = res[k]["output_tokens_per_s"] / hf if hf else None

@@ -276,3 +276,17 @@ def test_per_row_constraints_and_the_processor_equal_the_job(tmp_path, replica):
     assert {i: [r[c] for c in cols] for i, r in got.items()} == {
         i: [r[c] for c in cols] for i, r in data.items()
     }
+
+
+def test_constraint_settings_leave_older_generate_outputs_their_spec_hash():
+    from fengshen_batch.io.outputs import spec_hash
+    from fengshen_batch.spec import build_spec, spec_record
+
+    fields = {"kind": "generate", "model": "m/", "input": "in/", "output": "out/"}
+    record = spec_record(build_spec(fields))
+    keys = ("constraint", "constraint_column", "constraint_backend")
+    before = {k: v for k, v in record.items() if k not in keys}  # as a version without constraints wrote it
+    assert spec_hash(record) == spec_hash(before)
+    assert spec_hash(spec_record(build_spec({**fields, "constraint": {"choice": ["a"]}}))) != spec_hash(
+        before
+    )

@@ -61,7 +61,15 @@ RUNTIME_FIELDS = {
 
 # Fields a kind gained after outputs of it existed: left out of the hash while at their default, so a rerun
 # over an older output still finds its own configuration there.
-ADDED_FIELDS = {"generate": {"report_by": None}, "judge": {"report_by": None}}
+ADDED_FIELDS = {
+    "generate": {
+        "report_by": None,
+        "constraint": None,
+        "constraint_column": None,
+        "constraint_backend": "llguidance",
+    },
+    "judge": {"report_by": None},
+}
 
 
 def _relevant(record: dict) -> dict:
