@@ -207,7 +207,7 @@ def main() -> None:
               "targets": targets, "wall_s": time.perf_counter() - wall0, "loadavg_end": os.getloadavg()}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-fewshot" if args.skip_mixed else "")
     path = out / f"prefix-{prov['device']}-{dt.date.today().strftime('%Y%m%d')}{suffix}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print("\n| workload | system | wall s | output tok/s | prefill tokens / prompt tokens | vs off |")
@@ -217,12 +217,13 @@ def main() -> None:
             r = res[k]
             print(f"| {name} | {k} | {r['wall_s']:.1f} | {r['output_tokens_per_s']:.0f} | "
                   f"{r['prefill_fraction_of_prompt_tokens']:.3f} | {res['ours_off']['wall_s'] / r['wall_s']:.2f}x |")  # fmt: skip
-        if "hf_static" in res and "error" not in res["hf_static"]:
+        if res.get("hf_static") and "error" not in res["hf_static"]:
             r = res["hf_static"]
             print(f"| {name} | hf_static (batch {r['best_batch_size']}) | {r['wall_s']:.1f} | "
                   f"{r['useful_tokens_per_s']:.0f} | 1 | |")  # fmt: skip
     for k, t in targets.items():
-        print(f"target {k}: {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'NOT met'}")
+        value = "none" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"target {k}: {value} ({t['target']}): {'met' if t['met'] else 'NOT met'}")
     print(f"wrote {path} ({result['wall_s']:.0f}s)")
 
 

@@ -7,14 +7,11 @@ environment and config files), so a spec can be written beside the outputs as it
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 import re
 import string
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +23,7 @@ from pydantic import (
 
 from .errors import SpecError
 from .io.redact import redact_record
+from .io.spec_files import read_spec_fields
 from .io.storage import StorageSpec
 from .params import Dtype, EngineParams, GenerateParams, ScoreParams
 
@@ -191,6 +189,48 @@ class ScoreJob(JobBase, ScoreParams):
         return [self.text_column], [], [self.report_by] if self.report_by else []
 
 
+def format_columns(template: str, what: str) -> list[str]:
+    """The columns a format-syntax template names, in order of first use; ValueError naming `what`."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{what} is not a valid format string: {e}") from None
+    names = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]
+    if any(n == "" or n.isdigit() for n in names):
+        raise ValueError(f"{what} fields must name columns, e.g. {{topic}}; not {{}} or {{0}}")
+    if not names:
+        raise ValueError(f"{what} names no column (use {{column}}; {{{{ and }}}} for literal braces)")
+    return list(dict.fromkeys(names))
+
+
+class FewShot(BaseModel):
+    """Few-shot prompts built by the job (kinds/few_shot.py): k examples per row drawn from `examples`,
+    each through `example_template`, joined by `separator`, then the row's own part."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    examples: str = Field(min_length=1, description="a Parquet file, folder/prefix or glob of examples")
+    k: int = Field(ge=1)
+    example_template: str = Field(min_length=1)  # format syntax over the examples' columns
+    separator: str = "\n\n"  # between examples, and between the last one and the row's part
+    id_column: str = "id"  # the examples' ids: recorded in few_shot_ids; a row never gets its own
+    stratify_by: str | None = None  # a column of both: a row draws from the examples of its own value
+    seed: int | None = None  # None: the job's seed
+    # Distinct example sets per stratum, each row taking one by its id (shared headers: the prefix cache
+    # computes each once); None: k examples drawn for every row on its own.
+    sets: int | None = Field(default=None, ge=1)
+    # A stratum with fewer than k examples (besides a row's own): refuse the job, or that stratum's rows' error.
+    too_few: Literal["fail", "row_error"] = "fail"
+
+    @model_validator(mode="after")
+    def _template(self):
+        format_columns(self.example_template, "few_shot.example_template")
+        return self
+
+    def template_columns(self) -> list[str]:
+        return format_columns(self.example_template, "few_shot.example_template")
+
+
 class GenerateJob(JobBase, GenerateParams, EngineParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
     PARAMS: ClassVar[type[BaseModel]] = GenerateParams
@@ -211,6 +251,8 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
     # A column of per-row constraints: JSON text (or a struct) such as {"choice": ["yes", "no"]} or
     # {"json_schema": {...}}; null takes `constraint`. One that is not a constraint is that row's error.
     constraint_column: str | None = None
+    # Few-shot prompts built from an examples table (see FewShot); the row's part follows the examples.
+    few_shot: FewShot | None = None
     # Ray batches in flight per replica, all feeding its one engine, so it never drains between batches.
     max_concurrent_batches: int = Field(default=4, ge=1)
     report_by: str | None = None  # a column (e.g. `source`) to break the report's figures down by
@@ -229,19 +271,11 @@ class GenerateJob(JobBase, GenerateParams, EngineParams):
 
     def template_columns(self) -> list[str]:
         """The input columns `prompt_template` names, in order of first use."""
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
-        except ValueError as e:
-            raise ValueError(f"prompt_template is not a valid format string: {e}") from None
-        names = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]
-        if any(n == "" or n.isdigit() for n in names):
-            raise ValueError("prompt_template fields must name input columns, e.g. {topic}; not {} or {0}")
-        if not names:
-            raise ValueError("prompt_template names no column (use {column}; {{ and }} for literal braces)")
-        return list(dict.fromkeys(names))
+        return format_columns(self.prompt_template, "prompt_template")
 
     def input_columns(self) -> tuple[list[str], list[str], list[str]]:
-        by = [c for c in (self.report_by, self.constraint_column) if c]
+        stratum = self.few_shot.stratify_by if self.few_shot else None
+        by = list(dict.fromkeys(c for c in (self.report_by, self.constraint_column, stratum) if c))
         if self.prompt_template is not None:
             return [], [], list(dict.fromkeys([*self.template_columns(), *by]))
         return [self.prompt_column], [], by
@@ -310,68 +344,9 @@ def build_spec(fields: dict) -> AnyJob:
     return KINDS[kind](**fields)
 
 
-def run_date() -> str:
-    """The date a scheduled run is for: FENGSHEN_RUN_DATE (YYYY-MM-DD) if set, else today in UTC."""
-    value = os.environ.get("FENGSHEN_RUN_DATE") or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    try:
-        dt.date.fromisoformat(value)
-    except ValueError:
-        raise SpecError(f"FENGSHEN_RUN_DATE must be YYYY-MM-DD, got {value!r}") from None
-    return value
-
-
-_DATE = re.compile(r"\{date(?:-(\d+))?\}")
-
-
-def fill_dates(text: str, date: str | None = None) -> str:
-    """`{date}` -> the run date (`run_date()` unless given), `{date-N}` -> N days before it (YYYY-MM-DD):
-    a nightly spec's own prefix and its baseline's, e.g. `s3://scores/{date-1}/`."""
-    day = dt.date.fromisoformat(date or run_date())
-    return _DATE.sub(lambda m: (day - dt.timedelta(days=int(m.group(1) or 0))).isoformat(), text)
-
-
 def load_spec(path: str | Path) -> AnyJob:
     """Read and validate a YAML spec; `{date}` and `{date-N}` anywhere in it become dates (`fill_dates`)."""
     return build_spec(read_spec_fields(path))
-
-
-def apply_overrides(fields: dict, pairs: tuple[str, ...] | list[str]) -> dict:
-    """`run --set KEY=VALUE`: each pair replaces one spec key (`storage.endpoint_url=...` a nested one); the
-    value is read as YAML (`8`, `true`, `[a, b]`, `null`), with `{date}` filled in, and checked with the
-    rest of the spec by `build_spec`."""
-    fields = dict(fields)
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        keys = [k.strip() for k in key.split(".")]
-        if not sep or not all(keys):
-            raise SpecError(
-                f"--set wants a spec key and a value joined by '=' (e.g. output=s3://bucket/out/), got {pair!r}"
-            )
-        try:
-            value = yaml.safe_load(fill_dates(raw)) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = fields
-        for k in keys[:-1]:
-            inner = node.get(k)
-            if inner is not None and not isinstance(inner, dict):
-                raise SpecError(f"--set {key}: {k} is not a mapping in this spec")
-            node[k] = node = dict(inner or {})
-        node[keys[-1]] = value
-    return fields
-
-
-def read_spec_fields(path: str | Path) -> dict:
-    """A YAML spec's fields, dates filled in, not yet validated (`build_spec` does that)."""
-    try:
-        fields = yaml.safe_load(fill_dates(Path(path).read_text(encoding="utf-8")))
-    except OSError as e:
-        raise SpecError(f"cannot read job spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"job spec {path} is not valid YAML: {e}") from None
-    if not isinstance(fields, dict):
-        raise SpecError(f"job spec {path} must be a mapping of fields, got {type(fields).__name__}")
-    return fields
 
 
 def spec_record(spec: AnyJob) -> dict:

@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
-from fengshen_batch.spec import build_spec, fill_dates
+from fengshen_batch.io.spec_files import fill_dates
+from fengshen_batch.spec import build_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT.parent / "shared" / "kuberay-crds"

@@ -11,7 +11,8 @@ import sys
 import click
 
 from .. import __version__, api
-from ..spec import apply_overrides, build_spec, fill_dates, read_spec_fields
+from ..io.spec_files import apply_overrides, fill_dates, read_spec_fields
+from ..spec import build_spec
 from .options import RAY_PROGRESS, TOKEN_LOGPROBS, baseline_options, job_options, report_errors, spec_fields
 
 

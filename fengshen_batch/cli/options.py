@@ -14,7 +14,7 @@ import click
 
 from ..errors import FengshenError, JobInterrupted
 from ..io.redact import install_log_redaction, redact_text
-from ..spec import fill_dates
+from ..io.spec_files import fill_dates
 
 
 def report_errors(fn):

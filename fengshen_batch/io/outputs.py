@@ -67,6 +67,7 @@ ADDED_FIELDS = {
         "constraint": None,
         "constraint_column": None,
         "constraint_backend": "llguidance",
+        "few_shot": None,
     },
     "judge": {"report_by": None},
 }

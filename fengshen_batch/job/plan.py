@@ -11,15 +11,12 @@ sample the token figures are exact: what the job's manifest will count.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import dataclass, field
 
 from ..io.inputs import make_shards, read_shard
 from ..io.outputs import OutputStore, spec_hash
 from ..io.redact import redact_url
-from ..io.storage import storage_options
 from ..kinds import get
 from .checks import check_job
 from .rates import RATES, scale
@@ -101,8 +98,7 @@ def _estimate(spec, tokens: dict, config: dict) -> dict:
 
 def plan_job(spec) -> Plan:
     """The plan of `spec` (see the module); raises what a run would raise before Ray starts."""
-    from ..model.source import fetch_metadata, is_url
-    from ..model.tokenizer import GPT2TextTokenizer
+    from ..kinds.planning import model_tokenizer
 
     record, inputs, _ = check_job(spec, lambda _: None)
     shards = make_shards(inputs.files, spec.shard_rows)
@@ -110,14 +106,7 @@ def plan_job(spec) -> Plan:
     published = store.published_manifest()
     committed = sum(m.get("spec_hash") == hash_ for m in store.committed().values())
     rows = _sample(spec, inputs, shards)
-    meta = fetch_metadata(spec.model, storage_options(spec.model, spec.storage))
-    try:
-        config = json.loads((meta / "config.json").read_text())
-        tokenizer = GPT2TextTokenizer.from_dir(meta)
-    finally:
-        if is_url(spec.model) and not spec.model.startswith("file://"):
-            shutil.rmtree(meta, ignore_errors=True)
-    context = config.get("n_positions") or config.get("n_ctx") or 1024
+    tokenizer, config, context = model_tokenizer(spec)
     tokens, warnings = get(spec.kind).plan_tokens(spec, rows, tokenizer, context)
     if rows and len(rows) < inputs.rows:  # scaled to every row
         tokens = {k: round(v * inputs.rows / len(rows)) for k, v in tokens.items()}

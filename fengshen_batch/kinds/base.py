@@ -60,9 +60,9 @@ class Kind:
         """A long-lived engine over the actor's replica, or None (the kind calls the replica directly)."""
         return None
 
-    def items(self, spec, table: pa.Table, extra: dict[str, list]) -> list:
+    def items(self, spec, table: pa.Table, extra: dict[str, list], ids: list[str]) -> list:
         """Each row's input to `run` (its text by default); `extra` takes result columns that are known
-        before the model runs (one value per input row)."""
+        before the model runs (one value per input row); `ids`: the rows' ids."""
         return table.column(spec.text_field).to_pylist()
 
     def run(self, replicas, spec, items: list, ids: list[str], budget: int, usage) -> tuple[list, int]:

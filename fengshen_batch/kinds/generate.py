@@ -42,6 +42,8 @@ class Generate(Kind):
         fields = super().result_fields(spec)
         if constrained(spec):
             fields.insert(len(self.fields), pa.field("constraint_satisfied", pa.bool_()))
+        if spec.few_shot:
+            fields.insert(len(self.fields), pa.field("few_shot_ids", pa.list_(pa.string())))
         if spec.prompt_template and spec.keep_prompt:
             fields.insert(0, pa.field(spec.prompt_column, pa.string()))  # the filled-in prompt
         return fields
@@ -62,7 +64,7 @@ class Generate(Kind):
             LLMEngine(replica, spec.params(), spec.engine_params(), spec.token_budget), threads
         )
 
-    def items(self, spec, table, extra):
+    def items(self, spec, table, extra, ids):
         """(prompt, the row's max_new_tokens or None, its constraint or None) per row; a template that
         cannot be filled, or a constraint that is not one, is the row's error."""
         if spec.prompt_template:
@@ -74,6 +76,8 @@ class Generate(Kind):
                 extra[spec.prompt_column] = [p if isinstance(p, str) else None for p in prompts]
         else:
             prompts = table.column(spec.text_field).to_pylist()
+        if spec.few_shot:
+            prompts = self._with_examples(spec, table, ids, prompts, extra)
         column = spec.max_new_tokens_column
         limits = table.column(column).to_pylist() if column else [None] * len(prompts)
         constraints = [None] * len(prompts)
@@ -83,6 +87,40 @@ class Generate(Kind):
             parsed = [row_constraint(v) for v in table.column(spec.constraint_column).to_pylist()]
             constraints = [RowError("bad_constraint", c[:2000]) if isinstance(c, str) else c for c in parsed]
         return list(zip(prompts, limits, constraints, strict=True))
+
+    @staticmethod
+    def _with_examples(spec, table, ids, parts, extra) -> list:
+        """Each row's prompt: its drawn examples' header, then its own part (a row part that is not text
+        stays the row's error); `few_shot_ids` records the examples in prompt order."""
+        from .few_shot import draw_for
+
+        draw, by = draw_for(spec), spec.few_shot.stratify_by
+        strata = table.column(by).to_pylist() if by else [None] * len(parts)
+        prompts, chosen_ids = [], []
+        for row_id, stratum, part in zip(ids, strata, parts, strict=True):
+            chosen = draw.examples(row_id, stratum)
+            if isinstance(chosen, RowError) or not isinstance(part, str) or not part:
+                prompts.append(chosen if isinstance(chosen, RowError) and isinstance(part, str) else part)
+                chosen_ids.append(None)
+                continue
+            prompts.append(draw.header(chosen) + part)
+            chosen_ids.append([draw.pool.ids[i] for i in chosen])
+        extra["few_shot_ids"] = chosen_ids
+        return prompts
+
+    def before_run(self, spec, record, progress) -> dict:
+        """Few-shot: the examples read and checked against the model's context before any model loads; the
+        pool's fingerprint joins the job's identity (a changed pool is another job)."""
+        if not spec.few_shot:
+            return {}
+        from .few_shot import check_pool, read_pool
+        from .planning import model_tokenizer
+
+        pool = read_pool(spec.few_shot, spec.storage)
+        tokenizer, _, context = model_tokenizer(spec)
+        check_pool(spec, pool, tokenizer, context)
+        record["few_shot_examples_fingerprint"] = pool.fingerprint
+        return {}
 
     def run(self, replicas, spec, items, ids, budget, usage):
         from .generation import generate, keep_best

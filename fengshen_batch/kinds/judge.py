@@ -100,7 +100,7 @@ class Judge(Kind):
         pa.field("verdict", pa.bool_()),
     ]
 
-    def items(self, spec, table, extra):
+    def items(self, spec, table, extra, ids):
         def column(name):
             return table.column(name).to_pylist() if name else None
 

@@ -8,6 +8,26 @@ from .rows import RowError, check_text, fill_template
 BLOCK = 16  # the prefix cache matches whole blocks (engine.kv_cache.BLOCK)
 
 
+def model_tokenizer(spec) -> tuple[object, dict, int]:
+    """The model's tokenizer, config and context from its metadata alone (config and tokenizer files, never
+    the weights): what a plan counts with, and what a few-shot job's headers are checked against."""
+    import json
+    import shutil
+
+    from ..io.storage import storage_options
+    from ..model.source import fetch_metadata, is_url
+    from ..model.tokenizer import GPT2TextTokenizer
+
+    meta = fetch_metadata(spec.model, storage_options(spec.model, spec.storage))
+    try:
+        config = json.loads((meta / "config.json").read_text())
+        tokenizer = GPT2TextTokenizer.from_dir(meta)
+    finally:
+        if is_url(spec.model) and not spec.model.startswith("file://"):
+            shutil.rmtree(meta, ignore_errors=True)
+    return tokenizer, config, config.get("n_positions") or config.get("n_ctx") or 1024
+
+
 def shared_prefix_tokens(prompts: list[list[int]]) -> int:
     """Prompt tokens an unbounded prefix cache would serve: each prompt's longest common prefix with one
     before it in sorted order, in whole blocks, at most all but its last token."""

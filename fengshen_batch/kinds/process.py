@@ -108,7 +108,7 @@ def process_table(
     kind = get(spec.kind)
     ids = [str(i) for i in table.column(id_field).to_pylist()]
     extra: dict[str, list] = {}
-    items = kind.items(spec, table, extra)
+    items = kind.items(spec, table, extra, ids)
     results = list(row_errors or [None] * len(items))
     good = [i for i, e in enumerate(results) if e is None]
     found, budget = run_rows(

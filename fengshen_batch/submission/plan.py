@@ -16,8 +16,9 @@ import yaml
 from .. import __version__
 from ..errors import SubmitError
 from ..io.redact import SECRET_NAME, has_secret, redact_text, redact_url
+from ..io.spec_files import read_spec_fields, run_date
 from ..model.source import HUB_ID  # the same test as model.source.localize's, so submit and the driver agree
-from ..spec import SpecError, build_spec, read_spec_fields, run_date
+from ..spec import SpecError, build_spec
 
 PACKAGES = ("image", "py-modules", "pip")
 
