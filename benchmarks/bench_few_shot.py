@@ -8,7 +8,9 @@ Workload (issue 35): 200 examples in 4 strata (topics), each example 20 + 35 cha
 the tiny model's sample lines), 2,000 input rows (a 12-character question and a topic), k = 3, the small model
 (`build_tiny_gpt2(n_positions=512, n_embd=256, n_layer=4)`, random weights), 2 actors of 1 CPU, shards of 250
 rows, max_new_tokens 16, sampling at t=0.8 with EOS on. Configurations: `fixed` (one header: sets: 1 over an
-unstratified pool), `sets` = 16, 64, 256 per stratum, and `independent` (k examples drawn per row). For each:
+unstratified pool), `sets` = 16, 64, 256 per stratum (the default `layout: tree`: sets share leading
+examples), `sets_64_flat` (`layout: flat`: each set its own k examples), and `independent` (k examples drawn
+per row). For each:
 wall time of `fb.run`, the manifest's prefix-cache hit rate, distinct headers, examples used of 200.
 Target (issue 35): with sets: 64 the hit rate >= 0.8 and the job time within 1.3x of the fixed header, every
 example used at least once. Writes benchmarks/results/few-shot-<device>-<yyyymmdd>.json.
@@ -99,6 +101,7 @@ def main() -> None:
                     "example_template": "问：{question}\n答：{answer}", "separator": "\n\n"}  # fmt: skip
             configs = {"fixed": {**base, "sets": 1},
                        **{f"sets_{n}": {**base, "stratify_by": "topic", "sets": n} for n in (16, 64, 256)},
+                       "sets_64_flat": {**base, "stratify_by": "topic", "sets": 64, "layout": "flat"},
                        "independent": {**base, "stratify_by": "topic"}}  # fmt: skip
             results = {name: run(folder, model, name, fs) for name, fs in configs.items()}
         finally:

@@ -219,6 +219,9 @@ class FewShot(BaseModel):
     # Distinct example sets per stratum, each row taking one by its id (shared headers: the prefix cache
     # computes each once); None: k examples drawn for every row on its own.
     sets: int | None = Field(default=None, ge=1)
+    # How sets are drawn: `tree` (sets share their leading examples, so their headers share cached blocks)
+    # or `flat` (each set its own k examples: more distinct first examples, fewer cache hits).
+    layout: Literal["tree", "flat"] = "tree"
     # A stratum with fewer than k examples (besides a row's own): refuse the job, or that stratum's rows' error.
     too_few: Literal["fail", "row_error"] = "fail"
 

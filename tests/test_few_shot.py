@@ -45,9 +45,14 @@ def _job(tmp_path, replica, out, **extra):
 
 def test_sets_use_every_example_and_draws_are_keyed():
     indices = list(range(10))
-    sets = example_sets(indices, 3, 4, seed=1, stratum="a")
+    sets = example_sets(indices, 3, 4, seed=1, stratum="a", layout="flat")
     assert all(len(set(s)) == 3 for s in sets) and set().union(*map(set, sets)) == set(indices)
-    assert sets == example_sets(indices, 3, 4, seed=1, stratum="a") != example_sets(indices, 3, 4, 2, "a")
+    assert sets == example_sets(indices, 3, 4, 1, "a", "flat") != example_sets(indices, 3, 4, 2, "a", "flat")
+    # tree: 64 sets of 3 over 50 examples: 4 first examples, 16 first pairs, every example used
+    tree = example_sets(list(range(50)), 3, 64, seed=1, stratum="a")
+    assert all(len(set(s)) == 3 for s in tree) and len({tuple(s) for s in tree}) == 64
+    assert len({s[0] for s in tree}) == 4 and len({tuple(s[:2]) for s in tree}) == 16
+    assert set().union(*map(set, tree)) == set(range(50))
     rows = [{"id": f"x{i}", "t": str(i), "s": i % 2} for i in range(12)]
     pool = Pool.from_rows(rows, "id", "{t}", ["t"], "s")
     for sets_ in (None, 3):
