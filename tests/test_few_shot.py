@@ -70,7 +70,8 @@ def test_a_few_shot_job_equals_its_prompts_prebuilt_and_draws_do_not_depend_on_s
     examples = _examples(tmp_path / "ex.parquet")
     rows = _inputs(tmp_path / "in")
     job = fb.run(
-        _job(tmp_path, replica, "a", shard_rows=4, few_shot=_few_shot(tmp_path, sets=4)), progress=None
+        _job(tmp_path, replica, "a", shard_rows=4, report_by="topic", few_shot=_few_shot(tmp_path, sets=4)),
+        progress=None,
     )
     data = {r["id"]: r for r in pq.read_table(tmp_path / "a" / "data").to_pylist()}
     by_id = {e["ex_id"]: e for e in examples}
@@ -81,12 +82,23 @@ def test_a_few_shot_job_equals_its_prompts_prebuilt_and_draws_do_not_depend_on_s
     assert len({tuple(d["few_shot_ids"]) for d in data.values()}) <= 4 * len(TOPICS)
     # at most 12 headers over 30 rows: rows after the first of their header take it from the prefix cache
     assert job.counts["cached_prompt_tokens"] > 0
+    assert sum(d["cached_prompt_tokens"] for d in data.values()) == job.counts["cached_prompt_tokens"]
+    # the report: distinct headers, examples used and the cache's share, overall and per stratum
+    summary = json.loads((tmp_path / "a" / "report" / "summary.json").read_text())
+    headers = {tuple(d["few_shot_ids"]) for d in data.values()}
+    assert summary["few_shot"] == {
+        "distinct_headers": len(headers), "examples_used": len({e for h in headers for e in h}),
+        "prefix_cache_hit_rate": job.counts["cached_prompt_tokens"] / job.counts["prompt_tokens"]}  # fmt: skip
+    for topic, group in summary["groups"].items():
+        rows_of = [d for d in data.values() if d["topic"] == topic]
+        assert group["few_shot"]["distinct_headers"] == len({tuple(d["few_shot_ids"]) for d in rows_of})
+    assert "Few-shot by topic" in (tmp_path / "a" / "report" / "report.html").read_text()
 
     # other shards and two actors: the same draws and the same outputs
     fb.run(_job(tmp_path, replica, "b", shard_rows=11, actors=2, few_shot=_few_shot(tmp_path, sets=4)),
            progress=None)  # fmt: skip
     other = {r["id"]: r for r in pq.read_table(tmp_path / "b" / "data").to_pylist()}
-    cols = ("few_shot_ids", "generation", "generation_nll_sum")
+    cols = ("few_shot_ids", "generation", "generation_nll_sum")  # the same draws and samples
     assert {i: [r[c] for c in cols] for i, r in other.items()} == {
         i: [r[c] for c in cols] for i, r in data.items()
     }

@@ -42,8 +42,9 @@ class Generate(Kind):
         fields = super().result_fields(spec)
         if constrained(spec):
             fields.insert(len(self.fields), pa.field("constraint_satisfied", pa.bool_()))
-        if spec.few_shot:
+        if spec.few_shot:  # the examples each prompt held, and the prompt tokens the prefix cache supplied
             fields.insert(len(self.fields), pa.field("few_shot_ids", pa.list_(pa.string())))
+            fields.insert(len(self.fields), pa.field("cached_prompt_tokens", pa.int32()))
         if spec.prompt_template and spec.keep_prompt:
             fields.insert(0, pa.field(spec.prompt_column, pa.string()))  # the filled-in prompt
         return fields
@@ -138,7 +139,7 @@ class Generate(Kind):
             {"sample_index": s.sample_index, "generation": s.generation, "prompt_tokens": s.prompt_tokens,
              "generated_tokens": s.generated_tokens, "finish_reason": s.finish_reason,
              "generation_nll_sum": s.generation_nll_sum, "token_ids": s.token_ids, "token_logprobs": s.token_logprobs,
-             "constraint_satisfied": s.constraint_satisfied}
+             "constraint_satisfied": s.constraint_satisfied, "cached_prompt_tokens": s.cached_prompt_tokens}
             for s in samples
         ]  # fmt: skip
 

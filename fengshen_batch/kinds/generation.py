@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..engine.llm_engine import EngineThread, LLMEngine
 from ..engine.sampler import sample_key
@@ -189,11 +189,15 @@ def generate_tokens(
         if usage is not None:
             usage.add(requests, truncated)
     for req in requests:
+        start = len(results[req.ident])
         results[req.ident] += [
             finish_constrained(replica, s, len(req.prompt))
             if req.constraint is not None
             else finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params)
             for s in req.seqs
+        ]
+        results[req.ident][start:] = [
+            replace(s, cached_prompt_tokens=req.cached) for s in results[req.ident][start:]
         ]
     return results
 

@@ -49,6 +49,9 @@ class Sample:
     token_logprobs: list[float] | None = None  # log p of each at temperature 1, before any warping
     # constrained: the output is complete and valid (matcher accepting, JSON parsed and validated); else None
     constraint_satisfied: bool | None = None
+    cached_prompt_tokens: int | None = (
+        None  # of prompt_tokens, those the prefix cache supplied (its request's)
+    )
 
     @property
     def nll_per_token(self) -> float:

@@ -88,6 +88,32 @@ def _examples_table(rows: list[dict], caption: str) -> str:
     return f"<h2>{html.escape(caption)}</h2><table><tr>{head}</tr>{body}</table>" if rows else ""
 
 
+def _few_shot_rows(f: dict | None) -> list[tuple[str, object]]:
+    if not f:
+        return []
+    return [
+        ("few-shot headers (distinct example lists)", f["distinct_headers"]),
+        ("examples used", f["examples_used"]),
+        ("prompt tokens from the prefix cache", f["prefix_cache_hit_rate"]),
+    ]
+
+
+def _few_shot_groups(summary: dict) -> str:
+    """Per report_by group (a stratum, with report_by: stratify_by): prompts, headers, the cache's share."""
+    groups = {g: s for g, s in (summary.get("groups") or {}).items() if s.get("few_shot")}
+    if not groups:
+        return ""
+    by = html.escape(summary["by"])
+    rows = "".join(
+        f"<tr><td>{html.escape(group_label(g))}</td><td>{_fmt(s['prompts'])}</td>"
+        f"<td>{_fmt(s['few_shot']['distinct_headers'])}</td><td>{_fmt(s['few_shot']['examples_used'])}</td>"
+        f"<td>{_fmt(s['few_shot']['prefix_cache_hit_rate'])}</td></tr>"
+        for g, s in groups.items()
+    )
+    return (f"<h2>Few-shot by {by}</h2><table><tr><th>{by}</th><th>prompts</th><th>headers</th>"
+            f"<th>examples used</th><th>prefix-cache hit rate</th></tr>{rows}</table>")  # fmt: skip
+
+
 def _constraint_rows(c: dict | None) -> list[tuple[str, object]]:
     if not c:
         return []
@@ -123,6 +149,7 @@ def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
         ("distinct-2" + estimate("distinct_2"), summary["distinct_2"]),
         ("samples with a repetition loop", summary["repetition_loops"]),
         *_constraint_rows(summary.get("constraint")),
+        *_few_shot_rows(summary.get("few_shot")),
     ]
     stats = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in figures_rows)
     qs = ("p05", "p25", "p50", "p75", "p95")
@@ -151,6 +178,8 @@ def _html(summary: dict, examples: dict, pngs: tuple[bytes, bytes]) -> str:
                   f"{rows}</table>")  # fmt: skip
         if note := groups_note(summary):
             groups = f"<h2>By {by}</h2><p>{html.escape(note)}</p>"
+        else:
+            groups += _few_shot_groups(summary)
     tables = "".join(
         _examples_table(examples[key], caption)
         for key, caption in (

@@ -117,6 +117,12 @@ def _group_figures(s: dict, mask: np.ndarray) -> dict:
         "distinct_bigrams": distinct.sketch(s["bigram_hash"][pairs]),
         "loops": int((s["loop"][mask] > 0).sum()),
     }
+    if "header_hash" in s:  # few-shot prompts: distinct headers, examples used, the cache's share, per prompt
+        first = prompt  # a prompt's samples share its header and its prefill
+        out["few_shot_headers"] = distinct.sketch(s["header_hash"][first])
+        out["few_shot_examples"] = distinct.sketch(s["example_hash"][mask[s["example_of"]]])
+        out["few_shot_prompt_tokens"] = int(s["prompt_tokens"][first].sum())
+        out["few_shot_cached_tokens"] = int(s["cached"][first].sum())
     if s["constrained"][mask].any():  # constrained samples: valid, cut by their limit, or failed otherwise
         invalid = mask & s["constrained"] & ~s["satisfied"]
         out["constrained"] = int((mask & s["constrained"]).sum())
@@ -138,8 +144,9 @@ def _merge_figures(parts: list[dict]) -> dict:
     }  # fmt: skip
     for key in ("nll_per_token", "prompt_tokens"):
         out[key] = merge_histograms([p[key] for p in parts])
-    for key in ("texts", "distinct_words", "distinct_bigrams"):
-        out[key] = distinct.merge([p[key] for p in parts])
+    for key in ("texts", "distinct_words", "distinct_bigrams", "few_shot_headers", "few_shot_examples"):
+        if any(key in p for p in parts):
+            out[key] = distinct.merge([p[key] for p in parts if key in p])
     return out
 
 
@@ -161,6 +168,14 @@ def summarize(data: pa.Table, prompt_column: str | None, by: str | None, id_colu
     )
     s["constrained"] = np.array([v is not None for v in satisfied], dtype=bool)
     s["satisfied"] = np.array([v is True for v in satisfied], dtype=bool)
+    if "few_shot_ids" in data.column_names:  # the header each prompt held (its examples' ids, in order)
+        shots = data.column("few_shot_ids").to_pylist()
+        s["header_hash"] = distinct.stable_hashes("\x1f".join(x or ()) for x in shots)
+        s["example_hash"] = distinct.stable_hashes(e for x in shots for e in x or ())
+        s["example_of"] = np.repeat(np.arange(n), [len(x or ()) for x in shots])
+        s["cached"] = np.asarray(
+            [c or 0 for c in data.column("cached_prompt_tokens").to_pylist()], dtype=np.int64
+        )
     nll = data.column("generation_nll_sum").to_numpy().astype(np.float64)
     s["nll_units"] = np.round(nll / NLL_UNIT).astype(np.int64)
     s["nll_per_token"] = nll / np.maximum(s["generated_tokens"], 1)
@@ -260,6 +275,22 @@ def merge(summaries: list[dict]) -> dict:
     return merged
 
 
+def few_shot_figures(summary: dict) -> dict:
+    """{"few_shot": ...} of few-shot prompts ({} for other jobs): distinct headers and examples used
+    (estimates past 1,024, as the other distinct counts), and the share of their prompt tokens the prefix
+    cache supplied."""
+    if "few_shot_headers" not in summary:
+        return {}
+    tokens = summary["few_shot_prompt_tokens"]
+    return {
+        "few_shot": {
+            "distinct_headers": round(distinct.count(summary["few_shot_headers"])),
+            "examples_used": round(distinct.count(summary["few_shot_examples"])),
+            "prefix_cache_hit_rate": summary["few_shot_cached_tokens"] / tokens if tokens else None,
+        }
+    }
+
+
 def constraint_figures(summary: dict) -> dict:
     """{"constraint": counts} of constrained samples ({} where none was)."""
     if not summary.get("constrained"):
@@ -310,6 +341,7 @@ def figures(summary: dict) -> dict:
         ),
         "repetition_loops": summary["loops"],
         **constraint_figures(summary),
+        **few_shot_figures(summary),
         "exact": {  # False: a HyperLogLog estimate (standard error 0.81% of the distinct count)
             "duplicate_samples": distinct.is_exact(summary["texts"]),
             "distinct_1": distinct.is_exact(summary["distinct_words"]),
