@@ -189,7 +189,7 @@ def draw_for(spec) -> FewShotDraw:
 
 @functools.lru_cache(maxsize=4)
 def _draw(few_shot: str, storage: str, seed: int) -> FewShotDraw:
-    from ..spec import FewShot, StorageSpec  # noqa: F401 - rebuilt from their JSON (hashable keys)
+    from ..spec import FewShot, StorageSpec  # rebuilt from their JSON: the cache keys are strings
 
     fs = FewShot.model_validate_json(few_shot)
     pool = read_pool(fs, StorageSpec.model_validate_json(storage))
