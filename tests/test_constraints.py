@@ -245,6 +245,11 @@ def test_a_json_schema_job_from_the_cli_counts_valid_cut_and_failed(tmp_path, re
     assert manifest["spec"]["constraint"]["json_schema"] == RECORD  # the schema itself, not the file's path
     page = (tmp_path / "out" / "report" / "report.html").read_text()
     assert "cut by the token limit before complete" in page
+    # rebuilt from the data files (by another column): the same constraint counts
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "out"), "--by", "finish_reason"])
+    assert res.exit_code == 0, res.output
+    rebuilt = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert rebuilt["constraint"] == manifest["counts"]["constraint"]
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -93,6 +93,14 @@ def test_a_few_shot_job_equals_its_prompts_prebuilt_and_draws_do_not_depend_on_s
         rows_of = [d for d in data.values() if d["topic"] == topic]
         assert group["few_shot"]["distinct_headers"] == len({tuple(d["few_shot_ids"]) for d in rows_of})
     assert "Few-shot by topic" in (tmp_path / "a" / "report" / "report.html").read_text()
+    # which outputs did each example shape: the report rebuilt by the list column, a group per example id
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "a"), "--by", "few_shot_ids"])
+    assert res.exit_code == 0, res.output
+    by_example = json.loads((tmp_path / "a" / "report" / "summary.json").read_text())["groups"]
+    used = {e for d in data.values() for e in d["few_shot_ids"]}
+    assert {g: f["samples"] for g, f in by_example.items()} == {
+        e: sum(e in d["few_shot_ids"] for d in data.values()) for e in used
+    }
 
     # other shards and two actors: the same draws and the same outputs
     fb.run(_job(tmp_path, replica, "b", shard_rows=11, actors=2, few_shot=_few_shot(tmp_path, sets=4)),

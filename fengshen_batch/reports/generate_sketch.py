@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from ..io.outputs import sum_counts
 from . import distinct
-from .histograms import group_keys, histogram, merge_groups, merge_histograms, quantiles
+from .histograms import MAX_GROUPS, group_keys, histogram, merge_groups, merge_histograms, quantiles
 
 EXAMPLES = 10  # samples shown in each example table
 KIND = "generate"
@@ -41,6 +41,10 @@ RESULTS = [
     "generated_tokens",
     "finish_reason",
     "generation_nll_sum",
+    # where the job wrote them (a constraint, few-shot prompts): read when present
+    "constraint_satisfied",
+    "few_shot_ids",
+    "cached_prompt_tokens",
 ]
 MARKER = "generation"
 PROMPT_CHARS, TEXT_CHARS = 300, 600  # of each example's prompt and generation
@@ -206,14 +210,35 @@ def summarize(data: pa.Table, prompt_column: str | None, by: str | None, id_colu
     summary = _group_figures(s, np.ones(n, dtype=bool))
     summary["examples"] = _shard_examples(data, s, texts, ids, prompt_column)
     if by:
-        keys_by, n_values = group_keys(data.column(by))
         summary["by"], summary["groups"] = by, {}
-        if keys_by is None:
-            summary["groups_left_out"] = n_values
-        else:
-            column = np.asarray(keys_by, dtype=object)
-            summary["groups"] = {g: _group_figures(s, column == g) for g in sorted(set(keys_by))}
+        for g, mask in _group_masks(data.column(by)):
+            if mask is None:
+                summary["groups_left_out"] = g
+                break
+            summary["groups"][g] = _group_figures(s, mask)
     return summary
+
+
+def _group_masks(column: pa.ChunkedArray):
+    """(group, its rows' mask) per value of a `by` column; for a list column (few_shot_ids: which outputs
+    did example X shape?) per element, a row in the group of each element it holds, so those groups add up
+    to more than the total. Past MAX_GROUPS values: one (count, None)."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lists = [{str(v) for v in x or ()} for x in column.to_pylist()]
+        values = sorted(set().union(*lists)) if lists else []
+        if len(values) > MAX_GROUPS:
+            yield len(values), None
+            return
+        for g in values:
+            yield g, np.fromiter((g in x for x in lists), dtype=bool, count=len(lists))
+        return
+    keys_by, n_values = group_keys(column)
+    if keys_by is None:
+        yield n_values, None
+        return
+    keys = np.asarray(keys_by, dtype=object)
+    for g in sorted(set(keys_by)):
+        yield g, keys == g
 
 
 def _fewest(values: np.ndarray, among: np.ndarray) -> np.ndarray:
