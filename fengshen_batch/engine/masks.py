@@ -39,6 +39,9 @@ class Constraints:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._ready: set[int] = set()  # ids of the sequences whose row of `bits` is their current mask
+        self._verdicts: dict[
+            str, str | None
+        ] = {}  # a constraint's JSON -> why it cannot run (rows repeat them)
         self.fill_seconds = 0.0  # time `apply` waited for masks (the part not hidden behind the model)
 
     @property
@@ -46,7 +49,14 @@ class Constraints:
         return self.backend is not None
 
     def error(self, constraint) -> str | None:
-        """Why `constraint` cannot run with this tokenizer (None: it can); builds the backend on first use."""
+        """Why `constraint` cannot run with this tokenizer (None: it can), once per distinct constraint;
+        builds the backend on first use."""
+        key = constraint.model_dump_json()
+        if key not in self._verdicts:
+            self._verdicts[key] = self._compile_error(constraint)
+        return self._verdicts[key]
+
+    def _compile_error(self, constraint) -> str | None:
         with self._lock:
             if self.backend is None:
                 r, V = self.replica, self.replica.model.vocab_size

@@ -181,19 +181,20 @@ def read_pool(fs_spec, storage) -> Pool:
 
 def draw_for(spec) -> FewShotDraw:
     """The job's draw, its pool read once per process (every batch an actor runs uses the same)."""
-    fs = spec.few_shot
-    return _draw(
-        fs.model_dump_json(), spec.storage.model_dump_json(), spec.seed if fs.seed is None else fs.seed
-    )
+    return _draw(spec.few_shot.model_dump_json(), spec.storage.model_dump_json(), spec.seed)
 
 
 @functools.lru_cache(maxsize=4)
-def _draw(few_shot: str, storage: str, seed: int) -> FewShotDraw:
+def _draw(few_shot: str, storage: str, job_seed: int) -> FewShotDraw:
     from ..spec import FewShot, StorageSpec  # rebuilt from their JSON: the cache keys are strings
 
     fs = FewShot.model_validate_json(few_shot)
-    pool = read_pool(fs, StorageSpec.model_validate_json(storage))
-    return FewShotDraw(pool, fs.k, fs.separator, seed, fs.sets, fs.layout)
+    return new_draw(fs, read_pool(fs, StorageSpec.model_validate_json(storage)), job_seed)
+
+
+def new_draw(fs, pool: Pool, job_seed: int) -> FewShotDraw:
+    """The draw of a job's `few_shot` settings over its pool (`few_shot.seed`, else the job's)."""
+    return FewShotDraw(pool, fs.k, fs.separator, job_seed if fs.seed is None else fs.seed, fs.sets, fs.layout)
 
 
 def check_pool(spec, pool: Pool, tokenizer, context: int) -> None:
@@ -211,9 +212,7 @@ def check_pool(spec, pool: Pool, tokenizer, context: int) -> None:
         )
     lengths = [len(tokenizer.encode(t)) for t in pool.texts]
     sep = len(tokenizer.encode(fs.separator))
-    draw = FewShotDraw(
-        pool, fs.k, fs.separator, spec.seed if fs.seed is None else fs.seed, fs.sets, fs.layout
-    )
+    draw = new_draw(fs, pool, spec.seed)
     if draw.sets is not None:
         longest = max(sum(lengths[i] + sep for i in chosen) for sets in draw.sets.values() for chosen in sets)
     else:

@@ -100,12 +100,13 @@ class Generate(Kind):
         prompts, chosen_ids = [], []
         for row_id, stratum, part in zip(ids, strata, parts, strict=True):
             chosen = draw.examples(row_id, stratum)
-            if isinstance(chosen, RowError) or not isinstance(part, str) or not part:
-                prompts.append(chosen if isinstance(chosen, RowError) and isinstance(part, str) else part)
-                chosen_ids.append(None)
+            if isinstance(part, str) and part and not isinstance(chosen, RowError):
+                prompts.append(draw.header(chosen) + part)
+                chosen_ids.append([draw.pool.ids[i] for i in chosen])
                 continue
-            prompts.append(draw.header(chosen) + part)
-            chosen_ids.append([draw.pool.ids[i] for i in chosen])
+            # the row's own error first (a null or a template's), then the draw's, then an empty part's
+            prompts.append(chosen if isinstance(part, str) and isinstance(chosen, RowError) else part)
+            chosen_ids.append(None)
         extra["few_shot_ids"] = chosen_ids
         return prompts
 

@@ -165,14 +165,13 @@ def generate_tokens(
     n = params.num_return_sequences
     results: list[list[Sample] | RowError] = []
     requests, truncated = [], []  # truncated: tokens cut off each prompt that was cut
-    checked: dict[str, RowError | None] = {}  # a constraint's JSON -> its error (rows repeat constraints)
     for i, prompt in enumerate(prompts):
         value = None if max_new_tokens is None else max_new_tokens[i]
         limit = row_limit(value, params.max_new_tokens, context)
         prepared = limit if isinstance(limit, RowError) else prepare_prompt(prompt, limit, context, params)
         constraint = params.constraint if constraints is None or constraints[i] is None else constraints[i]
         if not isinstance(prepared, RowError) and constraint is not None:
-            prepared = _constraint_error(_engine_of(engine), constraint, checked) or prepared
+            prepared = _constraint_error(_engine_of(engine), constraint) or prepared
         if isinstance(prepared, RowError):
             results.append(prepared)
             continue
@@ -189,29 +188,24 @@ def generate_tokens(
         if usage is not None:
             usage.add(requests, truncated)
     for req in requests:
-        start = len(results[req.ident])
         results[req.ident] += [
-            finish_constrained(replica, s, len(req.prompt))
-            if req.constraint is not None
-            else finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params)
+            replace(
+                finish_constrained(replica, s, len(req.prompt))
+                if req.constraint is not None
+                else finish_sample(replica, s.tokens, s.nll, len(req.prompt), s.index, params),
+                cached_prompt_tokens=req.cached,
+            )
             for s in req.seqs
-        ]
-        results[req.ident][start:] = [
-            replace(s, cached_prompt_tokens=req.cached) for s in results[req.ident][start:]
         ]
     return results
 
 
-def _constraint_error(engine: LLMEngine, constraint, checked: dict) -> RowError | None:
-    """The row's error if its constraint is one or does not compile for this tokenizer (once per distinct
-    constraint)."""
+def _constraint_error(engine: LLMEngine, constraint) -> RowError | None:
+    """The row's error if its constraint is one already or does not compile for this tokenizer."""
     if isinstance(constraint, RowError):
         return constraint
-    key = constraint.model_dump_json()
-    if key not in checked:
-        error = engine.constraint_error(constraint)
-        checked[key] = RowError("bad_constraint", error[:2000]) if error else None
-    return checked[key]
+    error = engine.constraint_error(constraint)
+    return RowError("bad_constraint", error[:2000]) if error else None
 
 
 def _engine_of(engine: LLMEngine | EngineThread) -> LLMEngine:
