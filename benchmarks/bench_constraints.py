@@ -15,6 +15,10 @@ masks      256 matchers per constraint kind (JSON Schema of a record, choice, re
            1 and 2 threads), against the H200's GPT2-3.5B decode step at batch 256 (19.5 ms:
            benchmarks/results/nvidia-h200-20261129.json, 13,122 tok/s) and this CPU's extrapolated one
            (results/sampler-cpu-2t-20261126.json). The engine fills masks while the model runs the step.
+overlapped the engine's mask path (engine/masks.Constraints: apply, sample, feed, start the next fill) beside a
+           19.5 ms sleep standing for the H200's step (a CUDA-graph decode leaves the host idle): the time `apply`
+           waits for masks per step (the part of the fill not hidden behind the model), and the CPU time of
+           applying them (an upper bound: on the GPU the unpack and masked fill are device kernels).
 job        the small model (CPU_SMALL, a byte-level BPE of its 8,192 tokens), 256 rows of mixed prompts,
            sampling at t=0.8: unconstrained (limit 48, EOS on) vs a JSON Schema record vs a choice label; output
            tokens/s, wall, the time sampling waited for masks, and how many samples were valid.
@@ -114,6 +118,54 @@ def mask_cost(tokenizer, model_vocab: int, rows: int, steps: int, threads: int) 
     return out
 
 
+def overlapped(tokenizer, model_vocab: int, rows: int, steps: int, threads: int, step_ms: float) -> dict:
+    """The engine's own mask path (engine/masks.Constraints) beside a model step that leaves the host idle, as
+    a CUDA-graph decode on the H200 does: per step, `apply` (wait for the fill started a step earlier, then
+    mask the logits), sample, feed the matchers, `start` the next fill, and a sleep of `step_ms` for the model.
+    What the fill costs beyond the step is the wait; the first step's masks are filled inline (a sequence's
+    first mask, once per sample, as after its prefill)."""
+    from types import SimpleNamespace
+
+    import llguidance
+
+    from fengshen_batch.constraints import Constraint
+    from fengshen_batch.engine.masks import Constraints
+
+    model = SimpleNamespace(vocab_size=model_vocab, device=torch.device("cpu"))
+    replica = SimpleNamespace(model=model, tokenizer=tokenizer, eos_id=tokenizer.eos_token_id)
+    kinds = {"json_schema": Constraint(json_schema=RECORD), "choice": Constraint(choice=LABELS),
+             "regex": Constraint(regex=r"[A-Z][a-z]{2,10}( [a-z]{2,10}){0,6}\.")}  # fmt: skip
+    out, gen = {}, torch.Generator().manual_seed(1)
+    for name, c in kinds.items():
+        cons = Constraints(replica, rows, "llguidance")
+        assert cons.error(c) is None
+        cons.backend.executor = llguidance.LLExecutor(num_threads=threads)
+        live = [SimpleNamespace(slot=i, matcher=cons.backend.matcher(c)) for i in range(rows)]
+        waits, applies = [], []
+        for _ in range(steps):
+            if not live:
+                break
+            raw = torch.randn(len(live), model_vocab, generator=gen)
+            t0, w0 = time.perf_counter(), cons.fill_seconds
+            masked = cons.apply(raw, live)
+            total = time.perf_counter() - t0
+            waits.append((cons.fill_seconds - w0) * 1e3)
+            applies.append((total - (cons.fill_seconds - w0)) * 1e3)
+            toks = (
+                (masked - torch.log(-torch.log(torch.rand(masked.shape, generator=gen)))).argmax(-1).tolist()
+            )
+            live = [s for s, t in zip(live, toks, strict=True) if not cons.feed(s, t, ended=False)]
+            cons.start(live)
+            time.sleep(step_ms / 1e3)  # the model's step: the device works, the host waits
+        cons.wait()
+        steady = waits[1:] or [0.0]
+        out[name] = {"first_step_fill_ms": waits[0], "wait_ms_per_step_mean": float(np.mean(steady)),
+                     "wait_ms_per_step_p90": float(np.quantile(steady, 0.9)),
+                     "wait_share_of_step": float(np.mean(steady)) / step_ms,
+                     "apply_ms_per_step_mean_cpu": float(np.mean(applies)), "steps": len(waits)}  # fmt: skip
+    return out
+
+
 def job(replica, rows: int, quick: bool) -> dict:
     from fengshen_batch.constraints import Constraint
     from fengshen_batch.engine.llm_engine import LLMEngine
@@ -170,6 +222,12 @@ def main() -> None:
             v["share_of_cpu_step"] = v["fill_ms_per_step_mean"] / cpu_step
         res["masks"][f"{threads}_threads"] = m
         print(f"masks, {threads} threads:", json.dumps(m), flush=True)
+
+    res["overlapped_h200_step"] = {}
+    for threads in (1, 2):
+        m = overlapped(big, 50304, 256, 12 if args.quick else 48, threads, H200_STEP_MS_256)
+        res["overlapped_h200_step"][f"{threads}_threads"] = m
+        print(f"masks beside a {H200_STEP_MS_256:.1f} ms step, {threads} threads:", json.dumps(m), flush=True)
 
     replica = build(CPU_SMALL, device, torch.float32)
     replica.tokenizer, replica.eos_id = synthetic_bpe(CPU_SMALL["vocab_size"]), CPU_SMALL["vocab_size"] - 1

@@ -35,6 +35,11 @@ def _processor(kind: str, ds: ray.data.Dataset, fields: dict) -> ray.data.Datase
     for key in ("input", "output", "kind"):
         if key in fields:
             raise SpecError(f"invalid processor arguments: {key}: the processor takes a Dataset, not a {key}")
+    if fields.get("dedup") is not None or fields.get("dedup_output", "mark") != "mark":
+        raise SpecError(
+            "invalid processor arguments: dedup: near-duplicates are found across a whole job's output "
+            "(signatures of every shard, then clusters): run it as a job, or dedup the Dataset yourself"
+        )
     spec = build_spec({**fields, "kind": kind, "input": _NOT_A_FILE, "output": _NOT_A_FILE})
     for source in (spec.model, getattr(spec, "reference_model", None)):
         if source:  # before any actor starts, as a job checks it

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from .dedup.config import DedupOptions
 from .errors import SpecError
 from .io.redact import redact_record
 from .io.spec_files import read_spec_fields
@@ -115,6 +116,9 @@ class DriftThreshold(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ppl_change: float | None = Field(default=None, gt=0)  # |today / baseline - 1| of corpus perplexity
+    # |today / baseline - 1| of corpus bits per byte: per UTF-8 byte, so a source whose text turned into
+    # another script or into noise moves it even where perplexity per token barely moves
+    bpb_change: float | None = Field(default=None, gt=0)
     ks: float | None = Field(default=None, gt=0, le=1)  # Kolmogorov-Smirnov distance of per-document ppl
     # |today / baseline - 1| of the rows or the tokens scored: a night's volume against the last one's
     volume_change: float | None = Field(default=None, gt=0)
@@ -130,12 +134,12 @@ class DriftThreshold(BaseModel):
 
     @model_validator(mode="after")
     def _some_limit(self):
-        if self.ppl_change is None and self.ks is None and self.volume_change is None:
-            raise ValueError("drift_threshold needs ppl_change, ks or volume_change")
+        if all(x is None for x in (self.ppl_change, self.bpb_change, self.ks, self.volume_change)):
+            raise ValueError("drift_threshold needs ppl_change, bpb_change, ks or volume_change")
         return self
 
 
-class ScoreJob(JobBase, ScoreParams):
+class ScoreJob(JobBase, ScoreParams, DedupOptions):
     model_config = ConfigDict(extra="forbid", frozen=True)
     PARAMS: ClassVar[type[BaseModel]] = ScoreParams
     TEXT_FIELD_KEY: ClassVar[str] = "text_column"
@@ -162,6 +166,20 @@ class ScoreJob(JobBase, ScoreParams):
     baseline_missing: Literal["fail", "skip"] = "fail"
     # Past this, the job still completes but exits with DRIFT_EXIT_CODE and manifest.drift.exceeded: true.
     drift_threshold: DriftThreshold | None = None
+    # Earlier score outputs (`s3://scores/{date-1}/`, first listed first): a row whose text's content key is
+    # found in one takes that output's result columns as they are, and only the rest reach the model. One
+    # scored with another model, tokenizer, stride, dtype, reference model or without the token columns
+    # asked for is refused; reuse_mismatch: skip leaves it out instead (and one not there, or unfinished).
+    reuse: tuple[str, ...] = ()
+    reuse_mismatch: Literal["fail", "skip"] = "fail"
+
+    @field_validator("reuse", mode="before")
+    @classmethod
+    def _reuse_list(cls, value):
+        value = (value,) if isinstance(value, str) else tuple(value or ())
+        if any(not isinstance(v, str) or not v for v in value):
+            raise ValueError("reuse takes output URLs (non-empty strings)")
+        return value
 
     @model_validator(mode="after")
     def _drift_needs_a_baseline(self):
@@ -234,7 +252,7 @@ class FewShot(BaseModel):
         return format_columns(self.example_template, "few_shot.example_template")
 
 
-class GenerateJob(JobBase, GenerateParams, EngineParams):
+class GenerateJob(JobBase, GenerateParams, EngineParams, DedupOptions):
     model_config = ConfigDict(extra="forbid", frozen=True)
     PARAMS: ClassVar[type[BaseModel]] = GenerateParams
     TEXT_FIELD_KEY: ClassVar[str] = "prompt_column"

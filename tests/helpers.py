@@ -151,3 +151,41 @@ def screenshot(page, shot, profile, size: str = "1100,900"):
          f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size={size}", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+# Near-duplicate plants (tests/test_dedup.py): sentences of their own, each with near-copies that change one
+# character or word, or only punctuation and case.
+DEDUP_ZH = [
+    "今天早上我们在公园里跑步，看到很多老人在打太极拳，空气非常清新。",
+    "这家餐厅的红烧肉做得特别好吃，每到周末门口都排着很长的队伍。",
+    "图书馆新到了一批关于人工智能的书籍，同学们都争着借阅这些新书。",
+    "他每天坚持写日记，已经连续写了整整十年，从来没有间断过一天。",
+    "春节期间火车票非常紧张，很多人提前一个月就开始在网上抢票了。",
+    "小明的妈妈是一名医生，她经常在医院值夜班，照顾生病的孩子们。",
+]
+DEDUP_EN = [
+    "The committee reviewed the annual budget proposal and asked the finance team to explain every "
+    "unexpected increase in travel spending before the final vote next month.",
+    "Researchers observed that the migratory birds arrived nearly two weeks earlier than usual, which "
+    "they attribute to the unusually warm spring across the northern plains.",
+    "After the storm knocked out power across the valley, volunteers opened the school gym as a shelter "
+    "and served hot meals to families who had lost their homes.",
+    "The new library branch offers free coding classes for teenagers on weekday evenings and lends "
+    "laptops to students who do not have a computer at home.",
+    "Doctors recommend drinking plenty of water, sleeping at least seven hours, and walking for thirty "
+    "minutes a day to lower the risk of heart disease in older adults.",
+    "Our quarterly report shows that online orders grew faster than store sales, so we plan to hire more "
+    "warehouse staff and extend delivery hours during the holidays.",
+]
+
+
+def near_copies(text: str) -> list[str]:
+    """Two near-copies of a planted sentence: one unit changed near the middle; only punctuation and case."""
+    if any("\u4e00" <= c <= "\u9fff" for c in text):
+        mid = len(text) // 2
+        one = text[:mid] + ("的" if text[mid] != "的" else "了") + text[mid + 1 :]
+        return [one, text.replace("，", "。").replace("。", "！", 1)]
+    words = text.split()
+    mid = len(words) // 2
+    one = " ".join([*words[:mid], "very", *words[mid + 1 :]])
+    return [one, text.upper().replace(",", ";").replace(".", "!")]

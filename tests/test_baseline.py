@@ -69,12 +69,46 @@ def _drifted_copy(src, dst):
 
 
 @pytest.mark.usefixtures("ray_cluster")
+def test_bpb_change_alerts_on_a_source_turned_to_noise_that_perplexity_misses(tmp_path, replica):
+    """A source whose texts became noise (random CJK characters in a corpus of Chinese and English lines):
+    the tiny random model's perplexity per token hardly moves, its bits per byte do; `bpb_change` alerts
+    on that group and on the corpus, through the CLI's report command over the two outputs."""
+    import random
+
+    write_texts(tmp_path / "in", files=(14, 13, 13), repeat_every=3)
+    before, after = tmp_path / "2026-11-27", tmp_path / "2026-11-28"
+    _score(replica.source, tmp_path / "in", before)
+    shutil.copytree(tmp_path / "in", tmp_path / "noisy")
+    path = tmp_path / "noisy" / "part-1.parquet"
+    table, rng = pq.read_table(path), random.Random(0)
+    # characters drawn from all of CJK: each is 3 byte-level tokens to a tokenizer that never saw it
+    noise = ["".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in t) for t in table.column("text").to_pylist()]
+    pq.write_table(table.set_column(0, "text", pa.array(noise)), path)
+    _score(replica.source, tmp_path / "noisy", after)
+
+    res = CliRunner().invoke(main, ["report", str(after), "--by", "source", "--baseline", str(before),
+                                    "--drift-threshold", "bpb_change=0.05,min_group_rows=5"])  # fmt: skip
+    assert res.exit_code == DRIFT_EXIT_CODE, res.output
+    comparison = json.loads((after / "report" / "summary.json").read_text())["comparison"]
+    group = next(g for g in comparison["groups"] if g["group"] == "file1")
+    bpb, ppl = group["corpus_bits_per_byte"]["change"], group["corpus_ppl"]["change"]
+    assert abs(bpb) > 0.05 and abs(bpb) > 3 * abs(ppl)  # bits per byte moved; perplexity, much less
+    breaches = json.loads((after / "report" / "summary.json").read_text())["drift"]["breaches"]
+    assert f"source file1: bits per byte {bpb:+.1%} (limit ±5.0%)" in breaches
+    assert not any("file0" in b or "file2" in b for b in breaches)
+    # the same night under a perplexity limit as tight: perplexity stays within it where bpb did not
+    res = CliRunner().invoke(main, ["report", str(after), "--by", "source", "--baseline", str(before),
+                                    "--drift-threshold", f"ppl_change={abs(bpb) / 3:.4f},min_group_rows=5"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.usefixtures("ray_cluster")
 def test_comparison_equals_the_rows_and_drift_sets_the_exit_code(tmp_path, replica):
     write_texts(tmp_path / "in", files=(14, 13, 13), repeat_every=3)
     day1, day2, day3 = (tmp_path / d for d in ("2026-11-27", "2026-11-28", "2026-11-29"))
     base = _score(replica.source, tmp_path / "in", day1, bucket_quantiles=[0.3, 0.7])
     assert base["model_fingerprint"]["tokenizer"] and (day1 / "report" / "sketch.json").exists()
-    threshold = {"ppl_change": 0.05, "ks": 0.3, "volume_change": None, "min_group_rows": 5}
+    threshold = {"ppl_change": 0.05, "bpb_change": None, "ks": 0.3, "volume_change": None, "min_group_rows": 5}
 
     # the same corpus again: nothing moved, no alert, exit 0
     res = CliRunner().invoke(main, [

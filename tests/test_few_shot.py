@@ -5,6 +5,7 @@ loads, and a job equal to the same prompts prebuilt into its input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,14 +103,57 @@ def test_a_few_shot_job_equals_its_prompts_prebuilt_and_draws_do_not_depend_on_s
         e: sum(e in d["few_shot_ids"] for d in data.values()) for e in used
     }
 
-    # other shards and two actors: the same draws and the same outputs
-    fb.run(_job(tmp_path, replica, "b", shard_rows=11, actors=2, few_shot=_few_shot(tmp_path, sets=4)),
-           progress=None)  # fmt: skip
+    # an interrupted run resumed: the same draws and samples in the shards it recomputes
+    out = tmp_path / "a"
+    for name in ("part-000001.json", "part-000003.json", "_SUCCESS", "manifest.json"):
+        (out / ("_markers" if name.startswith("part") else "") / name).unlink()
+    again = fb.run(_job(tmp_path, replica, "a", shard_rows=4, report_by="topic", few_shot=_few_shot(tmp_path, sets=4)),
+                   progress=None)  # fmt: skip
+    assert again.manifest["resumed_shards"] == job.manifest["shards"] - 2
+
+    def drop_cache(rows):  # which prompt tokens the cache supplied depends on what ran before: not an output
+        return {r["id"]: {c: v for c, v in r.items() if c != "cached_prompt_tokens"} for r in rows}
+
+    assert drop_cache(pq.read_table(out / "data").to_pylist()) == drop_cache(data.values())
+    # a changed pool is another job: refused over this output, before any model loads
+    changed = [{**e, "a": "changed"} if e["ex_id"] == "e5" else e for e in examples]
+    pq.write_table(pa.Table.from_pylist(changed), tmp_path / "ex2.parquet")
+    with pytest.raises(fb.JobError, match="few_shot_examples_fingerprint"):
+        fb.run(_job(tmp_path, replica, "a", shard_rows=4, report_by="topic",
+                    few_shot={**_few_shot(tmp_path, sets=4), "examples": str(tmp_path / "ex2.parquet")}),
+               progress=None)  # fmt: skip
+
+    # other shards and two actors: rows routed by header (12 sets, 9 distinct first pairs, dealt to 2
+    # routes), the same draws and the same outputs
+    b = fb.run(_job(tmp_path, replica, "b", shard_rows=11, actors=2, few_shot=_few_shot(tmp_path, sets=4)),
+               progress=None)  # fmt: skip
+    assert b.manifest["routes"] == 2 and b.manifest["shards"] == 3 * 2  # 3 ranges, each split in 2
     other = {r["id"]: r for r in pq.read_table(tmp_path / "b" / "data").to_pylist()}
     cols = ("few_shot_ids", "generation", "generation_nll_sum")  # the same draws and samples
     assert {i: [r[c] for c in cols] for i, r in other.items()} == {
         i: [r[c] for c in cols] for i, r in data.items()
     }
+
+    def routes_of_prefixes(out):  # {the first two examples of a header: the routes whose shards held it}
+        markers = {
+            m["shard"]: m for m in map(json.loads, map(Path.read_text, (out / "_markers").glob("*.json")))
+        }
+        found = {}
+        for path in (out / "data").glob("*.parquet"):
+            for ids in pq.read_table(path, columns=["few_shot_ids"]).column(0).to_pylist():
+                found.setdefault(tuple(ids[:2]), set()).add(markers[int(path.stem[5:11])]["route"])
+        return found
+
+    found = routes_of_prefixes(tmp_path / "b")
+    assert all(len(r) == 1 for r in found.values()) and set().union(*found.values()) == {0, 1}
+    # resumed on one actor: the first run's routing kept (the committed shards mean the same rows)
+    for name in ("_markers/part-000004.json", "_SUCCESS", "manifest.json"):
+        (tmp_path / "b" / name).unlink()
+    again = fb.run(_job(tmp_path, replica, "b", shard_rows=11, few_shot=_few_shot(tmp_path, sets=4)),
+                   progress=None)  # fmt: skip
+    assert again.manifest["resumed_shards"] == 5 and again.manifest["routes"] == 2
+    assert drop_cache(pq.read_table(tmp_path / "b" / "data").to_pylist()) == drop_cache(other.values())
+    assert routes_of_prefixes(tmp_path / "b") == found
 
     # the same prompts written into the input by hand: the same samples (same ids, same seed)
     def prompt(r):

@@ -21,7 +21,7 @@ import fengshen_batch as fb
 ROOT = Path(fb.__file__).resolve().parent
 # Lowest first: a module may import its own layer and those below it, never one above.
 LAYERS = [
-    {"__init__", "errors", "constraints", "params", "tiny_model"},
+    {"__init__", "errors", "constraints", "dedup", "params", "tiny_model"},
     {"io"},
     {"spec"},
     {"engine"},

@@ -62,6 +62,25 @@ def test_prompts_take_the_longest_cached_prefix_by_reference_and_prefill_the_res
     assert _chunks(step)[0] == ("b", 32, 42)
 
 
+def test_a_prompt_whose_header_is_being_computed_waits_a_step_and_finds_it():
+    """Requests admitted in one step cannot read each other's blocks: one that would compute a block another
+    is computing waits for the next step (and hits), while an unrelated one behind it is admitted past it."""
+    sched = Scheduler(num_blocks=40, max_seqs=4, token_budget=200, prefix_caching=True)
+    a, b = Request("a", HEADER + [1, 2, 3], [0], 4), Request("b", HEADER + [4, 5], [0], 4)
+    c = Request("c", list(range(300, 320)), [0], 4)  # another header
+    d = Request("d", HEADER[:10] + [7], [0], 4)  # no full block in common: nothing to wait for
+    for r in (a, b, c, d):
+        sched.add(r)
+    step = sched.schedule()
+    assert _chunks(step) == [("a", 0, 43), ("c", 0, 20), ("d", 0, 11)]
+    assert [r.ident for r in sched.waiting] == ["b"]
+    sched.prefilled(step)
+    sched.schedule()  # a decode step for the running ones
+    step = sched.schedule()
+    assert _chunks(step) == [("b", 32, 42)] and b.cached == 32
+    assert b.seqs[0].table[:2] == a.seqs[0].table[:2]
+
+
 def test_a_freed_prefix_stays_findable_until_its_blocks_are_handed_out_again():
     sched = Scheduler(num_blocks=8, max_seqs=2, token_budget=100, prefix_caching=True)  # 7 blocks
     a = Request("a", HEADER + [1], [0], 1)

@@ -79,6 +79,8 @@ def test_what_a_processor_cannot_run_is_said_plainly(tmp_path, replica):
         fb.score(ray.data.from_items([{"text": "x"}]), model=str(replica.source), input="x")
     with pytest.raises(fb.SpecError, match="bogus: unknown key"):
         fb.score(ray.data.from_items([{"text": "x"}]), model=str(replica.source), bogus=1)
+    with pytest.raises(fb.SpecError, match="dedup: near-duplicates are found across a whole job's output"):
+        fb.generate(ray.data.from_items([{"id": "a", "prompt": "x"}]), model=str(replica.source), dedup={})
     with pytest.raises(fb.ModelLoadError):
         fb.score(ray.data.from_items([{"text": "x"}]), model=str(tmp_path / "none"))
     # checked from the dataset's schema when the processor is built, before anything runs

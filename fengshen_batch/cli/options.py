@@ -161,6 +161,8 @@ def spec_fields(kind: str, opts: dict) -> dict:
     for key in ("input", "output", "baseline"):  # {date}, {date-1}: as in a YAML spec
         if key in fields:
             fields[key] = fill_dates(fields[key])
+    if "reuse" in fields:
+        fields["reuse"] = [fill_dates(url) for url in fields["reuse"]]
     storage = {k: v for k, v in storage.items() if v is not None}
     if storage:
         fields["storage"] = storage
@@ -195,12 +197,32 @@ _BASELINE_OPTIONS = [
         "--drift-threshold",
         callback=_drift_threshold,
         help="Exit 3 (output complete) past this: a corpus-perplexity change (0.05 = 5%) or "
-        "ppl_change=0.05,ks=0.1,min_group_rows=1000 (KS distance; report_by groups of that size count too).",
+        "ppl_change=0.05,bpb_change=0.05,ks=0.1,volume_change=0.2,min_group_rows=1000 (bpb: bits per byte; "
+        "KS distance; report_by groups of that size count too).",
+    ),
+]
+REUSE_OPTIONS = [
+    click.option(
+        "--reuse",
+        multiple=True,
+        help="An earlier score output whose results unchanged texts take, e.g. s3://scores/{date-1}/ (repeat "
+        "for several; the first listed is looked in first): only the other rows reach the model.",
+    ),
+    click.option(
+        "--reuse-mismatch",
+        type=click.Choice(["fail", "skip"]),
+        help="A --reuse output scored with other settings, or not there: refuse the job (default) or skip it.",
     ),
 ]
 
 
 def baseline_options(fn):
     for option in reversed(_BASELINE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def reuse_options(fn):
+    for option in reversed(REUSE_OPTIONS):
         fn = option(fn)
     return fn

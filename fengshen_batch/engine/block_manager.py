@@ -37,6 +37,12 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK)
 
 
+def cacheable_blocks(prompt_tokens: int) -> int:
+    """Leading blocks of a prompt the cache may supply: all but the block of its last token, whose logits
+    start the generation and so are always computed."""
+    return (prompt_tokens - 1) // BLOCK
+
+
 class BlockManager:
     """Blocks 1..num_blocks-1 (block 0 is the null block), their holders and the prefix index."""
 
@@ -58,13 +64,12 @@ class BlockManager:
         return len(self.free)
 
     def cached(self, prompt: list[int], hashes: list[int]) -> list[int]:
-        """The blocks holding the longest cached prefix of `prompt`, at most all but the block of its last token
-        (whose logits start the generation, so it is always computed)."""
+        """The blocks holding the longest cached prefix of `prompt` (at most its `cacheable_blocks`)."""
         if not self.prefix_caching:
             return []
         out: list[int] = []
         parent, parent_gen = NULL_BLOCK, 0
-        for i, h in enumerate(hashes[: (len(prompt) - 1) // BLOCK]):
+        for i, h in enumerate(hashes[: cacheable_blocks(len(prompt))]):
             block = self.by_hash.get(h)
             if block is None:
                 break

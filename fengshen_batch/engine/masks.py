@@ -62,7 +62,10 @@ class Constraints:
                 r, V = self.replica, self.replica.model.vocab_size
                 self.backend = build(self.backend_name, r.tokenizer, V, r.eos_id)
                 self.bits = torch.full((self.slots, (V + 31) // 32), -1, dtype=torch.int32)
-                self.shifts = torch.arange(32, dtype=torch.int32, device=r.model.device)
+                # byte -> its 8 bits, lowest first: a row's int32 words viewed as little-endian bytes unpack
+                # by one gather into the (V,) allowed tokens (a shift per bit made a (C, words, 32) int32 first)
+                byte = torch.arange(256, device=r.model.device)[:, None]
+                self.byte_bits = ((byte >> torch.arange(8, device=r.model.device)) & 1).bool()  # (256, 8)
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="fengshen-masks")
         try:
             self.backend.matcher(constraint)
@@ -123,9 +126,13 @@ class Constraints:
         self.fill_seconds += time.perf_counter() - t0
         slots = torch.tensor([seqs[i].slot for i in rows])
         words = self.bits[slots].to(raw.device, non_blocking=True)  # (C, words)
-        allowed = ((words[:, :, None] >> self.shifts) & 1).view(len(rows), -1)[:, : raw.shape[1]].bool()
-        allowed[~allowed.any(-1), self.replica.eos_id] = True
+        C, V = len(rows), raw.shape[1]
+        allowed = self.byte_bits[words.view(torch.uint8).long()].view(C, -1)[:, :V]  # (C, V)
+        if (nothing := (words == 0).all(-1)).any():
+            allowed[nothing, self.replica.eos_id] = True
+        if len(seqs) == C:  # every row constrained: one pass, out of place
+            return torch.where(allowed, raw, -torch.inf)
         index = torch.tensor(rows, device=raw.device)
         out = raw.clone()
-        out[index] = raw[index].masked_fill(~allowed, -torch.inf)
+        out[index] = torch.where(allowed, raw[index], -torch.inf)
         return out

@@ -3,9 +3,11 @@
 Each step is either a prefill (prompt chunks within a token budget) or a decode (one token for every running
 sequence). A request is admitted when rows for its n samples are free (`max_num_seqs` caps them) and the KV
 blocks of its prompt can be had (`block_manager.BlockManager`): with prefix caching, the blocks of the longest
-cached prefix are taken by reference and the prefill starts after them. A prompt is prefilled in chunks of at
-most the budget, so a long prompt never stalls the running sequences for more than one chunk: while
-sequences are running, prefill and decode steps alternate. A sequence that ends releases its blocks at once.
+cached prefix are taken by reference and the prefill starts after them. A prompt whose next block another
+admitted prompt is computing waits for a later step and finds it there (a shared header is computed once,
+not once per request admitted beside it); requests behind it are admitted past it. A prompt is prefilled in
+chunks of at most the budget, so a long prompt never stalls the running sequences for more than one chunk:
+while sequences are running, prefill and decode steps alternate. A sequence that ends releases its blocks at once.
 
 Before a decode, every running sequence gets room for its next token (a fresh block, or its own copy of a
 block its prompt's other samples share). When no block is free, the newest request is preempted: its blocks
@@ -19,9 +21,13 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager, block_hashes, blocks_for
+from .block_manager import BlockManager, block_hashes, blocks_for, cacheable_blocks
 from .kv_cache import BLOCK
 from .sequence import Request, Sequence, Status
+
+# Requests passed over in one step because their next prompt block is being computed beside them, at most:
+# past this many the step takes no more (a long run of one header waits for it rather than being scanned).
+LOOKAHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -131,28 +137,48 @@ class Scheduler:
     def _prefill_chunks(self) -> list[Chunk]:
         budget = self.token_budget
         chunks = []
+        # hashes of the full prompt blocks that admitted prompts are yet to write: a prompt whose next block
+        # is one of them waits a step and then finds it, instead of computing the same K/V beside it
+        pending: set[int] = set()
         for req in self.prefilling:
+            pending.update(req.hashes[req.prefilled // BLOCK : len(req.prompt) // BLOCK])
             if budget <= 0:
                 return chunks
             end = min(len(req.prompt), req.prefilled + budget)
             chunks.append(Chunk(req, req.prefilled, end))
             budget -= end - req.prefilled
-        while budget > 0 and self.waiting and (start := self._admit(self.waiting[0])) is not None:
+        waiting_for_blocks: list[Request] = []
+        while budget > 0 and self.waiting and len(waiting_for_blocks) < LOOKAHEAD:
+            start = self._admit(self.waiting[0], pending)
+            if start is None:
+                break
             req = self.waiting.popleft()
+            if start < 0:  # its next block is being computed: admitted in a later step, where it is found
+                waiting_for_blocks.append(req)
+                continue
             self.prefilling.append(req)
+            pending.update(req.hashes[start // BLOCK : len(req.prompt) // BLOCK])
             end = min(len(req.prompt), start + budget)
             chunks.append(Chunk(req, start, end))
             budget -= end - start
+        self.waiting.extendleft(reversed(waiting_for_blocks))  # first in line again, in their order
         return chunks
 
-    def _admit(self, req: Request) -> int | None:
+    def _admit(self, req: Request, pending: set[int]) -> int | None:
         """Rows and blocks for the request's samples, if they can be had; returns where its prefill starts
-        (after its cached prefix), or None to keep it waiting."""
+        (after its cached prefix), None to keep it waiting, or -1 when the next block of its prompt is one
+        an admitted prompt is computing (`pending`)."""
         if len(self.free) < req.n or (self.in_use and self.in_use + req.n > self.cap):
             return None
         if req.hashes is None:
             req.hashes = block_hashes(req.prompt) if self.blocks.prefix_caching else []
         cached = self.blocks.cached(req.prompt, req.hashes)
+        if (
+            self.blocks.prefix_caching
+            and len(cached) < cacheable_blocks(len(req.prompt))
+            and req.hashes[len(cached)] in pending
+        ):
+            return -1
         new = blocks_for(len(req.prompt)) - len(cached)
         # room for the prompt, and (beside other work) for each sample's first block past it or its copy
         # of the last one; alone, a request that fits (`fits_alone`) is always admitted

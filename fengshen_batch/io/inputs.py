@@ -48,6 +48,16 @@ class Shard:
     stop: int  # one past the last row
     partitions: tuple[tuple[str, str | None], ...] = ()
     version: str = ""  # its file's (InputFile.version)
+    # Rows routed by their prompt's header (few-shot sets): this shard holds the rows of its range whose
+    # route is `route` of `routes`, and runs on that route's replicas (workers.pools). 0 of 1: every row.
+    route: int = 0
+    routes: int = 1
+
+    @property
+    def planned_rows(self) -> float:
+        """Rows it is expected to hold: its range's, split evenly among the routes (what the display counts
+        before the shard is read)."""
+        return (self.stop - self.start) / self.routes
 
     def __post_init__(self):  # after a trip through Arrow (Ray Data) the pairs come back as lists
         object.__setattr__(self, "partitions", tuple(tuple(p) for p in self.partitions))
@@ -230,14 +240,18 @@ def inspect_inputs(
     return Inputs(files, schema, id_column)
 
 
-def make_shards(files: list[InputFile], shard_rows: int) -> list[Shard]:
-    """Each file cut into shards of `shard_rows`; an input of only empty files (an empty nightly drop) gets
-    one empty shard, so that its output is published like any other: empty files, a manifest, a report."""
+def make_shards(files: list[InputFile], shard_rows: int, routes: int = 1) -> list[Shard]:
+    """Each file cut into ranges of `shard_rows`, each range one shard per route; an input of only empty
+    files (an empty nightly drop) gets one empty shard, so that its output is published like any other:
+    empty files, a manifest, a report."""
     shards = []
     for f in files:
         for start in range(0, f.rows, shard_rows):
             stop = min(start + shard_rows, f.rows)
-            shards.append(Shard(len(shards), f.url, f.name, start, stop, f.partitions, f.version))
+            for route in range(routes):
+                shards.append(
+                    Shard(len(shards), f.url, f.name, start, stop, f.partitions, f.version, route, routes)
+                )
     if not shards:
         f = files[0]
         shards.append(Shard(0, f.url, f.name, 0, 0, f.partitions, f.version))

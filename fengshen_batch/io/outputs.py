@@ -6,6 +6,8 @@ Layout under OUTPUT/:
     _markers/part-000042.json     written last for the shard: it is committed (rows, tokens, spec hash)
     manifest.json                 the job: spec, model, inputs, counts, timings, versions
     _SUCCESS                      written last of all, when every shard is committed
+    signatures/part-000042.parquet  dedup jobs: MinHash signatures of shard 42's samples (actor-written)
+    duplicates/part-000042.parquet  dedup_output: drop: shard 42's samples that near-duplicate a kept one
     _overwrite/                   an --overwrite run's new output, built beside the old one, then copied in
 
 The model actors write a shard's data and error files (`writer.py`); the driver only writes its marker, from
@@ -30,8 +32,11 @@ from .redact import redact_url
 from .storage import StorageSpec, filesystem, join, write_whole
 
 DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
+SIGNATURES, DUPLICATES = "signatures", "duplicates"
+# A shard's files besides its marker: data and errors always, signatures and duplicates with dedup.
+SHARD_FOLDERS = (DATA, ERRORS, SIGNATURES, DUPLICATES)
 # What this tool writes at the top of an output: anything else there is not ours to overwrite.
-OWN_ENTRIES = {DATA, ERRORS, MARKERS, STAGING, "report", "manifest.json", "_SUCCESS", "_lease.json"}
+OWN_ENTRIES = {*SHARD_FOLDERS, MARKERS, STAGING, "report", "manifest.json", "_SUCCESS", "_lease.json"}
 INTERNAL = ["_shard", "_row"]
 # Spec fields that change how a job runs but not its results: a rerun may change them freely.
 RUNTIME_FIELDS = {
@@ -55,6 +60,10 @@ RUNTIME_FIELDS = {
     "baseline_check",
     "baseline_missing",
     "drift_threshold",
+    # where earlier results are taken from: a reused row holds the result its text had there (same model,
+    # tokenizer and settings, checked), so outputs with and without reuse hold the same results
+    "reuse",
+    "reuse_mismatch",
     "on_input_change",  # what a rerun does about a changed input; the results are the input's either way
 }
 
@@ -68,7 +77,10 @@ ADDED_FIELDS = {
         "constraint_column": None,
         "constraint_backend": "llguidance",
         "few_shot": None,
+        "dedup": None,
+        "dedup_output": "mark",
     },
+    "score": {"dedup": None, "dedup_output": "mark"},
     "judge": {"report_by": None},
 }
 
@@ -182,8 +194,10 @@ class OutputStore:
         The staged copy is removed only at the end, so a run killed here redoes the copy on its rerun.
         """
         self.unpublish()
-        for folder in (DATA, ERRORS, MARKERS):  # markers last, as for a single shard
+        for folder in (*SHARD_FOLDERS, MARKERS):  # markers last, as for a single shard
             new, old = staging.own_files(folder), self.own_files(folder)
+            if not new and not old and folder not in (DATA, ERRORS, MARKERS):
+                continue  # a folder only dedup jobs write
             self.fs.makedirs(self.path_to(folder), exist_ok=True)
             for name in sorted(new):
                 self.fs.copy(staging.path_to(folder, name), self.path_to(folder, name))
@@ -201,7 +215,7 @@ class OutputStore:
         """Forget these shards: marker first (so a crash between leaves a shard to redo, never a marker
         without its files), then its data and errors files."""
         for i in sorted(indices):
-            for folder, ext in ((MARKERS, "json"), (DATA, "parquet"), (ERRORS, "parquet")):
+            for folder, ext in ((MARKERS, "json"), *((f, "parquet") for f in SHARD_FOLDERS)):
                 path = self.path_to(folder, f"{part_name(i)}.{ext}")
                 if self.fs.exists(path):
                     self.fs.rm(path)
@@ -245,6 +259,7 @@ class OutputStore:
             "start": shard.start,
             "stop": shard.stop,
             "version": shard.version,  # its input file's, as planned: a rerun tells a changed input by it
+            **({"route": shard.route, "routes": shard.routes} if shard.routes > 1 else {}),
             "spec_hash": hash_,
             **stats.__dict__,
             **({"summary": summary} if summary else {}),

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import Shard
-from .outputs import DATA, ERRORS, INTERNAL, ShardStats, part_name
+from .outputs import DATA, ERRORS, INTERNAL, SIGNATURES, ShardStats, part_name
 from .portable import is_portable, write_portable
 from .storage import StorageSpec, filesystem, join, write_whole
 
@@ -33,12 +33,14 @@ def split_results(
     tokens: Callable[[pa.Table], int],
     data_schema: pa.Schema,
     error_schema: pa.Schema,
+    expected: int | None = None,
 ) -> tuple[pa.Table, pa.Table, ShardStats]:
     """A shard's model output (input columns, results, error columns) -> (data, errors, stats); `tokens`
-    counts the tokens of its good rows (the kind's `tokens`)."""
+    counts the tokens of its good rows (the kind's `tokens`); `expected`: the rows it read (its range's
+    unless it is one route's share of them)."""
     failed = pc.is_valid(rows.column("error_kind"))
     good, bad = rows.filter(pc.invert(failed)), rows.filter(failed)
-    expected = shard.stop - shard.start
+    expected = shard.stop - shard.start if expected is None else expected
     good_rows = len(pc.unique(good.column("_row"))) if len(good) else 0
     if good_rows + len(bad) != expected or set(good.column("_row").to_pylist()) & set(
         bad.column("_row").to_pylist()
@@ -57,11 +59,14 @@ def split_results(
     return data, errors, stats
 
 
-def write_shard_files(output_url: str, storage: StorageSpec, shard: Shard, data: pa.Table, errors: pa.Table):
-    """The shard's data and error files under `output_url` (both written, even when empty)."""
+def write_shard_files(output_url: str, storage: StorageSpec, shard: Shard, data: pa.Table, errors: pa.Table,
+                      signatures: pa.Table | None = None):  # fmt: skip
+    """The shard's data and error files under `output_url` (both written, even when empty), and its data
+    rows' signatures (dedup jobs)."""
     fs, root = filesystem(output_url, storage)
     name = part_name(shard.index)
-    for folder, table in ((DATA, data), (ERRORS, errors)):
+    files = [(DATA, data), (ERRORS, errors)] + ([(SIGNATURES, signatures)] if signatures is not None else [])
+    for folder, table in files:
         fs.makedirs(join(root, folder), exist_ok=True)
         write_whole(fs, join(root, folder, f"{name}.parquet"), lambda f, t=table: write_portable(t, f))
 

@@ -19,6 +19,7 @@ from ..kinds import get
 from ..kinds.schemas import data_schema, error_schema, result_names
 from ..model.source import check_model_source, model_version
 from ..spec import spec_record
+from .dedup import check_dedup
 from .resume import check_published, reconcile
 
 
@@ -113,7 +114,7 @@ def check_job(spec, progress) -> tuple[dict, Inputs, dict]:
     check_output_location(spec)
     check_result_names(spec, inputs.schema.names, [c for c in [*strings, *lists, *others] if c])
     versions = check_models(spec)  # each URL-prefix model's version: every replica loads that one
-    context = get(spec.kind).before_run(spec, record, progress)
+    context = {**get(spec.kind).before_run(spec, record, progress), **check_dedup(spec)}
     return record, inputs, {**context, "model_versions": versions}
 
 
@@ -121,7 +122,6 @@ def plan_output(
     spec, record: dict, inputs: Inputs, context: dict, overwrite: bool, progress
 ) -> JobPlan | None:
     """The shards and where they go; None when the output already holds this job, finished."""
-    shards = make_shards(inputs.files, spec.shard_rows)
     hash_ = spec_hash(record)
     store = OutputStore(spec.output, spec.storage)
     if foreign := store.foreign_entries():
@@ -156,6 +156,12 @@ def plan_output(
             )
         target.clear()  # an abandoned --overwrite of another configuration
         committed = {}
+    routes = context.get("routes", 1)
+    if committed and (earlier := max(m.get("routes", 1) for m in committed.values())) != routes:
+        # the rows a committed shard holds depend on the routing: a rerun keeps the first run's
+        progress(f"keeping the routing of the run that started this output: {earlier} route(s), not {routes}")
+        routes = earlier
+    shards = make_shards(inputs.files, spec.shard_rows, routes)
     if committed:
         committed = reconcile(committed, shards, spec, target, progress)
     schemas = (data_schema(inputs.schema, spec), error_schema(inputs.schema))

@@ -84,7 +84,7 @@ def run_shards(plan: JobPlan, gpus: float, progress, startup: dict, started: flo
 
     spec, todo = plan.spec, plan.todo
     commits = Commits(plan)
-    total_rows = sum(s.stop - s.start for s in todo)
+    total_rows = round(sum(s.planned_rows for s in todo))
     display = Display(total_rows, len(plan.shards), len(plan.committed), progress,
                       live=False if ray_progress else live)  # fmt: skip
     first_step, actors = get(spec.kind).first_step, spec.actors[0]

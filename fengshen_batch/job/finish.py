@@ -13,6 +13,7 @@ from ..io.redact import redact_url
 from ..kinds import get
 from .checks import JobPlan
 from .commit import Commits
+from .dedup import dedup_output
 from .resume import publish_exactly
 
 STARTUP_BEFORE_COMPUTE = ("plan", "actor_imports", "replica_load", "first_call_wait")
@@ -69,6 +70,7 @@ def build_manifest(plan: JobPlan, commits: Commits, startup: dict, started: floa
         },
         "shards": len(plan.shards),
         "resumed_shards": len(plan.committed),
+        "routes": plan.shards[0].routes,  # rows dealt to replicas by their prompt's header (few-shot sets)
         "wall_seconds": round(time.time() - started, 3),
         **compute,
         "tokens_per_second": round(commits.tokens / max(time.time() - run_start, 1e-9), 1),
@@ -78,19 +80,24 @@ def build_manifest(plan: JobPlan, commits: Commits, startup: dict, started: floa
     }
 
 
-def finish_job(plan: JobPlan, commits: Commits, manifest: dict, map_files, progress) -> dict:
-    """The kind's figures and finish step, the old output replaced (--overwrite), then publish; returns the
-    manifest as written. `map_files`: runs a function over slices of files in parallel on the cluster."""
+def finish_job(plan: JobPlan, commits: Commits, manifest: dict, tasks: dict, progress) -> dict:
+    """The kind's figures, the old output replaced (--overwrite), near-duplicates marked, the kind's finish
+    step, then publish; returns the manifest as written. `tasks`: the cluster-wide steps (`map_files`: a
+    function over slices of files in parallel; `near_duplicates`: workers/dedup.py)."""
     spec, store, kind = plan.spec, plan.store, get(plan.spec.kind)
     kind.add_to_manifest(spec, manifest, list(commits.stats.values()))
     if plan.lease is not None:  # still this run's output, before anything is removed, swapped or published
         plan.lease.check()
-    publish_exactly(plan.target, set(commits.stats))
+    publish_exactly(plan.target, set(commits.stats), dedup=getattr(spec, "dedup", None) is not None)
     if plan.target is not store:
         t = time.time()
         store.replace_with(plan.target)
         manifest["finish_seconds"] = {"replace_old_output": round(time.time() - t, 3)}
-    kind.finish(spec, store, manifest, commits.summary.result, {**plan.context, "map_files": map_files})
+    context = {**plan.context, **tasks}
+    if getattr(spec, "dedup", None) is not None:
+        manifest["dedup"] = dedup_output(spec, store, context, progress)
+        manifest["counts"]["duplicate_rows"] = manifest["dedup"]["removed"]
+    kind.finish(spec, store, manifest, commits.summary.result, context)
     store.publish(manifest)
     counts = manifest["counts"]
     progress(

@@ -100,8 +100,9 @@ def plan_job(spec) -> Plan:
     """The plan of `spec` (see the module); raises what a run would raise before Ray starts."""
     from ..kinds.planning import model_tokenizer
 
-    record, inputs, _ = check_job(spec, lambda _: None)
-    shards = make_shards(inputs.files, spec.shard_rows)
+    record, inputs, kind_context = check_job(spec, lambda _: None)
+    shards = make_shards(inputs.files, spec.shard_rows)  # sampled by range: each route's holds a share
+    routes = kind_context.get("routes", 1)
     store, hash_ = OutputStore(spec.output, spec.storage), spec_hash(record)
     published = store.published_manifest()
     committed = sum(m.get("spec_hash") == hash_ for m in store.committed().values())
@@ -110,6 +111,6 @@ def plan_job(spec) -> Plan:
     tokens, warnings = get(spec.kind).plan_tokens(spec, rows, tokenizer, context)
     if rows and len(rows) < inputs.rows:  # scaled to every row
         tokens = {k: round(v * inputs.rows / len(rows)) for k, v in tokens.items()}
-    return Plan(spec.kind, redact_url(spec.output), len(inputs.files), inputs.rows, len(shards), committed,
+    return Plan(spec.kind, redact_url(spec.output), len(inputs.files), inputs.rows, len(shards) * routes, committed,
                 bool(published and published.get("spec_hash") == hash_), len(rows), tokens,
                 _estimate(spec, tokens, config), warnings)  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..errors import JobError
 from ..io.inputs import Inputs, Shard
-from ..io.outputs import DATA, ERRORS, MARKERS, OutputStore, part_name
+from ..io.outputs import DATA, DUPLICATES, ERRORS, MARKERS, SIGNATURES, OutputStore, part_name
 from ..io.redact import redact_url
 
 FIX = (
@@ -27,13 +27,20 @@ FIX = (
 
 
 def changed_shards(committed: dict[int, dict], shards: list[Shard]) -> list[int]:
-    """Committed shards that no longer mean what they did: another file, rows or file version at their index,
-    or no such shard in today's plan. Markers of older versions carry no file version: file and rows only."""
+    """Committed shards that no longer mean what they did: another file, rows, route or file version at their
+    index, or no such shard in today's plan. Markers of older versions carry no file version: file and rows
+    only."""
     by_index = {s.index: s for s in shards}
     changed = []
     for i, m in committed.items():
         s = by_index.get(i)
-        same = s is not None and (m.get("file"), m.get("start"), m.get("stop")) == (s.name, s.start, s.stop)
+        same = s is not None and (
+            m.get("file"),
+            m.get("start"),
+            m.get("stop"),
+            m.get("route", 0),
+            m.get("routes", 1),
+        ) == (s.name, s.start, s.stop, s.route, s.routes)
         if not same or (m.get("version") and m["version"] != s.version):
             changed.append(i)
     return sorted(changed)
@@ -97,7 +104,8 @@ def reconcile(
             f"({input_change(committed, shards)}): {len(changed)} committed shards no longer match "
             f"today's files, and resuming would duplicate or lose rows; {FIX}"
         )
-    have = {folder: target.own_files(folder) for folder in (DATA, ERRORS)}
+    folders = (DATA, ERRORS, SIGNATURES) if getattr(spec, "dedup", None) else (DATA, ERRORS)
+    have = {folder: target.own_files(folder) for folder in folders}
     lost = [
         i
         for i in committed
@@ -113,16 +121,17 @@ def reconcile(
     return {i: m for i, m in committed.items() if i not in changed and i not in lost}
 
 
-def publish_exactly(target: OutputStore, committed: set[int]) -> None:
+def publish_exactly(target: OutputStore, committed: set[int], dedup: bool = False) -> None:
     """Before `_SUCCESS`: the part files no committed shard names are removed; every committed shard has its
-    data, errors and marker files, or the job fails (a rerun redoes the shard)."""
-    ext = {DATA: "parquet", ERRORS: "parquet", MARKERS: "json"}
+    data, errors and marker files (and signatures, with `dedup`), or the job fails (a rerun redoes the shard)."""
+    ext = {DATA: "parquet", ERRORS: "parquet", MARKERS: "json", SIGNATURES: "parquet", DUPLICATES: "parquet"}
     want = {folder: {f"{part_name(i)}.{e}" for i in committed} for folder, e in ext.items()}
+    required = {DATA, ERRORS, MARKERS} | ({SIGNATURES} if dedup else set())  # duplicates: where some were
     for folder in ext:
         have = target.own_files(folder)
         for name in sorted(have - want[folder]):
             target.fs.rm(target.path_to(folder, name))
-        if missing := sorted(want[folder] - have):
+        if folder in required and (missing := sorted(want[folder] - have)):
             target.drop_shards(int(n[5:11]) for n in missing)
             raise JobError(
                 f"{len(missing)} committed shards lost their {folder}/ files before publishing (first: "

@@ -54,9 +54,11 @@ def run_job(
         commits, run_start = run_shards(plan, gpus, progress, startup, started, ray_progress, live)
 
         from ..workers.cluster import map_files
+        from ..workers.dedup import near_duplicates
 
         manifest = build_manifest(plan, commits, startup, started, run_start, gpus)
-        return finish_job(plan, commits, manifest, map_files, progress)
+        tasks = {"map_files": map_files, "near_duplicates": near_duplicates}
+        return finish_job(plan, commits, manifest, tasks, progress)
 
 
 def start_ray(spec, ray_progress: bool, progress, startup: dict) -> float:

@@ -53,7 +53,8 @@ class Kind:
 
     def result_names(self, spec) -> list[str]:
         """Every column name the job writes besides its input's, before any `result_prefix`."""
-        return [f.name for f in self.result_fields(spec)]
+        dedup = ["dup_cluster", "dup_keep"] if getattr(spec, "dedup", None) else []  # added after the run
+        return [f.name for f in self.result_fields(spec)] + dedup
 
     # --- in an actor -----------------------------------------------------------------------------------
     def engine(self, spec, replica):
@@ -64,6 +65,11 @@ class Kind:
         """Each row's input to `run` (its text by default); `extra` takes result columns that are known
         before the model runs (one value per input row); `ids`: the rows' ids."""
         return table.column(spec.text_field).to_pylist()
+
+    def route_rows(self, spec, table: pa.Table, ids: list[str], routes: int) -> list[int]:
+        """Each row's route of `routes` (which replicas compute it), for kinds whose rows share work that
+        one replica should do once (`before_run` returns {"routes": n} to ask for routing)."""
+        return [0] * len(ids)
 
     def run(self, replicas, spec, items: list, ids: list[str], budget: int, usage) -> tuple[list, int]:
         """Results (or RowErrors) for `items`, in order, and the token budget that fit."""
@@ -80,6 +86,20 @@ class Kind:
     def prepare_data(self, spec, data: pa.Table) -> pa.Table:
         """A shard's data rows as written (a column known at write time may be added)."""
         return data
+
+    def dedup_fields(self, spec, renamed: dict[str, str]) -> tuple[str, str, str]:
+        """`dedup:`: the columns of a shard's data holding each sample's own text, its NLL sum and its
+        token count (kinds that dedup: generate, score)."""
+        raise NotImplementedError
+
+    def signatures(self, spec, data: pa.Table, renamed: dict[str, str], shard: int) -> pa.Table:
+        """`dedup:`: the shard's signature file, a row per row of `data` (dedup/minhash.py)."""
+        from ..dedup.minhash import signature_table
+
+        text, nll_sum, count = self.dedup_fields(spec, renamed)
+        sums, counts = data.column(nll_sum).to_pylist(), data.column(count).to_pylist()
+        nll = [s / c if s is not None and c else None for s, c in zip(sums, counts, strict=True)]
+        return signature_table(shard, data.column(text).to_pylist(), nll, spec.dedup.signature_settings())
 
     def summarize(self, spec, data: pa.Table, renamed: dict[str, str], id_field: str) -> dict | None:
         """What the driver adds up across shards instead of reading the output back (None: nothing).

@@ -112,17 +112,29 @@ class Generate(Kind):
 
     def before_run(self, spec, record, progress) -> dict:
         """Few-shot: the examples read and checked against the model's context before any model loads; the
-        pool's fingerprint joins the job's identity (a changed pool is another job)."""
+        pool's fingerprint joins the job's identity (a changed pool is another job). With `sets` on a fixed
+        pool of several replicas, rows are routed by header (`routes`: each header computed on one)."""
         if not spec.few_shot:
             return {}
-        from .few_shot import check_pool, read_pool
+        from .few_shot import check_pool, new_draw, read_pool
         from .planning import model_tokenizer
 
         pool = read_pool(spec.few_shot, spec.storage)
         tokenizer, _, context = model_tokenizer(spec)
         check_pool(spec, pool, tokenizer, context)
         record["few_shot_examples_fingerprint"] = pool.fingerprint
-        return {}
+        lo, hi = spec.actors
+        routed = lo == hi > 1 and new_draw(spec.few_shot, pool, spec.seed).route_table(hi) is not None
+        return {"routes": hi if routed else 1}
+
+    def route_rows(self, spec, table, ids, routes) -> list[int]:
+        from .few_shot import draw_for
+
+        if not spec.few_shot:
+            return [0] * len(ids)
+        draw, by = draw_for(spec), spec.few_shot.stratify_by
+        strata = table.column(by).to_pylist() if by else [None] * len(ids)
+        return [draw.route(i, s, routes) for i, s in zip(ids, strata, strict=True)]
 
     def run(self, replicas, spec, items, ids, budget, usage):
         from .generation import generate, keep_best
@@ -143,6 +155,9 @@ class Generate(Kind):
              "constraint_satisfied": s.constraint_satisfied, "cached_prompt_tokens": s.cached_prompt_tokens}
             for s in samples
         ]  # fmt: skip
+
+    def dedup_fields(self, spec, renamed):
+        return "generation", "generation_nll_sum", "generated_tokens"  # the sample's own text, not its prompt
 
     def tokens(self, good: pa.Table) -> int:
         """Generated tokens: a shard's prompts are counted once each from its engine's usage (a prompt's

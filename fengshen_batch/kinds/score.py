@@ -4,6 +4,7 @@ night's output (baseline and drift)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
 
@@ -11,6 +12,16 @@ import pyarrow as pa
 
 from .base import Kind, list_tokens
 from .rows import RowError, ScoreResult
+
+# What a row's content key is: a later job's `reuse` matches rows by it, so a change here is a new version.
+CONTENT_KEY = "blake2b-128/utf-8"
+
+
+def content_key(text: str) -> str:
+    """A scored text's content key: 32 hex digits of BLAKE2b-128 over its UTF-8 bytes. The same text has the
+    same key in any file, row order or night; the model, tokenizer and settings it was scored under are the
+    output's identity (its manifest), not the key's."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def _with_reference(main: list, ref: list) -> list:
@@ -29,6 +40,15 @@ class Score(Kind):
         pa.field("byte_count", pa.int64()),
         pa.field("bits_per_byte", pa.float64()),
     ]
+
+    def result_fields(self, spec) -> list[pa.Field]:
+        return [*super().result_fields(spec), pa.field("content_key", pa.string())]
+
+    def items(self, spec, table, extra, ids):
+        """Each row's text; its content key beside it (`content_key`, known before the model runs)."""
+        texts = table.column(spec.text_field).to_pylist()
+        extra["content_key"] = [content_key(t) if isinstance(t, str) else None for t in texts]
+        return texts
 
     def result_names(self, spec) -> list[str]:
         names = super().result_names(spec)
@@ -50,6 +70,9 @@ class Score(Kind):
             row |= {"ref_nll_sum": ref.nll_sum, "ref_token_count": ref.token_count, "ref_ppl": ref.ppl,
                     "ref_bits_per_byte": ref.bits_per_byte, "bpb_diff": r.bits_per_byte - ref.bits_per_byte}  # fmt: skip
         return [row]
+
+    def dedup_fields(self, spec, renamed):
+        return renamed.get(spec.text_column, spec.text_column), "nll_sum", "token_count"
 
     def tokens(self, good: pa.Table) -> int:
         return list_tokens(good.column("token_count"))
@@ -74,6 +97,7 @@ class Score(Kind):
         from ..reports.baseline import BaselineMissing, load_baseline
 
         context = {"fingerprint": model_fingerprint(spec.model, storage_options(spec.model, spec.storage))}
+        record["content_key"] = CONTENT_KEY  # part of the output's identity: how its rows can be matched
         if spec.baseline:
             try:
                 context["baseline"] = load_baseline(

@@ -159,7 +159,8 @@ def compare(today: dict, baseline: Baseline, by: str | None) -> dict:
             groups = [
                 {"group": g, **_side_by_side(mine[g], theirs[g])} for g in sorted(mine.keys() & theirs.keys())
             ]
-            groups.sort(key=lambda g: -max(abs(g["corpus_ppl"]["change"] or 0), g["ks"] or 0))
+            groups.sort(key=lambda g: -max(abs(g["corpus_ppl"]["change"] or 0),
+                                           abs(g["corpus_bits_per_byte"]["change"] or 0), g["ks"] or 0))  # fmt: skip
             out.update(by=by, groups=groups, new_groups=sorted(mine.keys() - theirs.keys()),
                        gone_groups=sorted(theirs.keys() - mine.keys()))  # fmt: skip
     cutoffs = baseline.manifest.get("bucket_cutoffs")
@@ -185,6 +186,9 @@ def drift(comparison: dict, threshold: dict) -> dict:
         change, ks = figures_["corpus_ppl"]["change"], figures_["ks"]
         if threshold.get("ppl_change") and change is not None and abs(change) > threshold["ppl_change"]:
             breaches.append(f"{name}: corpus perplexity {change:+.1%} (limit ±{threshold['ppl_change']:.1%})")
+        bpb = figures_["corpus_bits_per_byte"]["change"]
+        if threshold.get("bpb_change") and bpb is not None and abs(bpb) > threshold["bpb_change"]:
+            breaches.append(f"{name}: bits per byte {bpb:+.1%} (limit ±{threshold['bpb_change']:.1%})")
         if threshold.get("ks") and ks is not None and ks > threshold["ks"]:
             breaches.append(f"{name}: KS distance {ks:.3f} (limit {threshold['ks']})")
         if limit := threshold.get("volume_change"):

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..io.outputs import OutputStore
 from . import generate_sketch
+from .duplicates import dedup_section
 from .generate_sketch import NLL_WIDTH, figures
 from .histograms import group_label, groups_note
 from .page import errors_table, figure, head, png_bytes, png_img
@@ -209,6 +210,7 @@ Duplicates compare texts after NFKC, casefolding and collapsing whitespace. Esti
 texts' or n-grams' hashes, standard error 0.81% of the distinct count.</p>
 <h2>Generated tokens per sample</h2>
 <table><tr><th>finish_reason</th><th>samples</th>{qhead}</tr>{length_rows}</table>
+{dedup_section(summary.get("near_duplicates"), summary["samples"])}
 {groups}
 {tables}
 </body></html>
@@ -230,6 +232,8 @@ def build_sample_report(
                "errors": counts.get("error_kinds", {})}  # fmt: skip
     if spec.get("keep_best"):
         summary["dropped_samples"] = counts.get("dropped_samples", 0)
+    if manifest.get("dedup"):  # the near-duplicate step's figures (job/dedup.py), not a pass over data/
+        summary["near_duplicates"] = manifest["dedup"]
     if by:
         summary["by"] = by
         summary["groups"] = {g: figures(f) for g, f in merged["groups"].items()}

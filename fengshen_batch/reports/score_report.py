@@ -18,6 +18,7 @@ from ..io.outputs import OutputStore
 from . import score_sketch
 from .baseline import SKETCH, Baseline, compare, comparison_html, drift
 from .buckets import BUCKETS
+from .duplicates import dedup_section
 from .histograms import BINS_PER_DECADE, group_label, groups_note
 from .page import errors_table, figure, head, png_bytes, png_img
 from .score_sketch import figures
@@ -112,6 +113,7 @@ def _html(summary: dict, low: list[dict], high: list[dict], png: bytes) -> str:
 {png_img(png, "histogram of per-document perplexity, log scale")}
 <table>{stats}</table>
 {errors_table(summary.get("error_kinds", {}), summary["rows"] + summary["errors"])}
+{dedup_section(summary.get("near_duplicates"), summary["rows"])}
 {groups}
 {table(low, f"The {len(low)} lowest-perplexity documents")}
 {table(high, f"The {len(high)} highest-perplexity documents")}
@@ -142,6 +144,8 @@ def build_report(
         summary["groups"] = {g: figures(f) for g, f in merged["groups"].items()}
         if merged.get("groups_left_out"):
             summary["groups_left_out"] = merged["groups_left_out"]
+    if manifest.get("dedup"):  # the near-duplicate step's figures (job/dedup.py)
+        summary["near_duplicates"] = manifest["dedup"]
     if merged.get("buckets"):
         summary["buckets"] = {b: merged["buckets"].get(b, 0) for b in BUCKETS}
         summary["bucket_cutoffs"] = manifest.get("bucket_cutoffs")

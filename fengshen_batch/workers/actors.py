@@ -124,6 +124,10 @@ class ModelActor:
         spec = self.spec
         table = read_shard(shard, spec.storage, self.id_column, spec.drop_columns)
         table = table.rename_columns([self.renamed.get(n, n) for n in table.column_names])
+        if shard.routes > 1:  # one route's share of the range: the rows whose prompt header it holds
+            ids = [str(i) for i in table.column(self.id_field).to_pylist()]
+            routes = self.kind.route_rows(spec, table, ids, shard.routes)
+            table = table.filter(pa.array([r == shard.route for r in routes], pa.bool_()))
         table, bad_text = invalid_utf8(table)
         # ids from the input are checked across the whole shard (derived ones are unique by construction)
         bad_ids = id_errors(table.column(self.id_field).to_pylist()) if self.id_column else None
@@ -145,15 +149,20 @@ class ModelActor:
                 self._count(part)
         rows = pa.concat_tables(parts)
         data, errors, stats = split_results(
-            shard, rows, self.kind.tokens, self.internal_data, self.internal_errors
+            shard, rows, self.kind.tokens, self.internal_data, self.internal_errors, len(table)
         )
         data = self.kind.prepare_data(spec, data)
         # what the driver adds up across shards instead of reading the output back
         summary = self.kind.summarize(spec, data, self.renamed, self.id_field)
+        signatures = (
+            self.kind.signatures(spec, data, self.renamed, shard.index)
+            if getattr(spec, "dedup", None)
+            else None
+        )
         # the names the files have: input columns as they were, results with the spec's result_prefix
         names = self.data_schema.names + [spec.result_prefix + "bucket"] * ("bucket" in data.column_names)
         data, errors = data.rename_columns(names), errors.rename_columns(self.error_schema.names)
-        write_shard_files(self.output, spec.storage, shard, data, errors)
+        write_shard_files(self.output, spec.storage, shard, data, errors, signatures)
         return {
             "shard": shard.index,
             **stats.__dict__,
