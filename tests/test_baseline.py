@@ -108,7 +108,13 @@ def test_comparison_equals_the_rows_and_drift_sets_the_exit_code(tmp_path, repli
     day1, day2, day3 = (tmp_path / d for d in ("2026-11-27", "2026-11-28", "2026-11-29"))
     base = _score(replica.source, tmp_path / "in", day1, bucket_quantiles=[0.3, 0.7])
     assert base["model_fingerprint"]["tokenizer"] and (day1 / "report" / "sketch.json").exists()
-    threshold = {"ppl_change": 0.05, "bpb_change": None, "ks": 0.3, "volume_change": None, "min_group_rows": 5}
+    threshold = {
+        "ppl_change": 0.05,
+        "bpb_change": None,
+        "ks": 0.3,
+        "volume_change": None,
+        "min_group_rows": 5,
+    }
 
     # the same corpus again: nothing moved, no alert, exit 0
     res = CliRunner().invoke(main, [

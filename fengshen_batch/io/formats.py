@@ -56,14 +56,18 @@ def read_meta(fs, path: str, fmt: str) -> FileMeta:
         raise InputError(f"cannot read {NAMES[fmt]} {fs.unstrip_protocol(path)}: {first}") from None
 
 
-def read_rows(fs, path: str, fmt: str, start: int, stop: int, drop: tuple[str, ...]) -> pa.Table:
-    """Rows start..stop-1 of one input file, less the `drop` columns."""
+def read_rows(
+    fs, path: str, fmt: str, start: int, stop: int, drop: tuple[str, ...], only: list[str] | None = None
+) -> pa.Table:
+    """Rows start..stop-1 of one input file, less the `drop` columns (or `only` these columns)."""
     if fmt != "parquet":
         table = _parse(fs, path, fmt).slice(start, stop - start)
-        return table.drop_columns([c for c in drop if c in table.column_names])
+        return (
+            table.select(only) if only else table.drop_columns([c for c in drop if c in table.column_names])
+        )
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        columns = [c for c in pf.schema_arrow.names if c not in drop] if drop else None
+        columns = only or ([c for c in pf.schema_arrow.names if c not in drop] if drop else None)
         groups, first, offset = [], None, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows

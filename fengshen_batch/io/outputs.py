@@ -33,10 +33,11 @@ from .storage import StorageSpec, filesystem, join, write_whole
 
 DATA, ERRORS, MARKERS, STAGING = "data", "errors", "_markers", "_overwrite"
 SIGNATURES, DUPLICATES = "signatures", "duplicates"
+REUSE = "_reuse"  # a score job's matches in earlier outputs, per shard, until it is published
 # A shard's files besides its marker: data and errors always, signatures and duplicates with dedup.
 SHARD_FOLDERS = (DATA, ERRORS, SIGNATURES, DUPLICATES)
 # What this tool writes at the top of an output: anything else there is not ours to overwrite.
-OWN_ENTRIES = {*SHARD_FOLDERS, MARKERS, STAGING, "report", "manifest.json", "_SUCCESS", "_lease.json"}
+OWN_ENTRIES = {*SHARD_FOLDERS, MARKERS, STAGING, REUSE, "report", "manifest.json", "_SUCCESS", "_lease.json"}
 INTERNAL = ["_shard", "_row"]
 # Spec fields that change how a job runs but not its results: a rerun may change them freely.
 RUNTIME_FIELDS = {
@@ -141,6 +142,11 @@ class ShardStats:
     # prompts cut from the left to fit (prompt_too_long: truncate_left), and the tokens cut off them
     truncated_prompts: int = 0
     truncated_prompt_tokens: int = 0
+    # Score jobs with `reuse`: rows whose results came from an earlier output (not counted in `tokens`),
+    # their tokens, and the rows per earlier output (its place in the job's list, as a string)
+    reused: int = 0
+    reused_tokens: int = 0
+    reused_from: dict[str, int] = field(default_factory=dict)
 
 
 class OutputStore:

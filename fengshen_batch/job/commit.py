@@ -58,6 +58,7 @@ class Commits:
         if index in self.stats:  # a retried call may report a shard twice: commit it once
             return False
         rec["error_kinds"] = json.loads(rec["error_kinds"] or "{}")
+        rec["reused_from"] = json.loads(rec["reused_from"] or "{}")
         stats, summary = ShardStats(**rec), json.loads(raw) if raw else None
         if self.plan.lease is not None:  # another run took the output over: commit nothing more
             self.plan.lease.check()

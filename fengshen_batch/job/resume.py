@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..errors import JobError
 from ..io.inputs import Inputs, Shard
-from ..io.outputs import DATA, DUPLICATES, ERRORS, MARKERS, SIGNATURES, OutputStore, part_name
+from ..io.outputs import DATA, DUPLICATES, ERRORS, MARKERS, REUSE, SIGNATURES, OutputStore, part_name
 from ..io.redact import redact_url
 
 FIX = (
@@ -127,6 +127,8 @@ def publish_exactly(target: OutputStore, committed: set[int], dedup: bool = Fals
     ext = {DATA: "parquet", ERRORS: "parquet", MARKERS: "json", SIGNATURES: "parquet", DUPLICATES: "parquet"}
     want = {folder: {f"{part_name(i)}.{e}" for i in committed} for folder, e in ext.items()}
     required = {DATA, ERRORS, MARKERS} | ({SIGNATURES} if dedup else set())  # duplicates: where some were
+    if target.fs.exists(target.path_to(REUSE)):  # the reuse lookup's matches: every shard has taken its own
+        target.fs.rm(target.path_to(REUSE), recursive=True)
     for folder in ext:
         have = target.own_files(folder)
         for name in sorted(have - want[folder]):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from ..errors import JobError
 from ..io.outputs import OutputStore
 from ..io.redact import redact_url
+from ..kinds import get
 from ..spec import GenerateJob, JudgeJob, ScoreJob
 from .checks import check_job, plan_output
 from .commit import run_shards
@@ -51,6 +52,9 @@ def run_job(
         startup = {"checks": time.time() - started}  # seconds of each start-up phase, for the manifest
 
         gpus = start_ray(spec, ray_progress, progress, startup)
+        from ..workers.reuse import find_reused
+
+        get(spec.kind).before_shards(plan, {"find_reused": find_reused}, progress)
         commits, run_start = run_shards(plan, gpus, progress, startup, started, ray_progress, live)
 
         from ..workers.cluster import map_files

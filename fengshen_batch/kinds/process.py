@@ -20,7 +20,7 @@ from ..engine.replica import Replica
 from ..io.redact import redact_text
 from . import get
 from .batching import empty_cuda_cache
-from .rows import RowError
+from .rows import Reused, RowError
 from .schemas import ERROR_FIELDS
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def to_columns(spec, results: list, extra: dict[str, list]) -> tuple[list[int], 
     take, cols, errors = [], {f.name: [] for f in kind.result_fields(spec)}, []
     for i, r in enumerate(results):
         failed = isinstance(r, RowError)
-        for values in [{}] if failed else kind.rows(r):
+        for values in [{}] if failed else [r.values] if isinstance(r, Reused) else kind.rows(r):
             take.append(i)
             errors.append(r if failed else None)
             for name, column in cols.items():
@@ -101,15 +101,20 @@ def process_table(
     token_budget: int,
     row_errors: list[RowError | None] | None = None,
     usage=None,
+    reused: list[Reused | None] | None = None,
 ) -> tuple[pa.Table, int]:
     """Run the kind's work on one batch; return (input rows + result and error columns, the budget that
     fit). `row_errors`: rows already known bad (their RowError), which the engine never sees; `usage`:
-    generation's prompt tokens and prefix-cache hits are added to it."""
+    generation's prompt tokens and prefix-cache hits are added to it; `reused`: rows whose results an
+    earlier output holds (score jobs' `reuse`), which the model never sees either."""
     kind = get(spec.kind)
     ids = [str(i) for i in table.column(id_field).to_pylist()]
     extra: dict[str, list] = {}
     items = kind.items(spec, table, extra, ids)
     results = list(row_errors or [None] * len(items))
+    for i, known in enumerate(reused or ()):
+        if known is not None and results[i] is None:
+            results[i] = known
     good = [i for i, e in enumerate(results) if e is None]
     found, budget = run_rows(
         replicas, spec, [items[i] for i in good], [ids[i] for i in good], token_budget, usage

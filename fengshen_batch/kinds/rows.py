@@ -18,6 +18,15 @@ class RowError:
 
 
 @dataclass(frozen=True)
+class Reused:
+    """A row's results taken from an earlier output (`reuse:`): its result columns' values as written
+    there, by name; `source`: that output's place in the job's reuse list."""
+
+    values: dict
+    source: int
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     nll_sum: float  # natural log, summed over every token of the text (float64)
     token_count: int

@@ -108,7 +108,44 @@ class Score(Kind):
                     raise
                 context["skipped"] = f"{e}; no comparison (baseline_missing: skip)"
                 progress(context["skipped"])
+        if spec.reuse:  # each earlier output checked now, so that a wrong one fails before any model loads
+            from .reuse import check_reuse
+
+            context["reuse"], context["reuse_skipped"] = check_reuse(
+                spec, record, context["fingerprint"], progress
+            )
         return context
+
+    def before_shards(self, plan, tasks, progress) -> None:
+        """`reuse`: the lookup (`tasks["find_reused"]`, workers/reuse.py) of the shards still to do, whose
+        matches wait under OUTPUT/_reuse/ for the actors."""
+        sources = plan.context.get("reuse")
+        if not sources or not plan.todo:
+            return
+        from dataclasses import asdict
+
+        from .reuse import match_schema
+
+        t = time.time()
+        todo = [asdict(s) for s in plan.todo]
+        found = tasks["find_reused"](plan.spec, sources, todo, plan.target.url, match_schema(plan.spec))
+        plan.context["reuse_lookup"] = took = round(time.time() - t, 3)
+        rows = round(sum(s.planned_rows for s in plan.todo))
+        progress(
+            f"reuse: {sum(found):,} of {rows:,} rows found in {len(sources)} earlier output(s) ({took:.1f}s)"
+        )
+
+    def add_to_manifest(self, spec, manifest, shards) -> None:
+        if spec.reuse:  # the rows and tokens each shard took from earlier outputs, added up
+            from ..io.outputs import sum_counts
+
+            manifest["reuse"] = {"reused_rows": sum(m.get("reused", 0) for m in shards),
+                                 "reused_tokens": sum(m.get("reused_tokens", 0) for m in shards),
+                                 "from": sum_counts([m.get("reused_from", {}) for m in shards])}  # fmt: skip
+
+    def done_note(self, manifest) -> str:
+        reuse = manifest.get("reuse")
+        return f", {reuse['reused_rows']:,} rows reused" if reuse else ""
 
     def merge(self, summaries):
         from ..reports.score_sketch import merge
@@ -127,6 +164,18 @@ class Score(Kind):
             manifest["model_fingerprint"] = context["fingerprint"]
         if context.get("skipped"):
             manifest["baseline_skipped"] = context["skipped"]
+        if "reuse" in manifest:  # by output, under its (redacted) URL
+            reuse, by = manifest["reuse"], manifest["reuse"].pop("from")
+            manifest["reuse"] = {
+                "outputs": [
+                    {"output": s.shown, "rows": by.get(str(n), 0)} for n, s in enumerate(context["reuse"])
+                ],
+                "reused_rows": reuse["reused_rows"],
+                "computed_rows": manifest["counts"]["result_rows"] - reuse["reused_rows"],
+                "reused_tokens": reuse["reused_tokens"],
+                "lookup_seconds": context.get("reuse_lookup"),
+                "skipped": context.get("reuse_skipped", []),
+            }
         took, t = manifest.setdefault("finish_seconds", {}), time.time()
         # older shards (no summary in their markers): from the files
         summary = merged_summary(

@@ -82,6 +82,9 @@ def _html(summary: dict, low: list[dict], high: list[dict], png: bytes) -> str:
                ("corpus perplexity", summary["corpus_ppl"])]  # fmt: skip
     if summary.get("corpus_bits_per_byte") is not None:
         figures.append(("corpus bits per byte", summary["corpus_bits_per_byte"]))
+    if reuse := summary.get("reuse"):
+        figures += [("rows reused from earlier outputs", reuse["reused_rows"]),
+                    ("rows scored tonight", reuse["computed_rows"])]  # fmt: skip
     if summary.get("duplicate_rate") is not None:  # rows whose text another row has too (beyond its first)
         approx = "" if summary.get("duplicate_rate_exact") else " (estimate)"
         figures.append((f"duplicate rate{approx}", f"{summary['duplicate_rate']:.2%}"))
@@ -146,6 +149,8 @@ def build_report(
             summary["groups_left_out"] = merged["groups_left_out"]
     if manifest.get("dedup"):  # the near-duplicate step's figures (job/dedup.py)
         summary["near_duplicates"] = manifest["dedup"]
+    if manifest.get("reuse"):  # rows whose results came from earlier outputs: in every figure as tonight's
+        summary["reuse"] = {k: manifest["reuse"][k] for k in ("reused_rows", "computed_rows", "outputs")}
     if merged.get("buckets"):
         summary["buckets"] = {b: merged["buckets"].get(b, 0) for b in BUCKETS}
         summary["bucket_cutoffs"] = manifest.get("bucket_cutoffs")

@@ -1,4 +1,6 @@
-"""A"""
+"""The Ray actors, thin: each loads its replica once in `__init__` and feeds its kind's work in `__call__`.
+`ModelActor` (a job's) reads, computes and writes whole shards and returns their commit records;
+`RowsActor` (the processors') computes over a user's Dataset batches and returns them with the results."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import contextlib
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 import ray
@@ -16,6 +19,7 @@ from ..kinds import get
 from ..kinds.schemas import internal_schemas
 from ..spec import build_spec
 from .board import Reporter
+from .reuse import shard_reused
 
 STARTUP_KEY = b"fengshen.actor_startup"  # schema metadata of an actor's output: its start-up timestamps
 
@@ -24,7 +28,8 @@ COMMIT_SCHEMA = pa.schema(
     [("shard", pa.int64()), ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
      ("tokens", pa.int64()), ("error_kinds", pa.string()), ("prompt_tokens", pa.int64()),
      ("cached_prompt_tokens", pa.int64()), ("truncated_prompts", pa.int64()),
-     ("truncated_prompt_tokens", pa.int64()), ("summary", pa.string())]
+     ("truncated_prompt_tokens", pa.int64()), ("reused", pa.int64()), ("reused_tokens", pa.int64()),
+     ("reused_from", pa.string()), ("summary", pa.string())]
 )  # fmt: skip
 
 
@@ -136,6 +141,7 @@ class ModelActor:
         # others run slices of batch_size rows (one engine call each, and one row-by-row retry at most that
         # large), one call computing while the other reads or writes its shard.
         step = max(1, len(table)) if self.kind.whole_shard else spec.batch_size
+        reused, counts = shard_reused(spec, self.output, shard.index, table, bad_ids)  # score jobs' `reuse`
         parts, usage = [], PromptUsage()
         with self.lock:
             for start in range(
@@ -144,6 +150,7 @@ class ModelActor:
                 part, self.token_budget = process_table(
                     self.replicas, spec, table.slice(start, step), self.id_field, self.token_budget,
                     bad_ids[start : start + step] if bad_ids else None, usage,
+                    reused[start : start + step] if reused else None,
                 )  # fmt: skip
                 parts.append(part)
                 self._count(part)
@@ -151,6 +158,8 @@ class ModelActor:
         data, errors, stats = split_results(
             shard, rows, self.kind.tokens, self.internal_data, self.internal_errors, len(table)
         )
+        if counts:  # the model's tokens are those it computed
+            stats = replace(stats, tokens=stats.tokens - counts["reused_tokens"], **counts)
         data = self.kind.prepare_data(spec, data)
         # what the driver adds up across shards instead of reading the output back
         summary = self.kind.summarize(spec, data, self.renamed, self.id_field)
@@ -167,6 +176,7 @@ class ModelActor:
             "shard": shard.index,
             **stats.__dict__,
             "error_kinds": json.dumps(stats.error_kinds),
+            "reused_from": json.dumps(stats.reused_from),
             "prompt_tokens": usage.prompt_tokens,
             "cached_prompt_tokens": usage.cached_tokens,
             "truncated_prompts": usage.truncated_prompts,

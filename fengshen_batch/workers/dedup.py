@@ -27,24 +27,17 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from ..dedup.clusters import RUN_SHIFT, cluster_table, run_of, shard_of
 from ..dedup.minhash import band_keys, estimated_jaccard, sig_array
-from ..io.storage import filesystem
+from .partitions import read_columns, remote, returns, split
 
 FILES_PER_TASK = 16  # signature files read by one band task (4096 rows each at the default)
 BAND_ROWS_PER_PARTITION = 4_000_000  # band keys (16 bytes each) in one bucket task: 64 MB
 JOIN_BYTES_PER_PARTITION = 64 * 2**20  # signatures (+ key, nll, length) held by one join task
 CONFIRM_CHUNK = 65536  # pairs whose signatures are compared at once: 2 x 65536 x 128 x 4 bytes = 64 MB
 MEMBER_COLUMNS = ["key", "sig", "nll", "length"]
-
-
-def _read(url: str, storage, path: str, columns: list[str]) -> pa.Table:
-    fs, _ = filesystem(url, storage)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
 
 
 def _tagged_keys(table: pa.Table, run: int) -> np.ndarray:
@@ -58,21 +51,10 @@ def _part(keys: np.ndarray, n: int) -> np.ndarray:
     return (mixed % np.uint64(n)).astype(np.int64)
 
 
-def _split(table: pa.Table, part: np.ndarray, n: int) -> list[pa.Table]:
-    """`table`'s rows in n tables by `part` (each row's partition)."""
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(n + 1))
-    return [table.take(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def _returns(tables: list):
-    return tables if len(tables) > 1 else tables[0]  # a task of one return value returns it bare
-
-
 def band_task(url, storage, paths, run, bands, num_perm, partitions, joins):
     """(partitions,) tables of (`bucket`, `key`): every sample's band keys, partition = bucket mod P; then
     (joins,) tables of its members' columns (`key` tagged with the run, `sig`, `nll`, `length`) by key."""
-    tables = [_read(url, storage, p, MEMBER_COLUMNS) for p in paths]
+    tables = [read_columns(url, storage, p, MEMBER_COLUMNS) for p in paths]
     table = pa.concat_tables(tables) if tables else None
     if table is None:
         table = pa.table({"key": pa.array([], pa.int64()), "sig": pa.array([], pa.binary(num_perm * 4)),
@@ -81,10 +63,10 @@ def band_task(url, storage, paths, run, bands, num_perm, partitions, joins):
     table = table.set_column(0, "key", pa.array(keys))
     buckets = band_keys(sig_array(table.column("sig"), num_perm), bands)  # (N, bands)
     banded = pa.table({"bucket": buckets.reshape(-1), "key": np.repeat(keys, bands)})
-    by_bucket = _split(
+    by_bucket = split(
         banded, (buckets.reshape(-1).view(np.uint64) % np.uint64(partitions)).astype(np.int64), partitions
     )
-    return [*by_bucket, *_split(table, _part(keys, joins), joins)]
+    return [*by_bucket, *split(table, _part(keys, joins), joins)]
 
 
 def bucket_task(joins, *parts: pa.Table):
@@ -100,7 +82,7 @@ def bucket_task(joins, *parts: pa.Table):
     head = key[np.maximum.accumulate(np.where(first, np.arange(len(key)), 0))]  # each row's bucket's min
     pairs = np.unique(np.stack([head[~first], key[~first]], axis=1), axis=0).reshape(-1, 2)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # a sample twice in one bucket (a run given twice)
-    return _returns(_split(pa.table({"u": pairs[:, 0], "v": pairs[:, 1]}), _part(pairs[:, 0], joins), joins))
+    return returns(split(pa.table({"u": pairs[:, 0], "v": pairs[:, 1]}), _part(pairs[:, 0], joins), joins))
 
 
 def join_u_task(joins, n_members, *tables: pa.Table):
@@ -118,7 +100,7 @@ def join_u_task(joins, n_members, *tables: pa.Table):
     at = np.searchsorted(members.column("key").to_numpy(), uv[:, 0])  # every u is here
     out = pa.table({"u": uv[:, 0], "v": uv[:, 1], "sig_u": members.column("sig").take(at),
                     "nll_u": members.column("nll").take(at), "length_u": members.column("length").take(at)})  # fmt: skip
-    return _returns(_split(out, _part(uv[:, 1], joins), joins))
+    return returns(split(out, _part(uv[:, 1], joins), joins))
 
 
 def join_v_task(threshold, num_perm, n_members, *tables: pa.Table):
@@ -184,16 +166,10 @@ def preview_task(storage, files: list[tuple[int, str, str]], keys: list[int]) ->
     """{key: text preview} of `keys`, from `files` ((run, output url, signature file path) holding them)."""
     out = {}
     for run, url, path in files:
-        table = _read(url, storage, path, ["key", "preview"])
+        table = read_columns(url, storage, path, ["key", "preview"])
         tagged = _tagged_keys(table, run).tolist()
         out.update(zip(tagged, table.column("preview").to_pylist(), strict=True))
     return {k: out.get(k, "") for k in keys}
-
-
-def _remote(fn, options: dict, **more):
-    """`fn` as a Ray task with these options (ray.remote takes no empty parentheses)."""
-    merged = {**options, **more}
-    return ray.remote(**merged)(fn) if merged else ray.remote(fn)
 
 
 def near_duplicates(
@@ -206,22 +182,22 @@ def near_duplicates(
     samples = sum(len(paths) for _, paths in outputs) * spec.shard_rows
     partitions = max(1, min(256, -(-samples * d.bands // BAND_ROWS_PER_PARTITION)))
     joins = max(1, min(256, -(-samples * (4 * d.num_perm + 20) // JOIN_BYTES_PER_PARTITION)))
-    band = _remote(band_task, options, num_returns=partitions + joins)
+    band = remote(band_task, options, num_returns=partitions + joins)
     slices = [(run, url, paths[i : i + FILES_PER_TASK])
               for run, (url, paths) in enumerate(outputs) for i in range(0, len(paths), FILES_PER_TASK)]  # fmt: skip
     parts = [band.remote(url, spec.storage, chunk, run, d.bands, d.num_perm, partitions, joins)
              for run, url, chunk in slices]  # fmt: skip
-    bucket = _remote(bucket_task, options, num_returns=joins)
+    bucket = remote(bucket_task, options, num_returns=joins)
     pairs = [bucket.remote(joins, *(p[i] for p in parts)) for i in range(partitions)]
     pairs = [p if joins > 1 else [p] for p in pairs]
-    join_u = _remote(join_u_task, options, num_returns=joins)
+    join_u = remote(join_u_task, options, num_returns=joins)
     with_u = [join_u.remote(joins, len(parts), *(p[partitions + q] for p in parts), *(t[q] for t in pairs))
               for q in range(joins)]  # fmt: skip
     with_u = [w if joins > 1 else [w] for w in with_u]
-    join_v = _remote(join_v_task, options, num_returns=3)
+    join_v = remote(join_v_task, options, num_returns=3)
     confirmed = [join_v.remote(d.threshold, d.num_perm, len(parts), *(p[partitions + q] for p in parts), *(w[q] for w in with_u))
                  for q in range(joins)]  # fmt: skip
-    task = _remote(cluster_task, options, num_returns=2)
+    task = remote(cluster_task, options, num_returns=2)
     table, figures = task.remote(
         d.keep, examples, joins, *(c[0] for c in confirmed), *(c[1] for c in confirmed)
     )
@@ -243,7 +219,7 @@ def _previews(spec, outputs, clusters: list[dict], options: dict) -> list[dict]:
         for run, shard in zip(run_of(np.array(keys)), shard_of(np.array(keys)), strict=True)
     }
     files = [(run, outputs[run][0], by_shard[run][shard]) for run, shard in sorted(where)]
-    texts = ray.get(_remote(preview_task, options).remote(spec.storage, files, keys))
+    texts = ray.get(remote(preview_task, options).remote(spec.storage, files, keys))
     return [
         {k: v for k, v in c.items() if k != "keys"} | {"texts": [texts[k] for k in c["keys"]]}
         for c in clusters
