@@ -168,6 +168,8 @@ def find_reused(
     earlier = remote(earlier_task, options, num_returns=partitions)
     slices = [(n, s.url, s.paths[i : i + FILES_PER_TASK])
               for n, s in enumerate(sources) for i in range(0, len(s.paths), FILES_PER_TASK)]  # fmt: skip
+    if not slices:  # earlier outputs without a data file: nothing to find
+        return [0] * len(sources)
     parts = [earlier.remote(url, spec.storage, paths, n, sources[n].names, with_schema, partitions)
              for n, url, paths in slices]  # fmt: skip
     parts = [p if partitions > 1 else [p] for p in parts]
