@@ -222,3 +222,26 @@ def test_an_output_scored_another_way_is_refused_before_any_model_loads(tmp_path
     res = _cli_run(tmp_path, "bad", _spec(replica, tmp_path / "in", tmp_path / "out", reuse=str(earlier)))
     assert res.exit_code == 2 and "a version before content keys" in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_output_scored_on_gpus_is_refused_by_a_cpu_run_with_dtype_auto(tmp_path, replica):
+    """`dtype: auto` is bfloat16 on GPUs, float32 here: the earlier output's device is checked once Ray says
+    tonight's, before any model loads; with reuse_mismatch: skip the job scores everything instead."""
+    write_texts(tmp_path / "in", files=(3,))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    spec = _spec(replica, tmp_path / "in", earlier)
+    manifest = {"spec_hash": "x", "spec": {**spec, "content_key": "blake2b-128/utf-8", "dtype": "auto",
+                "result_prefix": ""}, "model": str(replica.source), "counts": {"result_rows": 3},
+                "gpus_per_actor": 1.0}  # fmt: skip
+    (earlier / "manifest.json").write_text(json.dumps(manifest))
+    (earlier / "_SUCCESS").write_text("")
+    res = _cli_run(tmp_path, "gpu", _spec(replica, tmp_path / "in", tmp_path / "out", reuse=str(earlier)))
+    assert res.exit_code == 2, res.output
+    assert "was scored on GPUs with dtype auto (bfloat16 or float16), tonight on CPUs" in res.output
+    assert "loading the model" not in res.output and not list(tmp_path.glob("out/data/*.parquet"))
+    done = run_job(build_spec(_spec(replica, tmp_path / "in", tmp_path / "out2", reuse=[str(earlier)],
+                                    reuse_mismatch="skip")), progress=lambda _: None)  # fmt: skip
+    assert done["reuse"]["reused_rows"] == 0 and done["reuse"]["computed_rows"] == 3
+    assert "tonight on CPUs" in done["reuse"]["skipped"][0] and done["reuse"]["outputs"] == []

@@ -54,7 +54,7 @@ def run_job(
         gpus = start_ray(spec, ray_progress, progress, startup)
         from ..workers.reuse import find_reused
 
-        get(spec.kind).before_shards(plan, {"find_reused": find_reused}, progress)
+        get(spec.kind).before_shards(plan, gpus, {"find_reused": find_reused}, progress)
         commits, run_start = run_shards(plan, gpus, progress, startup, started, ray_progress, live)
 
         from ..workers.cluster import map_files

@@ -114,10 +114,10 @@ class Kind:
         """Checks and reads the kind needs before Ray starts; their results, kept for `finish`."""
         return {}
 
-    def before_shards(self, plan, tasks: dict, progress) -> None:
-        """What the kind does on Ray before the shards run, once the shards still to do are known (a score
-        job's reuse lookup); it may add to `plan.context`. `tasks`: the cluster-wide steps it may call
-        (`find_reused`: workers/reuse.py)."""
+    def before_shards(self, plan, gpus: float, tasks: dict, progress) -> None:
+        """What the kind does on Ray before the shards run and any model loads, once the shards still to do
+        and each actor's GPUs are known (a score job's reuse lookup); it may add to `plan.context`.
+        `tasks`: the cluster-wide steps it may call (`find_reused`: workers/reuse.py)."""
 
     def merge(self, summaries: list[dict]) -> dict:
         """One summary of many shards' (any order)."""

@@ -28,6 +28,7 @@ class ReuseSource:
     paths: list[str]  # its data files (and duplicates/, rows a dedup job moved aside)
     rows: int
     token_bytes_per_row: int = 0  # token_ids and token_logprobs, on average: the lookup's partition sizes
+    on_gpu: bool | None = None  # where it was scored (its manifest's gpus_per_actor; None: not recorded)
 
 
 def reuse_differences(manifest: dict, record: dict, fingerprint: dict) -> list[str]:
@@ -76,7 +77,15 @@ def _source(spec, url: str, record: dict, fingerprint: dict) -> ReuseSource | st
     counts = manifest.get("counts") or {}
     rows = int(counts.get("result_rows", 0))
     per_row = 8 * counts.get("tokens", 0) // max(rows, 1) if record.get("token_logprobs") else 0
-    return ReuseSource(url, shown, names, paths, rows, per_row)
+    gpus = manifest.get("gpus_per_actor")
+    return ReuseSource(url, shown, names, paths, rows, per_row, None if gpus is None else gpus > 0)
+
+
+def _refuse_or_skip(spec, line: str, skipped: list[str], progress) -> None:
+    if spec.reuse_mismatch == "fail":
+        raise JobError(f"{line}; leave it out of reuse, or set reuse_mismatch: skip (--reuse-mismatch skip)")
+    progress(f"{line}; left out (reuse_mismatch: skip)")
+    skipped.append(line)
 
 
 def check_reuse(spec, record: dict, fingerprint: dict, progress) -> tuple[list[ReuseSource], list[str]]:
@@ -87,14 +96,29 @@ def check_reuse(spec, record: dict, fingerprint: dict, progress) -> tuple[list[R
         found = _source(spec, url, record, fingerprint)
         if isinstance(found, ReuseSource):
             sources.append(found)
-        elif spec.reuse_mismatch == "fail":
-            raise JobError(
-                f"{found}; leave it out of reuse, or set reuse_mismatch: skip (--reuse-mismatch skip)"
-            )
         else:
-            progress(f"{found}; left out (reuse_mismatch: skip)")
-            skipped.append(found)
+            _refuse_or_skip(spec, found, skipped, progress)
     return sources, skipped
+
+
+def check_devices(spec, sources: list[ReuseSource], gpus: float, progress) -> tuple[list, list[str]]:
+    """With `dtype: auto` the precision follows the device (float32 on CPUs, bfloat16 or float16 on GPUs):
+    an output scored on the other kind is refused (or left out) once tonight's device is known, after Ray
+    starts and before any model loads. Returns the sources kept and the lines of those left out."""
+    if spec.dtype != "auto":  # the same dtype on either device, checked with the rest
+        return sources, []
+    keep, skipped = [], []
+    for s in sources:
+        if s.on_gpu is None or s.on_gpu == (gpus > 0):
+            keep.append(s)
+            continue
+        there, here = ("GPUs", "CPUs") if s.on_gpu else ("CPUs", "GPUs")
+        precision = "bfloat16 or float16" if s.on_gpu else "float32"
+        line = (
+            f"reuse output {s.shown} was scored on {there} with dtype auto ({precision}), tonight on {here}"
+        )
+        _refuse_or_skip(spec, f"{line}: its results are not tonight's", skipped, progress)
+    return keep, skipped
 
 
 def match_schema(spec) -> pa.Schema:

@@ -116,15 +116,19 @@ class Score(Kind):
             )
         return context
 
-    def before_shards(self, plan, tasks, progress) -> None:
-        """`reuse`: the lookup (`tasks["find_reused"]`, workers/reuse.py) of the shards still to do, whose
-        matches wait under OUTPUT/_reuse/ for the actors."""
-        sources = plan.context.get("reuse")
-        if not sources or not plan.todo:
-            return
+    def before_shards(self, plan, gpus, tasks, progress) -> None:
+        """`reuse`: the earlier outputs' devices checked against tonight's (`gpus` per actor), then the
+        lookup (`tasks["find_reused"]`, workers/reuse.py) of the shards still to do, whose matches wait
+        under OUTPUT/_reuse/ for the actors."""
         from dataclasses import asdict
 
-        from .reuse import match_schema
+        from .reuse import check_devices, match_schema
+
+        sources, skipped = check_devices(plan.spec, plan.context.get("reuse") or [], gpus, progress)
+        plan.context["reuse"] = sources
+        plan.context["reuse_skipped"] = plan.context.get("reuse_skipped", []) + skipped
+        if not sources or not plan.todo:
+            return
 
         t = time.time()
         todo = [asdict(s) for s in plan.todo]
