@@ -17,11 +17,16 @@ from .rows import RowError, ScoreResult
 CONTENT_KEY = "blake2b-128/utf-8"
 
 
+def content_digest(text: str) -> bytes:
+    """A scored text's content key as 16 bytes: BLAKE2b-128 over its UTF-8 bytes (the reuse lookup's form).
+    The same text has the same key in any file, row order or night; the model, tokenizer and settings it
+    was scored under are the output's identity (its manifest), not the key's."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
 def content_key(text: str) -> str:
-    """A scored text's content key: 32 hex digits of BLAKE2b-128 over its UTF-8 bytes. The same text has the
-    same key in any file, row order or night; the model, tokenizer and settings it was scored under are the
-    output's identity (its manifest), not the key's."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    """The content key as written in the `content_key` column: its 32 hex digits."""
+    return content_digest(text).hex()
 
 
 def _with_reference(main: list, ref: list) -> list:

@@ -19,8 +19,6 @@ gives k x m rows), where a match task keeps one earlier row per key before it jo
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +29,7 @@ from ..io.formats import format_of, read_rows
 from ..io.outputs import REUSE, part_name
 from ..io.storage import filesystem, write_whole
 from ..kinds.rows import invalid_utf8
+from ..kinds.score import content_digest
 from .partitions import read_columns, remote, returns, split
 
 FILES_PER_TASK = 16  # earlier data files read by one earlier task (4096 rows each at the default)
@@ -88,12 +87,6 @@ def earlier_task(url, storage, paths, source, names: dict[str, str], schema: pa.
     return returns(split(out, _part(keys, partitions), partitions))
 
 
-def content_digests(texts: list) -> list[bytes | None]:
-    """Each text's content key as 16 bytes (`kinds.score.content_key` is its hex); None for a non-text."""
-    return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() if isinstance(t, str) else None
-            for t in texts]  # fmt: skip
-
-
 def key_task(storage, shards: list[dict], text_column: str, partitions):
     """(partitions,) tables of (`key`, `_shard`, `_row`) of these shards' rows with a text, by key."""
     digests, shard_of, rows = [], [], []
@@ -101,9 +94,9 @@ def key_task(storage, shards: list[dict], text_column: str, partitions):
         fs, path = filesystem(s["url"], storage)
         table = read_rows(fs, path, format_of(path) or "parquet", s["start"], s["stop"], (), [text_column])
         table, bad = invalid_utf8(table)  # such a row is an error in the actor: never reused
-        for i, digest in enumerate(content_digests(table.column(text_column).to_pylist())):
-            if digest is not None and not (bad and bad[i]):
-                digests.append(digest)
+        for i, text in enumerate(table.column(text_column).to_pylist()):
+            if isinstance(text, str) and not (bad and bad[i]):
+                digests.append(content_digest(text))
                 shard_of.append(s["index"])
                 rows.append(s["start"] + i)
     keys = np.frombuffer(b"".join(digests), "S16") if digests else np.zeros(0, "S16")
