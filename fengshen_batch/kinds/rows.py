@@ -20,10 +20,9 @@ class RowError:
 @dataclass(frozen=True)
 class Reused:
     """A row's results taken from an earlier output (`reuse:`): its result columns' values as written
-    there, by name; `source`: that output's place in the job's reuse list."""
+    there, by name."""
 
     values: dict
-    source: int
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,8 @@ class Score(Kind):
         """`reuse`: the earlier outputs' devices checked against tonight's (`gpus` per actor), then the
         lookup (`tasks["find_reused"]`, workers/reuse.py) of the shards still to do, whose matches wait
         under OUTPUT/_reuse/ for the actors."""
+        if not plan.spec.reuse:
+            return
         from dataclasses import asdict
 
         from .reuse import check_devices, match_schema

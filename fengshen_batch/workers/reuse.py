@@ -75,8 +75,9 @@ def _part(keys: np.ndarray, n: int) -> np.ndarray:
 def earlier_task(url, storage, paths, source, names: dict[str, str], schema: pa.Schema, partitions):
     """(partitions,) tables of an earlier output's rows (`key`, `_source`, result columns under today's
     names), by key. `names`: today's result name -> the column it has there (its result_prefix)."""
+    today = {there: name for name, there in names.items()}
     read = [read_columns(url, storage, p, list(names.values())) for p in paths]
-    tables = [t.rename_columns([{v: k for k, v in names.items()}[c] for c in t.column_names]) for t in read]
+    tables = [t.rename_columns([today[c] for c in t.column_names]) for t in read]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.filter(pc.is_valid(table.column("content_key")))
     keys = _hex_keys(table.column("content_key"))
@@ -113,8 +114,8 @@ def match_task(groups, n_earlier, *tables: pa.Table):
     tonight = pa.concat_tables(tables[n_earlier:])
     ukeys, first = np.unique(_keys(earlier.column("key")), return_index=True)  # the first listed's row
     want = _keys(tonight.column("key"))
-    at = np.minimum(np.searchsorted(ukeys, want), max(len(ukeys) - 1, 0))
-    hit = (at < len(ukeys)) & (ukeys[at] == want) if len(ukeys) else np.zeros(len(want), bool)
+    at = np.minimum(np.searchsorted(ukeys, want), max(len(ukeys) - 1, 0))  # in range: compared below
+    hit = ukeys[at] == want if len(ukeys) else np.zeros(len(want), bool)
     found = earlier.take(first[at[hit]]).drop_columns(["key"])
     shards = tonight.column("_shard").filter(pa.array(hit))
     out = pa.table({"_shard": shards, "_row": tonight.column("_row").filter(pa.array(hit))})
@@ -151,7 +152,7 @@ def find_reused(
     if fs.exists(folder):  # an interrupted run's: its shards are redone, matches with them
         fs.rm(folder, recursive=True)
     fs.makedirs(folder, exist_ok=True)
-    row_bytes = 8 * len(schema) + 16 + sum(s.token_bytes_per_row for s in sources[:1])
+    row_bytes = 8 * len(schema) + 16 + max((s.token_bytes_per_row for s in sources), default=0)
     earlier_rows = sum(s.rows for s in sources)
     tonight_rows = sum(s["stop"] - s["start"] for s in todo)
     partitions = max(1, min(256, -(-earlier_rows * row_bytes // RESULT_BYTES_PER_PARTITION)))
@@ -208,7 +209,7 @@ def shard_reused(spec, output_url: str, shard_index: int, table: pa.Table, bad: 
         i = at.get(row)
         if i is None or (bad and bad[i]):
             continue
-        out[i] = Reused(v, source)
+        out[i] = Reused(v)
         sources[str(source)] = sources.get(str(source), 0) + 1
         tokens += v["token_count"]  # a score row's tokens
     return out, {"reused": sum(sources.values()), "reused_tokens": tokens, "reused_from": sources}
